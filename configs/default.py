@@ -1,0 +1,66 @@
+"""Base configuration: GFA-DEEP SmallCNN on CIFAR-10. Every variant overrides this one.
+
+Override any field from the command line: ``python train.py --config configs/default.py
+--config.beta=0.5 --config.data.data_dir=/data``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # --- Model -----------------------------------------------------------------------------
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "small_cnn"  # Registry key in gfa_jax.models.MODELS: small_cnn | mlp.
+  # Per-channel normalisation inside the model, (x - mean) / std on [0, 1] images. 0.5/0.5
+  # maps to [-1, 1], the input scaling the paper trained and aligned at layer0.
+  config.model.mean = (0.5, 0.5, 0.5)
+  config.model.std = (0.5, 0.5, 0.5)
+
+  # --- Data ------------------------------------------------------------------------------
+  config.data = ml_collections.ConfigDict()
+  # 'auto' (CIFAR-10 from data_dir / $GFA_DATA_DIR if set, else the embedded subset),
+  # 'embedded', 'cifar10', 'cifar10_bin', 'cifar10_py' or 'tfds'.
+  config.data.source = "auto"
+  config.data.data_dir = ""  # Folder holding cifar-10-batches-bin/-py or a TFDS copy.
+  config.data.crop_padding = 4  # Random-crop augmentation: pad by this many pixels (0: off).
+  config.data.flip = True  # Random horizontal flips.
+  config.data.num_train = 0  # Use only the first N training images (0: all of them).
+
+  # --- Objective -------------------------------------------------------------------------
+  config.objective = "gfa"  # standard | gfa | pgd_at | trades | gradalign.
+  config.task_loss = "mse"  # mse (the paper's) | ce.
+  config.mse_outputs = "softmax"  # MSE compares one-hot labels with softmax or logits.
+  config.alpha = 1.0  # Weight of the task loss in alpha * task_loss + beta * penalty.
+  config.beta = 0.1  # Weight of the GFA penalty (1 - mean alignment); see docs for sweeps.
+  config.gfa_layers = ("layer0", "layer1", "layer2")  # DEEP; FIRST is ("layer0",).
+  config.gfa_eps = 1e-12  # Floor of the cosine's denominator.
+  # Inner attack of pgd_at / trades / gradalign (Linf, in [0, 1] pixel units).
+  config.adversary = ml_collections.ConfigDict()
+  config.adversary.eps = 8 / 255  # Radius of the Linf ball.
+  config.adversary.steps = 7  # PGD steps (PGD-AT, TRADES).
+  config.adversary.step_size = 2 / 255  # PGD step size.
+  config.adversary.trades_beta = 6.0  # TRADES robustness weight (Zhang et al. 2019).
+  config.adversary.gradalign_lambda = 0.2  # GradAlign weight for eps 8/255 (their paper).
+
+  # --- Optimisation ----------------------------------------------------------------------
+  config.optimizer = "adam"  # adam | sgd (Nesterov momentum 0.9).
+  config.learning_rate = 1e-3  # Peak learning rate.
+  config.schedule = "cosine"  # constant | cosine (decay to 0 after warm-up).
+  config.warmup_epochs = 0.0  # Linear warm-up length in epochs.
+  config.weight_decay = 0.0  # Decoupled weight decay (AdamW / SGD + decay).
+  config.grad_clip_norm = 0.0  # Clip gradients to this global norm (0: off).
+  config.batch_size = 128  # Global batch, split over all devices (must divide evenly).
+  config.num_epochs = 30  # Training length.
+  config.seed = 0  # Seeds the parameters, the data order and the augmentation.
+
+  # --- Logging, evaluation, checkpoints --------------------------------------------------
+  config.log_every_steps = 50  # Train metrics to metrics.jsonl every this many steps.
+  config.eval_every_steps = 1000  # Test accuracy and per-layer alignment (0: only at end).
+  config.eval_batch_size = 500  # Batch for evaluation passes.
+  config.num_eval_examples = 0  # Evaluate on the first N test images (0: all).
+  config.num_train_eval_examples = 2000  # Train-split alignment on the first N train images.
+  config.checkpoint_every_steps = 500  # Orbax checkpoint period (also saved at the end).
+  config.max_to_keep = 2  # Checkpoints kept on disk.
+  return config

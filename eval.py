@@ -1,0 +1,142 @@
+"""Evaluates a checkpoint under attack: `python eval.py --workdir DIR --attack apgd`.
+
+`--eps 0,1/255,2/255,4/255,8/255` gives a robust-accuracy-vs-eps curve in one call; `--attack all`
+runs every attack that supports `--norm`. Test examples are the first `--num_examples` of the
+test split of the data set the run was trained on, in order. The JSON written to `--output` is
+documented in docs/evaluation.md.
+"""
+
+import functools
+import json
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from gfa_jax import checkpoints, data, evaluate
+from gfa_jax.attacks import core
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", "runs/quickstart",
+    "Training workdir, or a params-only .msgpack checkpoint (then the data set comes from "
+    "$GFA_DATA_DIR, else the embedded subset).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_ATTACK = flags.DEFINE_string(
+    "attack", None, f"Attack: one of {', '.join(evaluate.attack_names())}.")
+_EPS = flags.DEFINE_string(
+    "eps", None, "eps, or a comma-separated list for a curve; fractions allowed (8/255). "
+    "Default: 8/255 (linf), 0.5 (l2), 12 (l1).")
+_NORM = flags.DEFINE_string("norm", "linf", "Threat model norm: linf, l2 or l1 (EAD only).")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 1000, "First N test examples.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 500, "Images per model call (memory bound).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "Result JSON (default: <workdir>/eval/<attack>_<norm>.json).")
+_PLOT = flags.DEFINE_string("plot", None, "Optional PNG of robust accuracy vs eps.")
+_SUBSET = flags.DEFINE_string(
+    "subset", None, "File of example indices (whitespace/comma separated or a JSON list): "
+    "also report robust accuracy on those examples only (the paper's protocol).")
+flags.mark_flag_as_required("attack")
+
+DEFAULT_EPS = {"linf": "8/255", "l2": "0.5", "l1": "12"}
+
+
+def read_subset(path: str) -> list[int]:
+  """Example indices from a JSON list or whitespace/comma-separated integers ('#' comments)."""
+  text = Path(path).read_text()
+  try:
+    values = json.loads(text)
+  except json.JSONDecodeError:
+    lines = [line.split("#", 1)[0] for line in text.splitlines()]
+    values = " ".join(lines).replace(",", " ").split()
+  try:
+    return [int(v) for v in values]
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"--subset {path}: expected integer example indices ({e}).") from e
+
+
+def load_test_set(workdir: Path, num_examples: int):
+  """(images float32 [N, H, W, C] in [0, 1], labels int32 [N], description) of the first N
+  test examples of the data set the run in `workdir` was trained on."""
+  if workdir.is_dir():
+    config = checkpoints.load_run_config(workdir)
+    dataset = data.load_dataset(config.data.source, config.data.data_dir or None)
+  else:
+    dataset = data.load_dataset()
+  if num_examples < 1:
+    raise ValueError(f"--num_examples must be >= 1, got {num_examples}.")
+  available = len(dataset.test_labels)
+  if num_examples > available:
+    logging.warning("%s has only %d test examples; evaluating all of them instead of %d.",
+                    dataset.description, available, num_examples)
+  images = data.to_float(dataset.test_images[:num_examples])
+  return images, dataset.test_labels[:num_examples], dataset.description
+
+
+def summary(report: dict) -> str:
+  """A few lines for the terminal; the JSON has everything."""
+  lines = [f"clean accuracy {100 * report['clean_accuracy']:.2f}% "
+           f"on {report['num_examples']} examples ({report['norm']})"]
+  eps_text = ", ".join(f"{e:.4g}" for e in report["eps"])
+  for name, r in report["attacks"].items():
+    if r["kind"] == evaluate.L0:
+      acc = f"{100 * r['robust_accuracy']:.2f}% (pixels={r['threat_model']['pixels']})"
+    else:
+      acc = ", ".join(f"{100 * a:.2f}%" for a in r["robust_accuracy"])
+    extra = ""
+    if r["kind"] == evaluate.MIN_NORM:
+      median = r["norms"][report["norm"]]["median"]
+      extra = f"  success {100 * r['success_rate']:.1f}%, median {report['norm']} " + (
+          "n/a" if median is None else f"{median:.4g}")
+    lines.append(f"{name:>10}: robust {acc} at eps [{eps_text}]{extra}  "
+                 f"({r['elapsed_seconds']:.1f} s)")
+  if report["attack"] == evaluate.ALL:
+    lines.append(f"{'worst case':>10}: robust "
+                 + ", ".join(f"{100 * a:.2f}%" for a in report["robust_accuracy"]))
+  for name, reason in report["skipped"].items():
+    lines.append(f"{name:>10}: skipped ({reason})")
+  return "\n".join(lines)
+
+
+def run() -> dict:
+  norm = _NORM.value
+  eps = core.parse_eps_list(_EPS.value or DEFAULT_EPS.get(norm, "0"))
+  evaluate.validate(_ATTACK.value, eps, norm)  # fail before loading anything
+  subset = read_subset(_SUBSET.value) if _SUBSET.value else None
+  workdir = Path(_WORKDIR.value)
+  apply_fn, variables = checkpoints.load_model(workdir, step=_STEP.value)
+  step = _STEP.value
+  if step is None and workdir.is_dir():
+    step = checkpoints.latest_step(workdir)
+  images, labels, description = load_test_set(workdir, _NUM_EXAMPLES.value)
+  report = evaluate.evaluate(
+      functools.partial(apply_fn, variables), images, labels, attack=_ATTACK.value, eps=eps,
+      norm=norm, batch_size=_BATCH_SIZE.value, seed=_SEED.value, subset=subset)
+  report.update(
+      checkpoint={"path": str(workdir), "step": step}, data=description,
+      eps_text=_EPS.value or DEFAULT_EPS[norm], subset_file=_SUBSET.value,
+      git_commit=evaluate.git_commit())
+  output = Path(_OUTPUT.value or (workdir if workdir.is_dir() else workdir.parent)
+                / "eval" / f"{_ATTACK.value}_{norm}.json")
+  output.parent.mkdir(parents=True, exist_ok=True)
+  checkpoints.write_atomically(output, json.dumps(report, allow_nan=False).encode())
+  print(summary(report))
+  print(f"wrote {output}")
+  if _PLOT.value:
+    Path(_PLOT.value).parent.mkdir(parents=True, exist_ok=True)
+    evaluate.plot_robust_accuracy(report, _PLOT.value)
+    print(f"wrote {_PLOT.value}")
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
+  try:
+    run()
+  except (ValueError, FileNotFoundError) as e:  # bad flags, missing run or data: one message
+    raise SystemExit(f"eval.py: {e}") from e
+
+
+if __name__ == "__main__":
+  app.run(main)

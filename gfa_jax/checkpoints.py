@@ -1,0 +1,142 @@
+"""Checkpoints: the Orbax manager of a training workdir, its config, and ``load_model``.
+
+A workdir holds ``config.json`` (the run's full config) and ``checkpoints/<step>/`` with two
+Orbax items, ``params`` and ``opt_state``, so a model can be restored without knowing the
+optimiser. A params-only checkpoint is one msgpack file with the model config inside
+(``export_params``); it is what ``results/`` commits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.serialization
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from gfa_jax import models
+
+IMAGE_SHAPE = (32, 32, 3)
+
+
+def write_atomically(path: str | Path, data: bytes) -> None:
+  """Writes ``data`` to ``path`` through a temporary file and a rename: never half-written."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_bytes(data)
+  os.replace(tmp, path)
+
+
+def save_config(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
+  write_atomically(Path(workdir) / "config.json", config.to_json_best_effort(indent=2).encode())
+
+
+def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The config a training run in ``workdir`` was started with."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{path} not found: {workdir} is not a gfa-jax training workdir. Train one with "
+        "`python train.py --config configs/quickstart.py` or pass --workdir DIR of a run."
+    )
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def checkpoint_manager(
+    workdir: str | Path, *, max_to_keep: int = 2, save_every_steps: int = 1
+) -> ocp.CheckpointManager:
+  """The Orbax manager of ``workdir/checkpoints``.
+
+  Saves are synchronous: a step's arrays are donated to the next train step, and the
+  checkpoint is tiny next to a step's compute. Orbax writes each save into a temporary folder
+  and renames it when complete, so a run killed mid-save resumes from the previous one.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, save_interval_steps=save_every_steps, create=True,
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(
+      Path(workdir).absolute() / "checkpoints", options=options,
+      item_names=("params", "opt_state"))
+
+
+def latest_step(workdir: str | Path) -> int | None:
+  """The newest complete checkpoint step in ``workdir`` (None if there is none)."""
+  if not (Path(workdir) / "checkpoints").is_dir():
+    return None
+  return checkpoint_manager(workdir).latest_step()
+
+
+def _restore_target(tree: Any) -> Any:
+  """Abstract arrays placed on this process's devices, whatever devices saved them: a run
+  trained on N devices restores on one (and the reverse) instead of failing on topology."""
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=getattr(a, "sharding", None) or default), tree)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any = None):
+  """Restores the items given as targets (arrays or ShapeDtypeStructs) at ``step``."""
+  items = {"params": ocp.args.StandardRestore(_restore_target(params))}
+  if opt_state is not None:
+    items["opt_state"] = ocp.args.StandardRestore(_restore_target(opt_state))
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # Orbax raises many types for unreadable data; name the fix.
+    raise ValueError(
+        f"checkpoint {manager.directory}/{step} could not be restored ({type(e).__name__}: "
+        f"{e}). It is corrupt or from another model/config: delete that step folder to fall "
+        "back to an older one, or retrain."
+    ) from e
+
+
+def model_from_config(model_config: ml_collections.ConfigDict | dict):
+  model_config = dict(model_config)
+  return models.create_model(model_config.pop("name"), **model_config)
+
+
+def abstract_params(model) -> Any:
+  return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), IMAGE_SHAPE))
+
+
+def export_params(path: str | Path, model_config: ml_collections.ConfigDict, params: Any,
+                  metadata: dict | None = None) -> None:
+  """Writes a params-only checkpoint (one msgpack file) that ``load_model`` reads."""
+  payload = {"model": json.dumps(model_config.to_dict()), "metadata": json.dumps(metadata or {}),
+             "params": jax.device_get(params)}
+  write_atomically(path, flax.serialization.msgpack_serialize(payload))
+
+
+def load_model(path: str | Path, step: int | None = None) -> tuple[Callable, dict]:
+  """Loads a model for inference from a training workdir or a params-only checkpoint.
+
+  Returns:
+    ``(apply_fn, variables)``: ``apply_fn(variables, x)`` maps float32 NHWC images in [0, 1]
+    to logits. ``step`` picks a workdir checkpoint (default: the latest).
+  """
+  path = Path(path)
+  if path.is_file():
+    try:
+      payload = flax.serialization.msgpack_restore(path.read_bytes())
+      model = model_from_config(json.loads(payload["model"]))
+      params = flax.serialization.from_state_dict(abstract_params(model), payload["params"])
+    except Exception as e:
+      raise ValueError(f"{path} is not a readable params-only checkpoint ({e}).") from e
+    return model.apply, {"params": params}
+  if not path.is_dir():
+    raise FileNotFoundError(
+        f"{path} does not exist. Pass --workdir of a training run (train.py writes "
+        "runs/<config name> by default) or a params-only .msgpack checkpoint.")
+  model = model_from_config(load_run_config(path).model)
+  manager = checkpoint_manager(path)
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(
+        f"no checkpoint {'' if step is None else f'at step {step} '}in {path}/checkpoints "
+        f"(available: {list(manager.all_steps())}).")
+  restored = restore(manager, step, abstract_params(model))
+  return model.apply, {"params": restored["params"]}

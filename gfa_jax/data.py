@@ -1,0 +1,282 @@
+"""CIFAR-10 readers, the embedded mini set, a deterministic batch order and augmentation.
+
+Everything is loaded into memory once as uint8 NHWC arrays (CIFAR-10 is 180 MB); batches are
+then gathered by index. The batch order is a pure function of (seed, step), so the train
+state's step is the whole iterator state: resuming a checkpoint restores the data order.
+
+Sources (`load_dataset(source, data_dir)`):
+  embedded     the first 2,000 train / 500 test images shipped in gfa_jax/assets (offline).
+  cifar10_bin  the official binary release folder `cifar-10-batches-bin/`.
+  cifar10_py   the official python release folder `cifar-10-batches-py/` (torchvision, keras).
+  tfds         a prepared TFDS copy `cifar10/<version>/`, read with `tfds.data_source`.
+  cifar10      the first of cifar10_bin, cifar10_py, tfds found in `data_dir`.
+  auto         cifar10 when a data directory is given (argument or $GFA_DATA_DIR), else embedded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import os
+import pickle
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+DATA_DIR_ENV = "GFA_DATA_DIR"
+SOURCES = ("auto", "embedded", "cifar10", "cifar10_bin", "cifar10_py", "tfds")
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
+               "dog", "frog", "horse", "ship", "truck")
+EMBEDDED_PATH = Path(__file__).parent / "assets" / "cifar10_subset.npz"
+_PIXELS = 32 * 32 * 3  # One image, stored as red, green and blue 32x32 planes.
+
+
+class DataNotFoundError(FileNotFoundError):
+  """No copy of the requested data set exists where we looked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+  """A labelled image data set held in memory; validated on construction."""
+  train_images: np.ndarray  # uint8 [N, H, W, C]
+  train_labels: np.ndarray  # int32 [N]
+  test_images: np.ndarray  # uint8 [M, H, W, C]
+  test_labels: np.ndarray  # int32 [M]
+  description: str  # What the numbers were measured on, for reports.
+  num_classes: int = 10
+
+  def __post_init__(self):
+    for split in ("train", "test"):
+      images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+      if images.dtype != np.uint8 or images.ndim != 4 or not len(images):
+        raise ValueError(f"{split}_images must be non-empty uint8 [N, H, W, C], got "
+                         f"{images.dtype} {images.shape} ({self.description})")
+      if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
+        raise ValueError(f"{split}_labels must be int32 [{len(images)}], got "
+                         f"{labels.dtype} {labels.shape} ({self.description})")
+      if labels.min() < 0 or labels.max() >= self.num_classes:
+        raise ValueError(f"{split}_labels must lie in [0, {self.num_classes}), got "
+                         f"[{labels.min()}, {labels.max()}] ({self.description})")
+    if self.train_images.shape[1:] != self.test_images.shape[1:]:
+      raise ValueError(f"train images {self.train_images.shape[1:]} and test images "
+                       f"{self.test_images.shape[1:]} differ in shape ({self.description})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers. Each takes the folder it was found in and returns an ImageDataset.
+
+
+def _checked(path: Path, images: np.ndarray, labels: np.ndarray):
+  """Returns (images, int32 labels) read from `path`, or a ValueError naming the file."""
+  if len(labels) != len(images):
+    raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels; the file is "
+                     "corrupt, download or prepare it again")
+  if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
+    raise ValueError(f"{path}: labels outside [0, 10) ({labels.min()}..{labels.max()}); the "
+                     "file is corrupt or not CIFAR-10, download or prepare it again")
+  return images, labels.astype(np.int32)
+
+
+def _planes_to_nhwc(rows: np.ndarray) -> np.ndarray:
+  """[N, 3072] rows of R, G, B planes (both official layouts) -> uint8 [N, 32, 32, 3]."""
+  return np.ascontiguousarray(rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+def _read_bin_file(path: Path):
+  """One file of the binary release: records of 1 label byte and 3072 pixel bytes."""
+  raw = np.fromfile(path, dtype=np.uint8)
+  if not raw.size or raw.size % (1 + _PIXELS):
+    raise ValueError(f"{path}: {raw.size} bytes is not a whole number of {1 + _PIXELS}-byte "
+                     "records (1 label byte, 3072 pixel bytes); the file is truncated or not "
+                     "CIFAR-10, download or prepare it again")
+  records = raw.reshape(-1, 1 + _PIXELS)
+  return _checked(path, _planes_to_nhwc(records[:, 1:]), records[:, 0])
+
+
+def _read_pickle_file(path: Path):
+  """One file of the python release: a pickled dict with 'data' [N, 3072] and 'labels'.
+
+  Pickle can run code when loaded: only point `data_dir` at files you trust.
+  """
+  try:
+    with open(path, "rb") as f:
+      batch = pickle.load(f, encoding="bytes")  # Written by Python 2: the keys are bytes.
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+  except Exception as e:  # Unpickling garbage raises almost any exception type.
+    raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e}); the "
+                     "file is truncated or corrupt, download it again") from e
+  if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
+    raise ValueError(f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 "
+                     f"[N, {_PIXELS}]; the file is corrupt or not CIFAR-10")
+  return _checked(path, _planes_to_nhwc(data), labels)
+
+
+def _read_release(folder: Path, read_file, suffix: str, layout: str) -> ImageDataset:
+  """The five training batches and the test batch of an official release folder."""
+  splits = []
+  for names in ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]):
+    paths = [folder / f"{name}{suffix}" for name in names]
+    for path in paths:
+      if not path.is_file():
+        raise ValueError(f"{path} is missing: {folder} is an incomplete CIFAR-10 copy, "
+                         "download or prepare it again")
+    parts = [read_file(path) for path in paths]
+    splits += [np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])]
+  return ImageDataset(*splits, description=f"CIFAR-10 ({layout}, {folder})")
+
+
+def _read_tfds(folder: Path) -> ImageDataset:
+  """A prepared TFDS copy; `folder` is <tfds data_dir>/cifar10."""
+  import tensorflow_datasets as tfds  # Slow import, only needed here.
+
+  sources = tfds.data_source("cifar10", split=["train", "test"], data_dir=str(folder.parent),
+                             download=False)
+  splits = []
+  for source in sources:
+    # Item by item, once at load: tfds.testing.mock_data breaks `__getitems__` (4.9.10).
+    examples = [source[i] for i in range(len(source))]
+    splits += [np.stack([e["image"] for e in examples]),
+               np.array([e["label"] for e in examples], np.int32)]
+  return ImageDataset(*splits, description=f"CIFAR-10 (TFDS, {folder})")
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+  """Image i is the JPEG file blob[offsets[i]:offsets[i+1]]; returns uint8 [N, H, W, 3]."""
+  return np.stack([np.asarray(Image.open(io.BytesIO(blob[a:b].tobytes())).convert("RGB"))
+                   for a, b in zip(offsets[:-1], offsets[1:])])
+
+
+def _read_embedded() -> ImageDataset:
+  """The subset made by scripts/make_embedded_subset.py (its provenance is stored inside)."""
+  with np.load(EMBEDDED_PATH) as f:
+    splits = []
+    for split in ("train", "test"):
+      splits += [_decode_jpegs(f[f"{split}_jpeg"], f[f"{split}_offsets"]),
+                 f[f"{split}_labels"].astype(np.int32)]
+  return ImageDataset(*splits, description=(
+      f"CIFAR-10 embedded subset (JPEG-75 copy; first {len(splits[0])} train, first "
+      f"{len(splits[2])} test images)"))
+
+
+# source -> (folder name, what it is, a file pattern that shows it is there, reader).
+_FOLDERS = {
+    "cifar10_bin": ("cifar-10-batches-bin", "official binary release", "*.bin",
+                    functools.partial(_read_release, read_file=_read_bin_file, suffix=".bin",
+                                      layout="official binary layout")),
+    "cifar10_py": ("cifar-10-batches-py", "official python release", "*_batch*",
+                   functools.partial(_read_release, read_file=_read_pickle_file, suffix="",
+                                     layout="official python layout")),
+    "tfds": ("cifar10", "prepared TFDS copy, <version>/dataset_info.json",
+             "*/dataset_info.json", _read_tfds),
+}
+
+
+def _not_found_message(places: list[str]) -> str:
+  looked = "".join(f"\n  {p}" for p in places) or (
+      f"\n  nowhere: no data directory given (argument, --config.data.data_dir, ${DATA_DIR_ENV})")
+  return (
+      f"CIFAR-10 not found. Looked for:{looked}\n"
+      "Get it into a directory DIR with one of:\n"
+      "  python ../shared/datasets/prepare_cifar10.py DIR  (our machines; the JPEG-75 copy)\n"
+      "  torchvision.datasets.CIFAR10(DIR, download=True), keras.datasets.cifar10.load_data() "
+      "(leaves ~/.keras/datasets/cifar-10-batches-py), or untar cifar-10-binary.tar.gz from "
+      "https://www.cs.toronto.edu/~kriz/cifar.html into DIR\n"
+      "  tfds build cifar10 --data_dir=DIR --file_format=array_record\n"
+      f"then pass --config.data.data_dir=DIR or set {DATA_DIR_ENV}=DIR; or use the embedded "
+      "subset (source 'embedded').")
+
+
+def load_dataset(source: str = "auto", data_dir: str | None = None) -> ImageDataset:
+  """Loads CIFAR-10 (see the module docstring for `source`) into memory.
+
+  `data_dir` (else $GFA_DATA_DIR) is the folder that holds `cifar-10-batches-bin/`,
+  `cifar-10-batches-py/` or the TFDS `cifar10/` folder, or one of those folders itself.
+  Raises DataNotFoundError naming every place looked, ValueError for corrupt files.
+  """
+  if source not in SOURCES:
+    raise ValueError(f"unknown data source {source!r}; choose one of {SOURCES}")
+  data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+  if source == "auto":
+    source = "cifar10" if data_dir else "embedded"
+  if source == "embedded":
+    return _read_embedded()
+  places = []
+  if data_dir:
+    data_dir = Path(data_dir).expanduser()
+    for name in _FOLDERS if source == "cifar10" else [source]:
+      folder_name, what, marker, reader = _FOLDERS[name]
+      folder = data_dir if data_dir.name == folder_name else data_dir / folder_name
+      if any(folder.glob(marker)):
+        return reader(folder)
+      places.append(f"{folder}  ({what})")
+  raise DataNotFoundError(_not_found_message(places))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch order and augmentation.
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches per epoch; the last partial batch is dropped (its examples come next epoch)."""
+  if not 0 < batch_size <= num_examples:
+    raise ValueError(f"batch_size must be in [1, {num_examples}] (the number of training "
+                     f"examples), got {batch_size}; lower the batch size")
+  return num_examples // batch_size
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  permutation.flags.writeable = False  # Cached: callers must not change it.
+  return permutation
+
+
+def train_batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Indices (int64 [batch_size]) of the training examples in batch `step`.
+
+  A pure function of its arguments: epoch e visits every example once, in the order of a
+  permutation drawn from (seed, e), so a resumed run sees exactly the batches it would have.
+  """
+  if seed < 0 or step < 0:
+    raise ValueError(f"seed and step must be >= 0, got seed={seed}, step={step}")
+  epoch, index = divmod(step, steps_per_epoch(num_examples, batch_size))
+  permutation = _epoch_permutation(num_examples, seed, epoch)
+  return permutation[index * batch_size:(index + 1) * batch_size].astype(np.int64)
+
+
+def augment(key: jax.Array, images: jax.Array, *, crop_padding: int = 4,
+            flip: bool = True) -> jax.Array:
+  """Random crop after zero padding, then random horizontal flip, per image.
+
+  `images` are float [B, H, W, C]; returns the same shape. Jit-able (`crop_padding` and
+  `flip` are static). crop_padding=0, flip=False returns the images unchanged.
+  """
+  if images.ndim != 4 or crop_padding < 0:
+    raise ValueError(f"need images [B, H, W, C] and crop_padding >= 0, got {images.shape} "
+                     f"and {crop_padding}")
+  batch, height, width, channels = images.shape
+  crop_key, flip_key = jax.random.split(key)
+  if crop_padding:
+    pad = crop_padding
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    corners = jax.random.randint(crop_key, (batch, 2), 0, 2 * pad + 1)
+    crop = lambda image, corner: jax.lax.dynamic_slice(
+        image, (corner[0], corner[1], 0), (height, width, channels))
+    images = jax.vmap(crop)(padded, corners)
+  if flip:
+    flipped = jax.random.bernoulli(flip_key, shape=(batch, 1, 1, 1))
+    images = jnp.where(flipped, images[:, :, ::-1, :], images)
+  return images
+
+
+def to_float(images: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+  """uint8 images -> float32 in [0, 1] (numpy in, numpy out; jax in, jax out)."""
+  if images.dtype != np.uint8:
+    raise ValueError(f"to_float expects uint8 images, got {images.dtype}; float images are "
+                     "already scaled")
+  return images.astype(np.float32) / np.float32(255)

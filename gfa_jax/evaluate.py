@@ -1,0 +1,392 @@
+"""Robustness evaluation: named attacks over N examples, with numbers recomputed, not trusted.
+
+`evaluate(logits_fn, images, labels, attack=..., eps=[...], norm=...)` returns a JSON-ready dict
+(schema in docs/evaluation.md). What makes the numbers honest:
+
+- every returned example is checked on the host to lie within eps in the stated norm and in
+  [0, 1] (`core.check_adversarial`); a violation raises instead of being reported;
+- robust accuracy comes from a final clean forward pass of the returned examples, never from an
+  attack's own bookkeeping, over ALL N examples: a point is robust at eps iff both the clean image
+  and its adversarial example are classified correctly (misclassified clean points never count);
+- minimum-norm attacks (deepfool, cw, ead, fab) run once; at each eps the point is attacked with
+  x_adv if ||x_adv - x|| <= eps, else with x itself, and that image goes through the forward pass;
+- attacks run in batches of `batch_size` images per model call (memory bound), each attack
+  compiled once per batch shape (the last batch is padded, eps is a traced argument).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import subprocess
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+import tqdm
+
+from gfa_jax.attacks import core
+from gfa_jax.attacks.apgd import apgd, apgd_t
+from gfa_jax.attacks.autoattack import autoattack, predict, run_in_batches
+from gfa_jax.attacks.cw import cw_l2
+from gfa_jax.attacks.deepfool import deepfool
+from gfa_jax.attacks.ead import ead
+from gfa_jax.attacks.fab import fab
+from gfa_jax.attacks.fgsm import fgsm
+from gfa_jax.attacks.onepixel import onepixel
+from gfa_jax.attacks.pgd import pgd
+from gfa_jax.attacks.square import square
+
+SCHEMA_VERSION = 1
+# Kinds of attack, by how robust accuracy at an eps is obtained from their output.
+EPS_BOUNDED = 'eps_bounded'  # run once per eps; returns points within eps
+MIN_NORM = 'min_norm'  # run once; smallest adversarial example found, thresholded per eps
+L0 = 'l0'  # pixel budget instead of eps (OnePixel); one robust accuracy, no eps
+ENSEMBLE = 'ensemble'  # AutoAttack: host-side sequence, per-point worst case
+LP_NORMS = ('linf', 'l2', 'l1')
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+  """How evaluation runs one named attack.
+
+  fn: the attack function; kind: one of the kinds above; norms: threat-model norms it supports;
+  hparams: overrides of fn's own keyword defaults (evaluation settings that differ from the
+  function's defaults, e.g. PGD-20); source: where the defaults come from.
+  """
+  fn: Callable
+  kind: str
+  norms: tuple[str, ...]
+  hparams: tuple[tuple[str, Any], ...] = ()
+  source: str = ''
+
+
+_AA = 'AutoAttack (Croce & Hein 2020, fra31/auto-attack)'
+ATTACKS: dict[str, AttackSpec] = {
+    'fgsm': AttackSpec(fgsm, EPS_BOUNDED, ('linf', 'l2'), (),
+                       'Goodfellow et al. 2015; l2: fast gradient method'),
+    'pgd': AttackSpec(pgd, EPS_BOUNDED, ('linf', 'l2'), (('steps', 20),),
+                      'Madry et al. 2018: random start, step 2.5*eps/steps, best iterate; 20 '
+                      'steps (PGD-20)'),
+    'apgd': AttackSpec(apgd, EPS_BOUNDED, ('linf', 'l2'), (('loss', 'ce'),), f'APGD-CE, {_AA}'),
+    'apgd-dlr': AttackSpec(apgd, EPS_BOUNDED, ('linf', 'l2'), (('loss', 'dlr'),),
+                           f'APGD-DLR, {_AA}'),
+    'apgd-t': AttackSpec(apgd_t, EPS_BOUNDED, ('linf', 'l2'), (), f'APGD-T, {_AA}'),
+    'fab': AttackSpec(fab, MIN_NORM, ('linf', 'l2'), (('targeted', True),),
+                      f'FAB-T (Croce & Hein 2020), defaults of {_AA}'),
+    'square': AttackSpec(square, EPS_BOUNDED, ('linf', 'l2'), (('rescale_schedule', False),),
+                         f'Andriushchenko et al. 2020, as run by {_AA}'),
+    'autoattack': AttackSpec(autoattack, ENSEMBLE, ('linf', 'l2'), (('version', 'standard'),),
+                             f'standard version of {_AA}'),
+    'deepfool': AttackSpec(deepfool, MIN_NORM, ('linf', 'l2'), (),
+                           'Moosavi-Dezfooli et al. 2016, defaults of foolbox 3'),
+    'cw': AttackSpec(cw_l2, MIN_NORM, ('l2',), (),
+                     'Carlini & Wagner 2017 (L2), defaults of the authors\' code'),
+    'ead': AttackSpec(ead, MIN_NORM, ('l1', 'l2'), (('decision_rule', 'EN'),),
+                      'Chen et al. 2018 (EAD, elastic-net decision rule)'),
+    'ead-l1': AttackSpec(ead, MIN_NORM, ('l1', 'l2'), (('decision_rule', 'L1'),),
+                         'Chen et al. 2018 (EAD, L1 decision rule)'),
+    'onepixel': AttackSpec(onepixel, L0, LP_NORMS, (),
+                           'Su et al. 2019: differential evolution, population 400, 100 '
+                           'iterations, F = 0.5'),
+}
+ALL = 'all'
+# Arguments that are inputs or bookkeeping, not hyper-parameters of the attack.
+_NOT_HPARAMS = ('key', 'eps', 'norm', 'return_trace', 'batch_size', 'progress')
+
+
+def attack_names() -> list[str]:
+  return [*ATTACKS, ALL]
+
+
+def hyperparameters(name: str, norm: str, overrides: Optional[dict] = None) -> dict[str, Any]:
+  """Every keyword argument the named attack is called with besides key, eps and norm: its
+  function's defaults, then the registry's evaluation settings, then `overrides`."""
+  spec = ATTACKS[name]
+  params = inspect.signature(spec.fn).parameters
+  used = {p.name: p.default for p in params.values()
+          if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and p.name not in _NOT_HPARAMS}
+  used.update(spec.hparams)
+  for key, value in (overrides or {}).items():
+    if key not in params or key in _NOT_HPARAMS:
+      raise ValueError(f'{name} has no hyper-parameter {key!r}; it takes {sorted(used)}.')
+    used[key] = value
+  return used
+
+
+def _takes_norm(fn: Callable) -> bool:
+  return 'norm' in inspect.signature(fn).parameters
+
+
+def validate(attack: str, eps: Sequence[float], norm: str) -> list[str]:
+  """Checks the request before any work; returns the attack names it will run.
+
+  Raises ValueError for an unknown attack, a norm the attack does not support, or eps out of
+  range (< 0, or > 1 in linf).
+  """
+  if attack not in attack_names():
+    raise ValueError(f'Unknown attack {attack!r}: choose one of {attack_names()}.')
+  if norm not in LP_NORMS:
+    raise ValueError(f'Unknown norm {norm!r}: choose one of {list(LP_NORMS)}.')
+  if attack != ALL and norm not in ATTACKS[attack].norms:
+    raise ValueError(f'{attack} does not support norm {norm!r}: it supports '
+                     f'{list(ATTACKS[attack].norms)}. Pass --norm with one of those.')
+  eps = list(eps)
+  if not eps:
+    raise ValueError('eps list is empty: give at least one eps (e.g. 8/255).')
+  for value in eps:
+    core.check_eps(value, norm, allowed_norms=(norm,))
+  if attack == ALL:
+    return [name for name, spec in ATTACKS.items() if norm in spec.norms]
+  return [attack]
+
+
+def _check_subset(subset, n: int) -> Optional[np.ndarray]:
+  if subset is None:
+    return None
+  subset = np.asarray(subset)
+  if subset.ndim != 1 or not np.issubdtype(subset.dtype, np.integer):
+    raise ValueError(f'subset must be a 1-D list of integer example indices, got {subset!r:.80}.')
+  if len(np.unique(subset)) != len(subset):
+    raise ValueError('subset indices must be unique.')
+  if len(subset) and (subset.min() < 0 or subset.max() >= n):
+    raise ValueError(f'subset indices must lie in [0, {n}) (the {n} evaluated examples), got '
+                     f'[{subset.min()}, {subset.max()}]. Raise --num_examples or fix the file.')
+  return subset
+
+
+def _norm_stats(values: np.ndarray) -> dict[str, Optional[float]]:
+  if not len(values):
+    return {'median': None, 'mean': None}
+  return {'median': float(np.median(values)), 'mean': float(np.mean(values))}
+
+
+def _attack_key(seed: int, name: str) -> jax.Array:
+  """Key of one attack, independent of which other attacks run (so `all` repeats single runs)."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
+               eps: Sequence[float], norm: str, clean_correct: np.ndarray, batch_size: int,
+               seed: int, overrides: Optional[dict] = None, progress: bool = True) -> dict:
+  """Runs one named attack over all of x and returns its result section (see the schema).
+
+  `still_robust[i][j]` is True iff example j is classified correctly both clean and after the
+  attack at eps[i], from forward passes of the checked adversarial examples.
+  """
+  spec = ATTACKS[name]
+  hparams = hyperparameters(name, norm, overrides)
+  call_hparams = tuple(hparams.items())
+  if _takes_norm(spec.fn) and spec.kind != ENSEMBLE:
+    call_hparams = (('norm', norm),) + call_hparams
+  key = _attack_key(seed, name)
+  start = time.perf_counter()
+  result: dict[str, Any] = {'kind': spec.kind, 'source': spec.source,
+                            'function': f'{spec.fn.__module__}.{spec.fn.__name__}',
+                            'hyperparameters': hparams}
+  # Points misclassified clean are not robust whatever the attack does: attack only the others
+  # (as AutoAttack does); their x_adv is x.
+  todo = np.flatnonzero(clean_correct)
+
+  def attack_correct(bar, eps_value=None, examples_per_batch=batch_size):
+    x_adv = x.copy()
+    if len(todo):
+      x_adv[todo] = run_in_batches(spec.fn, logits_fn, x[todo], y[todo], key=key,
+                                   batch_size=examples_per_batch, eps=eps_value,
+                                   hparams=call_hparams, progress=bar)
+    return x_adv
+
+  def num_batches(examples_per_batch=batch_size):
+    return -(-len(todo) // max(1, min(examples_per_batch, len(todo))))
+
+  def still_robust(x_eval):
+    return clean_correct & (predict(logits_fn, x_eval, batch_size) == y)
+
+  if spec.kind == EPS_BOUNDED:
+    masks = []
+    with tqdm.tqdm(total=num_batches() * len(eps), desc=name, disable=not progress) as bar:
+      for value in eps:
+        x_adv = attack_correct(bar, value)
+        core.check_adversarial(x_adv, x, value, norm)
+        masks.append(still_robust(x_adv))
+  elif spec.kind == ENSEMBLE:  # AutoAttack skips misclassified points itself
+    masks, broken_by, after = [], [], []
+    for value in tqdm.tqdm(eps, desc=name, disable=not progress):
+      x_adv, breakdown = spec.fn(logits_fn, x, y, key=key, eps=value, norm=norm,
+                                 batch_size=batch_size, progress=progress, **hparams)
+      core.check_adversarial(x_adv, x, value, norm)
+      masks.append(still_robust(x_adv))
+      broken_by.append(breakdown['broken_by'])
+      after.append(breakdown['robust_accuracy_after'])
+    result['hyperparameters'] = {**hparams, 'attacks': breakdown['hyperparameters']}
+    result['broken_by'] = broken_by
+    result['robust_accuracy_after'] = after
+  elif spec.kind == MIN_NORM:
+    with tqdm.tqdm(total=num_batches(), desc=name, disable=not progress) as bar:
+      x_adv = attack_correct(bar)
+    norms = {p: core.check_adversarial(x_adv, x, np.inf, p) for p in LP_NORMS}
+    success = clean_correct & (predict(logits_fn, x_adv, batch_size) != y)
+    needed = np.where(success, norms[norm], np.inf)
+    masks = []
+    for value in eps:
+      x_eval = np.where((needed <= value)[:, None, None, None], x_adv, x)
+      core.check_adversarial(x_eval, x, value, norm)
+      masks.append(still_robust(x_eval))
+    result['success_rate'] = float(success.sum() / max(clean_correct.sum(), 1))
+    result['norms'] = {p: _norm_stats(norms[p][success]) for p in LP_NORMS}
+    result['perturbation_norm'] = [float(v) if np.isfinite(v) else None for v in needed]
+  else:  # L0: OnePixel's pixel budget; batch so that one model call sees batch_size images.
+    per_batch = max(1, batch_size // hparams.get('chunk_size', 1))
+    with tqdm.tqdm(total=num_batches(per_batch), desc=name, disable=not progress) as bar:
+      x_adv = attack_correct(bar, examples_per_batch=per_batch)
+    core.check_adversarial(x_adv, x, 1.0, 'linf')  # in [0, 1]
+    changed = np.any(x_adv != x, axis=-1).reshape(len(x), -1).sum(axis=1)
+    if np.any(changed > hparams['pixels']):
+      raise ValueError(f'{int((changed > hparams["pixels"]).sum())} OnePixel examples change '
+                       f'more than pixels={hparams["pixels"]} pixels (up to {changed.max()}).')
+    mask = still_robust(x_adv)
+    result['threat_model'] = {'norm': 'l0', 'pixels': hparams['pixels']}
+    result['robust_accuracy'] = float(mask.mean())
+    result['still_robust'] = mask.tolist()
+    result['success_rate'] = float((clean_correct & ~mask).sum() / max(clean_correct.sum(), 1))
+    result['elapsed_seconds'] = time.perf_counter() - start
+    return result
+  result['robust_accuracy'] = [float(m.mean()) for m in masks]
+  result['still_robust'] = [m.tolist() for m in masks]
+  result['elapsed_seconds'] = time.perf_counter() - start
+  return result
+
+
+def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, attack: str,
+             eps: Sequence[float], norm: str = 'linf', batch_size: int = 500, seed: int = 0,
+             subset: Optional[Sequence[int]] = None, overrides: Optional[dict] = None,
+             progress: bool = True) -> dict:
+  """Evaluates `attack` ('all' for every attack supporting `norm`) on images [N, H, W, C] in
+  [0, 1] with int labels [N]; returns the JSON-ready result dict (docs/evaluation.md).
+
+  Args:
+    logits_fn: images in [0, 1] -> logits (inference mode, pure).
+    eps: radii in `norm`, one robust accuracy per entry.
+    batch_size: images per model call (per example batch for all but OnePixel).
+    seed: PRNG seed; each attack's key depends only on the seed and the attack's name.
+    subset: optional example indices into the N (the paper's protocol); robust accuracy on them
+      is reported in separate `subset` fields, never instead of the full-N numbers.
+    overrides: hyper-parameters replacing the defaults (single attack only).
+  """
+  start = time.perf_counter()
+  names = validate(attack, eps, norm)
+  if overrides and attack == ALL:
+    raise ValueError('overrides apply to a single attack, not to "all".')
+  core.check_images(images)
+  x = np.asarray(images, np.float32)
+  y = np.asarray(labels)
+  if not np.issubdtype(y.dtype, np.integer) or y.shape != x.shape[:1]:
+    raise ValueError(f'labels must be integers of shape [{len(x)}], got {y.dtype} {y.shape}.')
+  y = y.astype(np.int32)
+  subset = _check_subset(subset, len(x))
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+  clean_correct = predict(logits_fn, x, batch_size) == y
+
+  results, skipped = {}, {}
+  if attack == ALL:
+    skipped = {n: f'does not support norm {norm!r}' for n in ATTACKS if n not in names}
+  for name in names:
+    results[name] = run_attack(name, logits_fn, x, y, eps=list(eps), norm=norm,
+                               clean_correct=clean_correct, batch_size=batch_size, seed=seed,
+                               overrides=overrides, progress=progress)
+
+  # The headline: the attack's masks, or with 'all' the per-point worst case over every attack
+  # with an eps threat model (OnePixel's pixel budget is another threat model).
+  eps_results = [r for r in results.values() if r['kind'] != L0]
+  if eps_results:
+    worst = np.logical_and.reduce([np.asarray(r['still_robust']) for r in eps_results])
+    robust_accuracy = worst.mean(axis=1).tolist()
+  else:  # a single OnePixel run
+    worst = np.asarray(results[names[0]]['still_robust'])[None]
+    robust_accuracy = results[names[0]]['robust_accuracy']
+
+  report = {
+      'schema_version': SCHEMA_VERSION,
+      'attack': attack,
+      'norm': norm,
+      'eps': [float(e) for e in eps],
+      'num_examples': int(len(x)),
+      'batch_size': int(batch_size),
+      'seed': int(seed),
+      'clean_accuracy': float(clean_correct.mean()),
+      'robust_accuracy': robust_accuracy,
+      'clean_correct': clean_correct.tolist(),
+      'still_robust': worst.tolist() if eps_results else worst[0].tolist(),
+      'attacks': results,
+      'skipped': skipped,
+      'subset': None,
+  }
+  if subset is not None:
+    for r in results.values():
+      masks = np.asarray(r['still_robust'])
+      r['subset_robust_accuracy'] = _subset_mean(masks, subset)
+    report['subset'] = {'indices': subset.tolist(), 'num_examples': int(len(subset)),
+                        'clean_accuracy': _subset_mean(clean_correct, subset),
+                        'robust_accuracy': _subset_mean(worst if eps_results else worst[0],
+                                                        subset)}
+  report['elapsed_seconds'] = time.perf_counter() - start
+  return report
+
+
+def _subset_mean(masks: np.ndarray, subset: np.ndarray):
+  """Mean over the subset's examples (last axis); a float for one mask, a list for several."""
+  if not len(subset):
+    return None if masks.ndim == 1 else [None] * len(masks)
+  values = masks[..., subset].mean(axis=-1)
+  return float(values) if masks.ndim == 1 else values.tolist()
+
+
+def git_commit(path: str | Path = Path(__file__).parent) -> Optional[str]:
+  """The commit of the repository holding `path`, with '-dirty' if it has uncommitted changes;
+  None outside a git checkout."""
+  def git(*args):
+    return subprocess.run(['git', '-C', str(path), *args], capture_output=True, text=True,
+                          check=True, timeout=10).stdout.strip()
+  try:
+    commit = git('rev-parse', 'HEAD')
+  except (OSError, subprocess.SubprocessError):
+    return None
+  try:
+    dirty = bool(git('status', '--porcelain', '--untracked-files=no'))
+  except (OSError, subprocess.SubprocessError):
+    dirty = False
+  return commit + ('-dirty' if dirty else '')
+
+
+# Okabe & Ito (2008) colour-blind-safe palette; markers and line styles repeat the distinction.
+_PALETTE = ('#0072B2', '#E69F00', '#009E73', '#D55E00', '#CC79A7', '#56B4E9', '#F0E442',
+            '#000000')
+_MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*')
+
+
+def plot_robust_accuracy(report: dict, path: str | Path) -> None:
+  """Robust accuracy vs eps, one line per attack (plus the worst case for 'all'), as a PNG."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  eps = report['eps']
+  curves = [(n, r['robust_accuracy']) for n, r in report['attacks'].items() if r['kind'] != L0]
+  if report['attack'] == ALL and curves:
+    curves.append(('worst case', report['robust_accuracy']))
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for i, (name, acc) in enumerate(curves):
+    ax.plot(eps, [100 * a for a in acc], label=name, color=_PALETTE[i % len(_PALETTE)],
+            marker=_MARKERS[i % len(_MARKERS)], linestyle=('-', '--', ':', '-.')[i // 8 % 4])
+  ax.set_xlabel(f'eps ({report["norm"]}, images in [0, 1])')
+  ax.set_ylabel(f'robust accuracy (%) over {report["num_examples"]} test images')
+  ax.set_ylim(-2, 102)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  plt.close(fig)

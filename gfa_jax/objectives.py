@@ -1,0 +1,151 @@
+"""Training objectives, one signature for all: ``objective(params, batch, key) -> (loss, metrics)``.
+
+``make_objective(config, model)`` picks one of
+
+- ``standard``: the task loss.
+- ``gfa``: ``alpha * task_loss + beta * GFA penalty`` on the layers ``config.gfa_layers``
+  (DeepDefense; FIRST = ``('layer0',)``, DEEP = ``('layer0', 'layer1', 'layer2')``).
+- ``pgd_at``: Madry et al. 2018, the task loss at a PGD example (the same ``pgd`` eval runs).
+- ``trades``: Zhang et al. 2019, task loss + ``trades_beta * KL(p(x) || p(x_adv))``.
+- ``gradalign``: Andriushchenko & Flammarion 2020, task loss at an FGSM example +
+  ``gradalign_lambda * (1 - cos(grad_x L(x), grad_x L(x + noise)))``.
+
+Task losses (``config.task_loss``): ``ce``, or ``mse``, the paper's classification MSE: the
+squared error between the one-hot label and the softmax probabilities
+(``config.mse_outputs='softmax'``, the default: bounded outputs compared with a bounded
+target, as in the paper's setup) or the raw logits (``'logits'``), averaged over batch and
+classes like PyTorch's ``nn.MSELoss()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gfa_jax.attacks.fgsm import fgsm
+from gfa_jax.attacks.pgd import pgd
+from gfa_jax.penalty import gfa_objective, per_sample_cosine
+
+Batch = dict[str, jax.Array]
+Objective = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+TaskLoss = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Batch-mean softmax cross-entropy."""
+  log_probs = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+
+
+def mse(outputs: str) -> TaskLoss:
+  """The classification MSE between one-hot labels and softmax(logits) or the logits."""
+  if outputs not in ("softmax", "logits"):
+    raise ValueError(f"mse_outputs must be 'softmax' or 'logits', got {outputs!r}")
+
+  def loss(logits, labels):
+    predictions = jax.nn.softmax(logits) if outputs == "softmax" else logits
+    target = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return jnp.mean((predictions - target) ** 2)
+
+  return loss
+
+
+def make_task_loss(config: ml_collections.ConfigDict) -> TaskLoss:
+  if config.task_loss == "ce":
+    return cross_entropy
+  if config.task_loss == "mse":
+    return mse(config.mse_outputs)
+  raise ValueError(f"task_loss must be 'mse' or 'ce', got {config.task_loss!r}")
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def input_gradient(logits_fn: Callable, x: jax.Array, y: jax.Array) -> jax.Array:
+  """``d cross_entropy / d x`` of the batch (row i is sample i's gradient up to 1/B)."""
+  return jax.grad(lambda x: cross_entropy(logits_fn(x), y))(x)
+
+
+def kl_divergence(logits: jax.Array, clean_probs: jax.Array) -> jax.Array:
+  """Per-example ``KL(clean_probs || softmax(logits))``, the TRADES attack and penalty."""
+  log_probs = jax.nn.log_softmax(logits)
+  return jnp.sum(clean_probs * (jnp.log(jnp.clip(clean_probs, 1e-12)) - log_probs), axis=-1)
+
+
+def make_objective(config: ml_collections.ConfigDict, model: nn.Module) -> Objective:
+  """The objective named by ``config.objective`` for ``model`` (see module docstring)."""
+  task_loss = make_task_loss(config)
+  adv = config.adversary
+
+  def logits_fn(params):
+    return lambda x: model.apply({"params": params}, x)
+
+  def standard(params, batch, key):
+    del key
+    logits = model.apply({"params": params}, batch["image"])
+    loss = task_loss(logits, batch["label"])
+    return loss, {"task_loss": loss, "accuracy": accuracy(logits, batch["label"])}
+
+  def gfa(params, batch, key):
+    del key
+    loss, aux = gfa_objective(
+        model.apply, params, batch["image"], batch["label"], task_loss,
+        layers=tuple(config.gfa_layers), alpha=config.alpha, beta=config.beta,
+        eps=config.gfa_eps,
+    )
+    metrics = {"task_loss": aux["task_loss"], "penalty": aux["penalty"],
+               "accuracy": accuracy(aux["logits"], batch["label"])}
+    metrics.update({f"alignment/{k}": v for k, v in aux["alignment"].items()})
+    return loss, metrics
+
+  def pgd_at(params, batch, key):
+    x, y = batch["image"], batch["label"]
+    x_adv = jax.lax.stop_gradient(pgd(
+        logits_fn(params), x, y, key=key, eps=adv.eps, steps=adv.steps,
+        step_size=adv.step_size))
+    logits = model.apply({"params": params}, x_adv)
+    loss = task_loss(logits, y)
+    return loss, {"task_loss": loss, "accuracy": accuracy(logits, y)}
+
+  def trades(params, batch, key):
+    x, y = batch["image"], batch["label"]
+    clean_logits = model.apply({"params": params}, x)
+    clean_probs = jax.lax.stop_gradient(jax.nn.softmax(clean_logits))
+    # TRADES starts its inner maximisation at x + 0.001 * N(0, 1), not a uniform draw.
+    x_init = x + 0.001 * jax.random.normal(key, x.shape, x.dtype)
+    x_adv = jax.lax.stop_gradient(pgd(
+        logits_fn(params), x, clean_probs, key=key, eps=adv.eps, steps=adv.steps,
+        step_size=adv.step_size, loss=kl_divergence, random_start=False, x_init=x_init,
+        keep_best=False))
+    clean_loss = task_loss(clean_logits, y)
+    robust_loss = jnp.mean(kl_divergence(model.apply({"params": params}, x_adv),
+                                         jax.nn.softmax(clean_logits)))
+    loss = clean_loss + adv.trades_beta * robust_loss
+    return loss, {"task_loss": clean_loss, "penalty": robust_loss,
+                  "accuracy": accuracy(clean_logits, y)}
+
+  def gradalign(params, batch, key):
+    x, y = batch["image"], batch["label"]
+    noise_key, fgsm_key = jax.random.split(key)
+    model_fn = logits_fn(params)
+    x_adv = jax.lax.stop_gradient(fgsm(model_fn, x, y, key=fgsm_key, eps=adv.eps))
+    logits = model.apply({"params": params}, x_adv)
+    loss = task_loss(logits, y)
+    noise = jax.random.uniform(noise_key, x.shape, x.dtype, -adv.eps, adv.eps)
+    cos = per_sample_cosine(input_gradient(model_fn, x, y),
+                            input_gradient(model_fn, jnp.clip(x + noise, 0, 1), y))
+    penalty = 1.0 - jnp.mean(cos)
+    return loss + adv.gradalign_lambda * penalty, {
+        "task_loss": loss, "penalty": penalty, "accuracy": accuracy(logits, y)}
+
+  objectives = {"standard": standard, "gfa": gfa, "pgd_at": pgd_at, "trades": trades,
+                "gradalign": gradalign}
+  if config.objective not in objectives:
+    raise ValueError(f"unknown objective {config.objective!r}; choose one of {sorted(objectives)}")
+  return objectives[config.objective]

@@ -1,0 +1,200 @@
+"""Gradient-Feature Alignment (GFA), the DeepDefense regulariser, as a composable function.
+
+For a tapped layer input ``h`` (per sample, flattened) and the batch task loss ``L``::
+
+    cos = <dL/dh, h> / (||dL/dh|| * ||h||)        per sample
+    alignment = mean over the batch of cos         per layer
+    penalty = mean over layers of (1 - alignment)
+
+``dL/dh`` comes from one ``jax.vjp`` of the user's loss function with respect to zero-valued
+"taps" added to the layer inputs (Flax ``perturb``); differentiating the penalty then runs a
+second backward pass (double backprop), all inside whatever ``jit`` the caller uses.
+
+The module also holds the convenience layer: ``tap`` (what a model calls on each layer input),
+``tap_module_inputs`` (tap any existing Flax model without editing it), ``zero_taps`` and
+``gfa_objective`` (``alpha * task_loss + beta * penalty`` in one call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+FEATURES = "intermediates"  # Flax collection that holds the tapped layer inputs (sow).
+TAPS = "perturbations"  # Flax collection of zero arrays added to them (perturb).
+
+
+def safe_norm(v: jax.Array, axis: int = -1) -> jax.Array:
+  """Euclidean norm along ``axis`` whose gradient is 0 (not NaN) at v = 0.
+
+  ``jnp.linalg.norm`` differentiates to ``v / ||v||`` = 0/0 at zero; adding eps after the sqrt
+  does not help because d sqrt(s)/ds is infinite at s = 0 and 0 * inf = NaN. GFA training
+  drives whole feature maps and gradients to zero (dead ReLUs, black images), so the square
+  root is taken of a value that is never 0 on the differentiated branch.
+  """
+  squared = jnp.sum(v * v, axis=axis)
+  positive = squared > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def per_sample_cosine(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Cosine similarity of ``a[i]`` and ``b[i]`` over all non-batch axes; returns shape [B].
+
+  A zero vector has cosine 0 with anything (the denominator is clamped at ``eps``), with
+  finite gradients.
+  """
+  a = a.reshape(a.shape[0], -1)
+  b = b.reshape(b.shape[0], -1)
+  dot = jnp.sum(a * b, axis=-1)
+  return dot / jnp.maximum(safe_norm(a) * safe_norm(b), eps)
+
+
+def gfa_penalty(
+    loss_fn: Callable[[PyTree], tuple[jax.Array, PyTree]],
+    taps: PyTree,
+    *,
+    eps: float = 1e-12,
+    has_aux: bool = False,
+) -> tuple[jax.Array, dict[str, Any]]:
+  """The GFA penalty ``mean_l (1 - alignment_l)`` and its ingredients.
+
+  Args:
+    loss_fn: ``taps -> (task_loss, features)``: the scalar task loss of the batch computed
+      with ``taps`` added to the layer inputs, and the layer inputs themselves (same tree
+      structure as ``taps``). Everything it closes over (parameters, images) receives the
+      penalty's gradient.
+    taps: pytree of zero arrays with a leading batch axis, one per tapped layer input.
+    eps: lower bound of the cosine's denominator.
+    has_aux: if True, ``loss_fn`` returns ``(task_loss, (features, extra))`` and ``extra``
+      (e.g. the logits, for accuracy) is passed back as ``aux['extra']``.
+
+  Returns:
+    ``(penalty, aux)``: the scalar penalty, and ``aux = {'task_loss': scalar,
+    'alignment': tree like taps of per-layer batch-mean cosines}``. The task loss comes from
+    the same forward pass, so callers need not run the model twice.
+  """
+  task_loss, vjp_fn, features = jax.vjp(loss_fn, taps, has_aux=True)
+  extra = None
+  if has_aux:
+    features, extra = features
+  (grads,) = vjp_fn(jnp.ones_like(task_loss))
+  if jax.tree.structure(features) != jax.tree.structure(taps):
+    raise ValueError(
+        "loss_fn must return features with the same tree structure as taps; got "
+        f"{jax.tree.structure(features)} for taps {jax.tree.structure(taps)}. Sow every "
+        "tapped layer input (gfa_jax.tap does both) and select the same names."
+    )
+  alignment = jax.tree.map(
+      lambda g, h: jnp.mean(per_sample_cosine(g, h, eps)), grads, features
+  )
+  layer_alignments = jax.tree.leaves(alignment)
+  penalty = 1.0 - sum(layer_alignments) / len(layer_alignments)
+  aux = {"task_loss": task_loss, "alignment": alignment}
+  if has_aux:
+    aux["extra"] = extra
+  return penalty, aux
+
+
+# --------------------------------------------------------------------------------------------
+# Convenience layer: tapping, zero taps, the one-call objective.
+
+
+def tap(module: nn.Module, name: str, h: jax.Array) -> jax.Array:
+  """Exposes the layer input ``h`` under ``name``: sows it and adds its (zero) tap.
+
+  Models call this on every layer input (``h = tap(self, 'layer1', h)``); nothing else about
+  GFA is model specific. The tap is added only where the caller passed one for ``name``, so
+  FIRST and DEEP select taps by name without touching the model.
+  """
+  module.sow(FEATURES, name, h, init_fn=lambda: None, reduce_fn=lambda _, new: new)
+  if module.is_initializing() or module.has_variable(TAPS, name):
+    h = module.perturb(name, h, collection=TAPS)
+  return h
+
+
+@contextlib.contextmanager
+def tap_module_inputs(module_names: Sequence[str]) -> Iterator[None]:
+  """Taps the first argument of ``__call__`` of the named submodules of ANY Flax model.
+
+  Inside this context, a submodule whose name (e.g. ``'Conv_0'``) or path (``'block/Dense_1'``)
+  is listed has its input sown and perturbed under its own scope: the features and taps then
+  live at ``{'Conv_0': {'input': ...}}`` in the collections, which ``zero_taps`` and
+  ``features_of`` handle like any other tree. Use it for models you cannot edit.
+  """
+  wanted = set(module_names)
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    path = "/".join(module.scope.path) if module.scope is not None else ""
+    if context.method_name == "__call__" and args and (module.name in wanted or path in wanted):
+      args = (tap(module, "input", args[0]),) + tuple(args[1:])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+def select(tree: dict, names: Sequence[str] | None) -> dict:
+  """Keeps the top-level entries ``names`` of a collection (all when ``names`` is None)."""
+  if names is None:
+    return dict(tree)
+  missing = [n for n in names if n not in tree]
+  if missing:
+    raise ValueError(f"unknown tap names {missing}; this model exposes {sorted(tree)}")
+  return {n: tree[n] for n in names}
+
+
+def zero_taps(
+    apply_fn: Callable[..., Any], variables: PyTree, *args, names: Sequence[str] | None = None
+) -> dict:
+  """Zero taps for a model and batch: ``{name: zeros_like(layer input)}``.
+
+  Shapes come from ``jax.eval_shape`` of one apply with the features collection mutable, so
+  no FLOPs are spent. ``apply_fn(variables, *args, mutable=...)`` is a Flax ``Module.apply``.
+  """
+  _, state = jax.eval_shape(lambda v, *a: apply_fn(v, *a, mutable=[FEATURES]), variables, *args)
+  shapes = select(state.get(FEATURES, {}), names)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def gfa_objective(
+    apply_fn: Callable[..., Any],
+    params: PyTree,
+    x: jax.Array,
+    y: jax.Array,
+    task_loss: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    layers: Sequence[str],
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    eps: float = 1e-12,
+) -> tuple[jax.Array, dict[str, Any]]:
+  """``alpha * task_loss + beta * penalty`` for a Flax model, in one call.
+
+  Args:
+    apply_fn: the model's ``apply`` (``model.apply``), whose layer inputs are tapped with
+      ``tap`` (or inside ``tap_module_inputs``).
+    params: the ``'params'`` collection.
+    x, y: a batch and its labels.
+    task_loss: ``(logits, y) -> scalar`` batch loss.
+    layers: names of the tapped layer inputs (e.g. ``('layer0',)`` for FIRST).
+
+  Returns:
+    ``(objective, aux)`` with ``aux`` from ``gfa_penalty`` plus ``'penalty'`` and ``'logits'``.
+  """
+  taps = zero_taps(apply_fn, {"params": params}, x, names=layers)
+
+  def loss_fn(taps):
+    logits, state = apply_fn({"params": params, TAPS: taps}, x, mutable=[FEATURES])
+    return task_loss(logits, y), (select(state[FEATURES], layers), logits)
+
+  penalty, aux = gfa_penalty(loss_fn, taps, eps=eps, has_aux=True)
+  objective = alpha * aux["task_loss"] + beta * penalty
+  logits = aux.pop("extra")
+  return objective, {**aux, "penalty": penalty, "logits": logits}

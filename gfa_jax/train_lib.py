@@ -1,0 +1,263 @@
+"""Training: ``train_and_evaluate(config, workdir)``, the jitted data-parallel step and the loop.
+
+The step is compiled once and runs data-parallel over every local device: the batch is sharded
+over a 1-D ``Mesh`` axis ``'data'``, parameters and optimiser state are replicated, and XLA
+inserts the gradient all-reduce. The same code runs on 1 CPU, N fake CPU devices, GPU and
+TPU (multi-host: call ``jax.distributed.initialize()`` first). Randomness is
+``fold_in(key(seed), step)`` and the batch order a function of (seed, step), so resuming from a
+checkpoint reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gfa_jax import checkpoints, data, models, objectives
+from gfa_jax.penalty import gfa_objective
+
+# Keys of metrics.jsonl whose value must be finite for training to go on.
+MUST_BE_FINITE = ("loss", "grad_norm")
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState; the step also indexes the data order and the randomness."""
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """The Optax optimiser with the learning-rate schedule named in the config."""
+  total_steps = config.num_epochs * steps_per_epoch
+  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  if config.schedule == "constant":
+    schedule = optax.linear_schedule(0.0, config.learning_rate, max(warmup_steps, 1))
+  elif config.schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0 if warmup_steps else config.learning_rate, config.learning_rate,
+        warmup_steps, max(total_steps, warmup_steps + 1))
+  else:
+    raise ValueError(f"schedule must be 'constant' or 'cosine', got {config.schedule!r}")
+  if config.optimizer == "adam":
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+  elif config.optimizer == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(schedule, momentum=0.9, nesterov=True))
+  else:
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
+  if config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over all devices; the batch is split along its axis ``'data'``."""
+  return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def check_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+  if batch_size % mesh.size:
+    raise ValueError(
+        f"{what}={batch_size} does not divide evenly over {mesh.size} devices; pick a "
+        f"multiple of {mesh.size} (e.g. --config.{what}={mesh.size * max(1, batch_size // mesh.size)})")
+
+
+def make_train_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
+  """The compiled ``train_step(state, images_uint8, labels, key) -> (state, metrics)``.
+
+  Augmentation runs on device inside the step (no per-example Python on the host). The state
+  is donated: its buffers are reused for the new state.
+  """
+  objective = objectives.make_objective(config, model)
+
+  def train_step(state, images, labels, key):
+    key = jax.random.fold_in(key, state.step)
+    augment_key, objective_key = jax.random.split(key)
+    x = data.augment(augment_key, data.to_float(images),
+                     crop_padding=config.data.crop_padding, flip=config.data.flip)
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params, {"image": x, "label": labels}, objective_key)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return state.apply_gradients(grads=grads), metrics
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(replicated, batch_sharded, batch_sharded, replicated),
+                 out_shardings=(replicated, replicated))
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
+  """Compiled ``eval_step(params, images_uint8, labels) -> sums`` over one batch.
+
+  Returns sums (not means) of correct predictions, task loss and per-layer cosines over the
+  batch, for every tapped layer of the model, so batches of any size add up exactly.
+  """
+  task_loss = objectives.make_task_loss(config)
+
+  def eval_step(params, images, labels):
+    x = data.to_float(images)
+    _, aux = gfa_objective(model.apply, params, x, labels, task_loss, layers=None)
+    n = labels.shape[0]
+    sums = {"correct": jnp.sum(jnp.argmax(aux["logits"], -1) == labels),
+            "task_loss": aux["task_loss"] * n, "count": n}
+    sums.update({f"alignment/{k}": v * n for k, v in aux["alignment"].items()})
+    return sums
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
+  return jax.jit(eval_step, in_shardings=(replicated, batch_sharded, batch_sharded),
+                 out_shardings=replicated)
+
+
+def evaluate(eval_step, params, images: np.ndarray, labels: np.ndarray, batch_size: int,
+             mesh: Mesh) -> dict[str, float]:
+  """Accuracy, task loss and per-layer alignment over ``images`` (a last partial batch
+  is evaluated too; its size must still divide the devices)."""
+  totals: dict[str, float] = {}
+  for start in range(0, len(images), batch_size):
+    stop = min(start + batch_size, len(images))
+    check_divisible(stop - start, mesh, "eval_batch_size")
+    sums = jax.device_get(eval_step(params, images[start:stop], labels[start:stop]))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = totals.pop("count")
+  return {"accuracy": totals.pop("correct") / count, **{k: v / count for k, v in totals.items()}}
+
+
+def _write_metrics(path: Path, record: dict) -> None:
+  with path.open("a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+  """On resume, forget metrics a killed run logged after its last checkpoint."""
+  if path.exists():
+    lines = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= step]
+    checkpoints.write_atomically(path, "".join(l + "\n" for l in lines).encode())
+
+
+def _check_config_matches(workdir: Path, config: ml_collections.ConfigDict) -> None:
+  """Resuming with a different config would silently mix two runs; refuse instead."""
+  if not (workdir / "config.json").exists():
+    return
+  old = checkpoints.load_run_config(workdir).to_dict()
+  new = json.loads(config.to_json_best_effort())
+  differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if differing:
+    raise ValueError(
+        f"{workdir} holds a run with a different config (fields {differing}); resume it with "
+        "the same config, or pass a new --workdir.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the final
+  evaluation metrics (test accuracy and per-layer train/test alignment).
+
+  Writes ``config.json``, ``metrics.jsonl`` (one JSON object per log/eval event) and Orbax
+  checkpoints. Raises FloatingPointError naming the step if the loss or gradient becomes
+  non-finite; the last checkpoint (always from a finite state) stays intact.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  dataset = data.load_dataset(config.data.source, config.data.data_dir or None)
+  train_images, train_labels = dataset.train_images, dataset.train_labels
+  if config.data.num_train:
+    train_images, train_labels = train_images[:config.data.num_train], train_labels[:config.data.num_train]
+  test_images, test_labels = dataset.test_images, dataset.test_labels
+  if config.num_eval_examples:
+    test_images, test_labels = test_images[:config.num_eval_examples], test_labels[:config.num_eval_examples]
+
+  mesh = make_mesh()
+  check_divisible(config.batch_size, mesh)
+  steps_per_epoch = data.steps_per_epoch(len(train_images), config.batch_size)
+  total_steps = config.num_epochs * steps_per_epoch
+  model = checkpoints.model_from_config(config.model)
+  tx = make_optimizer(config, steps_per_epoch)
+  key = jax.random.key(config.seed)
+  init_key, step_key = jax.random.split(key)
+  params = models.init_params(model, init_key, checkpoints.IMAGE_SHAPE)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  _check_config_matches(workdir, config)
+  checkpoints.save_config(workdir, config)
+  manager = checkpoints.checkpoint_manager(
+      workdir, max_to_keep=config.max_to_keep, save_every_steps=config.checkpoint_every_steps)
+  metrics_path = workdir / "metrics.jsonl"
+  start_step = manager.latest_step() or 0
+  if start_step:
+    restored = checkpoints.restore(manager, start_step, state.params, state.opt_state)
+    state = state.replace(step=start_step, params=restored["params"],
+                          opt_state=restored["opt_state"])
+  _drop_metrics_after(metrics_path, start_step)
+  state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+
+  train_step = make_train_step(config, model, mesh)
+  eval_step = make_eval_step(config, model, mesh)
+  num_train_eval = min(config.num_train_eval_examples, len(train_images))
+
+  def run_eval(step):
+    test = evaluate(eval_step, state.params, test_images, test_labels, config.eval_batch_size, mesh)
+    train = evaluate(eval_step, state.params, train_images[:num_train_eval],
+                     train_labels[:num_train_eval], config.eval_batch_size, mesh)
+    record = {"step": step, "kind": "eval", **{f"test/{k}": v for k, v in test.items()},
+              **{f"train/{k}": v for k, v in train.items()}}
+    _write_metrics(metrics_path, record)
+    return record
+
+  print(f"Training {config.model.name} ({config.objective}) on {dataset.description}: "
+        f"{len(train_images)} images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+        f"{mesh.size} device(s) [{jax.devices()[0].platform}], workdir {workdir}"
+        + (f", resumed at step {start_step}" if start_step else ""))
+  progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+  record = {}
+  last_time, last_step = time.perf_counter(), start_step
+  for step in range(start_step, total_steps):
+    indices = data.train_batch_indices(len(train_images), config.batch_size, config.seed, step)
+    state, metrics = train_step(state, train_images[indices], train_labels[indices], step_key)
+    done = step + 1
+    metrics = jax.device_get(metrics)
+    bad = [k for k in MUST_BE_FINITE if not np.isfinite(metrics[k])]
+    if bad:
+      progress.close()
+      raise FloatingPointError(
+          f"non-finite {', '.join(bad)} at step {done} ({ {k: float(metrics[k]) for k in bad} }); "
+          f"stopped before saving it. The last good checkpoint is step {manager.latest_step()} "
+          f"in {workdir}. Lower the learning rate or beta, or set grad_clip_norm.")
+    progress.update(1)
+    if done % config.log_every_steps == 0 or done == total_steps:
+      now = time.perf_counter()
+      record = {"step": done, "kind": "train", "epoch": done / steps_per_epoch,
+                "seconds_per_step": (now - last_time) / (done - last_step),
+                **{k: float(v) for k, v in metrics.items()}}
+      last_time, last_step = now, done
+      _write_metrics(metrics_path, record)
+      progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+    if (config.eval_every_steps and done % config.eval_every_steps == 0) or done == total_steps:
+      record = run_eval(done)
+      progress.write(_format_eval(record))
+    manager.save(done, args=checkpoints.ocp.args.Composite(
+        params=checkpoints.ocp.args.StandardSave(state.params),
+        opt_state=checkpoints.ocp.args.StandardSave(state.opt_state)),
+        force=done == total_steps)
+  progress.close()
+  manager.wait_until_finished()
+  if start_step == total_steps:  # Nothing left to train: report the final checkpoint again.
+    record = run_eval(total_steps)
+    print(_format_eval(record))
+  return record
+
+
+def _format_eval(record: dict) -> str:
+  alignment = lambda split: " ".join(
+      f"{k.split('/')[-1]}={v:.3f}" for k, v in record.items()
+      if k.startswith(f"{split}/alignment/"))
+  return (f"step {record['step']}: test acc {record['test/accuracy']:.4f}  "
+          f"train alignment [{alignment('train')}]  test alignment [{alignment('test')}]")

@@ -1,0 +1,52 @@
+"""Model shapes, the pinned parameter count and the tap names GFA relies on."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from gfa_jax import zero_taps
+from gfa_jax.models import MLP, SmallCNN, create_model, init_params, max_pool_2x2
+
+
+def test_small_cnn_has_the_papers_parameter_count():
+  params = init_params(SmallCNN(), jax.random.key(0), (32, 32, 3))
+  assert sum(p.size for p in jax.tree.leaves(params)) == 620_362
+
+
+def test_small_cnn_taps_are_the_layer_inputs_in_order():
+  model = SmallCNN()
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  params = init_params(model, jax.random.key(1), (32, 32, 3))
+  taps = zero_taps(model.apply, {"params": params}, x)
+  chex.assert_trees_all_equal_shapes(taps, {
+      "layer0": jnp.zeros((2, 32, 32, 3)), "layer1": jnp.zeros((2, 16, 16, 32)),
+      "layer2": jnp.zeros((2, 8, 8, 64)), "layer3": jnp.zeros((2, 2048)),
+      "layer4": jnp.zeros((2, 256))})
+  assert list(zero_taps(model.apply, {"params": params}, x, names=("layer0",))) == ["layer0"]
+  # layer0 is the image the first convolution sees: [0, 1] scaled to [-1, 1] by default.
+  _, state = model.apply({"params": params}, x, mutable=["intermediates"])
+  np.testing.assert_allclose(state["intermediates"]["layer0"], 2 * x - 1, atol=1e-6)
+
+
+def test_unknown_tap_name_is_a_clear_error():
+  model = MLP()
+  x = jnp.zeros((1, 32, 32, 3))
+  params = init_params(model, jax.random.key(0), (32, 32, 3))
+  with pytest.raises(ValueError, match="unknown tap names"):
+    zero_taps(model.apply, {"params": params}, x, names=("layer9",))
+
+
+def test_max_pool_matches_flax():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
+  np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
+
+
+def test_mlp_logits_and_registry():
+  model = create_model("mlp", hidden=[8, 8, 8])
+  params = init_params(model, jax.random.key(0), (32, 32, 3))
+  chex.assert_shape(model.apply({"params": params}, jnp.zeros((5, 32, 32, 3))), (5, 10))
+  with pytest.raises(ValueError, match="unknown model"):
+    create_model("resnet9000")

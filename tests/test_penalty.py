@@ -1,0 +1,156 @@
+"""gfa_penalty against a brute-force per-sample reference, plus its safety at zero."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from gfa_jax import gfa_objective, gfa_penalty, tap, tap_module_inputs, zero_taps
+from gfa_jax.penalty import FEATURES, TAPS, per_sample_cosine, safe_norm
+
+
+class SmoothNet(nn.Module):
+  """Tanh MLP (smooth, so finite differences are meaningful) with three taps."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = x.reshape(x.shape[0], -1)
+    for i, width in enumerate((7, 5)):
+      h = tap(self, f"layer{i}", h)
+      h = jnp.tanh(nn.Dense(width)(h))
+    h = tap(self, "layer2", h)
+    return nn.Dense(3)(h)
+
+
+def mse_loss(logits, y):
+  return jnp.mean((jax.nn.softmax(logits) - jax.nn.one_hot(y, logits.shape[-1])) ** 2)
+
+
+def setup(batch=6, dtype=jnp.float32):
+  model = SmoothNet()
+  x = jax.random.normal(jax.random.key(0), (batch, 2, 2, 2), dtype)
+  y = jnp.arange(batch) % 3
+  params = model.init(jax.random.key(1), x)["params"]
+  params = jax.tree.map(lambda p: p.astype(dtype), params)
+  return model, params, x, y
+
+
+def penalty_via_library(model, params, x, y, layers):
+  taps = zero_taps(model.apply, {"params": params}, x, names=layers)
+
+  def loss_fn(taps):
+    logits, state = model.apply({"params": params, TAPS: taps}, x, mutable=[FEATURES])
+    return mse_loss(logits, y), {k: state[FEATURES][k] for k in layers}
+
+  return gfa_penalty(loss_fn, taps)
+
+
+def penalty_brute_force(model, params, x, y, layers):
+  """Per sample i: grad of sample i's own loss w.r.t. its own layer input (explicit jax.grad),
+  cosine with that input, batch mean, then mean over layers of (1 - alignment)."""
+  def one_sample(xi, yi):
+    taps = zero_taps(model.apply, {"params": params}, xi[None], names=layers)
+
+    def loss_fn(taps):
+      logits, state = model.apply({"params": params, TAPS: taps}, xi[None], mutable=[FEATURES])
+      return mse_loss(logits, yi[None]), {k: state[FEATURES][k] for k in layers}
+
+    grads, features = jax.grad(loss_fn, has_aux=True)(taps)
+    return {k: per_sample_cosine(grads[k], features[k])[0] for k in layers}
+
+  cosines = jax.vmap(one_sample)(x, y)
+  alignment = {k: jnp.mean(v) for k, v in cosines.items()}
+  return 1.0 - sum(alignment.values()) / len(layers), alignment
+
+
+@pytest.mark.parametrize("layers", [("layer0",), ("layer0", "layer1", "layer2")])
+def test_matches_brute_force_value_alignment_and_param_gradient(layers):
+  model, params, x, y = setup()
+  penalty, aux = penalty_via_library(model, params, x, y, layers)
+  expected_penalty, expected_alignment = penalty_brute_force(model, params, x, y, layers)
+  np.testing.assert_allclose(penalty, expected_penalty, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(aux["alignment"], expected_alignment, rtol=1e-5, atol=1e-6)
+  grad_lib = jax.grad(lambda p: penalty_via_library(model, p, x, y, layers)[0])(params)
+  grad_ref = jax.grad(lambda p: penalty_brute_force(model, p, x, y, layers)[0])(params)
+  chex.assert_trees_all_close(grad_lib, grad_ref, rtol=1e-4, atol=1e-6)
+  assert any(float(jnp.abs(g).max()) > 1e-4 for g in jax.tree.leaves(grad_lib))
+
+
+def test_task_loss_in_aux_is_the_plain_loss():
+  model, params, x, y = setup()
+  _, aux = penalty_via_library(model, params, x, y, ("layer0",))
+  np.testing.assert_allclose(aux["task_loss"], mse_loss(model.apply({"params": params}, x), y),
+                             rtol=1e-6)
+
+
+def test_second_order_gradient_matches_finite_differences():
+  with jax.enable_x64(True):
+    model, params, x, y = setup(dtype=jnp.float64)
+    check_grads(lambda p: penalty_via_library(model, p, x, y, ("layer0", "layer1"))[0],
+                (params,), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_works_under_jit_and_vmap():
+  model, params, x, y = setup()
+  f = lambda p, x: penalty_via_library(model, p, x, y, ("layer1",))[0]
+  np.testing.assert_allclose(jax.jit(f)(params, x), f(params, x), rtol=1e-5)
+  stacked = jnp.stack([x, 2 * x])
+  per_copy = jax.vmap(f, in_axes=(None, 0))(params, stacked)
+  chex.assert_shape(per_copy, (2,))
+  np.testing.assert_allclose(per_copy[1], f(params, 2 * x), rtol=1e-5)
+
+
+def test_safe_norm_gradient_is_zero_not_nan_at_zero():
+  g = jax.grad(lambda v: safe_norm(v))(jnp.zeros(4))
+  chex.assert_trees_all_equal(g, jnp.zeros(4))
+  naive = jax.grad(lambda v: jnp.sqrt(jnp.sum(v * v)) + 1e-12)(jnp.zeros(4))
+  assert not np.isfinite(naive).all()  # The failure mode safe_norm exists for.
+
+
+def test_zero_features_and_zero_gradients_are_finite():
+  """A black image with an identity normaliser (h = 0 at layer0), and all-zero parameters
+  (dL/dh = 0 everywhere): value and parameter gradient stay finite."""
+  from gfa_jax.models import SmallCNN
+  model = SmallCNN(mean=(0.0,) * 3, std=(1.0,) * 3)
+  x = jnp.zeros((2, 32, 32, 3))
+  y = jnp.array([0, 1])
+  params = model.init(jax.random.key(0), x)["params"]
+  zero_params = jax.tree.map(jnp.zeros_like, params)
+  for p in (params, zero_params):
+    value_and_grad = jax.value_and_grad(lambda p: gfa_objective(
+        model.apply, p, x, y, mse_loss, layers=("layer0", "layer1", "layer2"))[0])
+    value, grads = value_and_grad(p)
+    assert np.isfinite(value)
+    chex.assert_tree_all_finite(grads)
+
+
+def test_structure_mismatch_is_a_clear_error():
+  model, params, x, y = setup()
+  taps = zero_taps(model.apply, {"params": params}, x, names=("layer0",))
+  with pytest.raises(ValueError, match="same tree structure"):
+    gfa_penalty(lambda t: (jnp.sum(t["layer0"]), {"a": x, "b": x}), taps)
+
+
+def test_tap_module_inputs_taps_a_model_without_editing_it():
+  class Plain(nn.Module):  # No tap calls anywhere.
+    @nn.compact
+    def __call__(self, x):
+      h = jnp.tanh(nn.Dense(5)(x))
+      return nn.Dense(3)(h)
+
+  model = Plain()
+  x = jax.random.normal(jax.random.key(0), (4, 6))
+  y = jnp.array([0, 1, 2, 0])
+  with tap_module_inputs(["Dense_0", "Dense_1"]):
+    params = model.init(jax.random.key(1), x)["params"]
+    taps = zero_taps(model.apply, {"params": params}, x)
+    chex.assert_trees_all_equal_shapes(taps, {"Dense_0": {"input": x},
+                                              "Dense_1": {"input": jnp.zeros((4, 5))}})
+    _, aux = gfa_objective(model.apply, params, x, y, mse_loss, layers=["Dense_0"])
+  # Dense_0's input is x itself: its alignment is the mean cosine of dL/dx with x.
+  grad_x = jax.grad(lambda x: mse_loss(model.apply({"params": params}, x), y))(x)
+  np.testing.assert_allclose(aux["alignment"]["Dense_0"]["input"],
+                             jnp.mean(per_sample_cosine(grad_x, x)), rtol=1e-5)

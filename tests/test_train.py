@@ -1,0 +1,127 @@
+"""Training: the GFA effect, resume after SIGKILL, data parallelism, NaN guard, bad input."""
+
+import json
+import textwrap
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from gfa_jax import checkpoints, train_lib
+from tests.conftest import run_python
+
+
+def read_metrics(workdir, kind):
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_beta_raises_alignment_and_beta_zero_does_not(tiny_config, tmp_path):
+  tiny_config.num_epochs = 5  # 40 steps.
+  gains = {}
+  for beta in (0.0, 1.0):
+    tiny_config.beta = beta
+    workdir = tmp_path / f"beta{beta}"
+    train_lib.train_and_evaluate(tiny_config, workdir)
+    train_logs = read_metrics(workdir, "train")
+    layers = [f"alignment/layer{i}" for i in range(3)]
+    alignment = lambda r: np.mean([r[k] for k in layers])
+    # Mean of the last three logs against the first (step 4): single batches are noisy.
+    gains[beta] = np.mean([alignment(r) for r in train_logs[-3:]]) - alignment(train_logs[0])
+  assert gains[1.0] > 0.15, gains
+  assert gains[0.0] < 0.05, gains
+
+
+RUN = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from configs import tiny
+    from gfa_jax import train_lib
+    config = tiny.get_config()
+    config.num_epochs = 3
+    train_lib.train_and_evaluate(config, sys.argv[1] if len(sys.argv) > 1 else "{workdir}")
+""")
+
+KILL_DURING_SAVE_OF_STEP_12 = textwrap.dedent("""
+    import asyncio, os, signal
+    from orbax.checkpoint._src.path import atomicity
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    async def killing_finalize(self, *args, **kwargs):
+        # Everything of step 12 is written but not yet committed: die like a preempted job.
+        if self.get_final().name == "12":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await finalize(self, *args, **kwargs)
+    atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
+""")
+
+
+def final_params(workdir):
+  _, variables = checkpoints.load_model(workdir)
+  return variables["params"]
+
+
+def test_resume_after_sigkill_during_save_equals_uninterrupted_run(tmp_path):
+  reference = run_python(RUN.format(workdir=tmp_path / "reference"))
+  assert reference.returncode == 0, reference.stderr[-2000:]
+  killed = run_python(KILL_DURING_SAVE_OF_STEP_12 + RUN.format(workdir=tmp_path / "resumed"))
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert checkpoints.latest_step(tmp_path / "resumed") == 8  # Step 12 never committed.
+  resumed = run_python(RUN.format(workdir=tmp_path / "resumed"))
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed at step 8" in resumed.stdout
+  chex.assert_trees_all_equal(final_params(tmp_path / "resumed"), final_params(tmp_path / "reference"))
+  steps = [r["step"] for r in read_metrics(tmp_path / "resumed", "train")]
+  assert steps == sorted(set(steps)), "metrics logged after the last checkpoint must be dropped"
+
+
+def test_two_devices_match_one_device(tmp_path):
+  code = RUN.format(workdir="unused") + "print(jax.device_count())"
+  for devices in (1, 2):
+    result = run_python(code.replace('"unused"', f'"{tmp_path}/d{devices}"'), devices=devices)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith(str(devices))
+  chex.assert_trees_all_close(final_params(tmp_path / "d1"), final_params(tmp_path / "d2"),
+                              rtol=1e-4, atol=1e-5)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
+  code = textwrap.dedent(f"""
+      from configs import tiny
+      from gfa_jax import train_lib
+      config = tiny.get_config()
+      config.batch_size = 31
+      train_lib.train_and_evaluate(config, "{tmp_path}")
+  """)
+  result = run_python(code, devices=2)
+  assert result.returncode != 0
+  assert "batch_size=31 does not divide evenly over 2 devices" in result.stderr
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_config, tmp_path):
+  tiny_config.learning_rate = 1e30  # Adam's first update at this rate overflows the MLP.
+  tiny_config.schedule = "constant"
+  with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d+") as error:
+    train_lib.train_and_evaluate(tiny_config, tmp_path)
+  step = checkpoints.latest_step(tmp_path)
+  assert f"last good checkpoint is step {step}" in str(error.value)
+  if step is not None:
+    chex.assert_tree_all_finite(final_params(tmp_path))
+
+
+def test_resuming_with_another_config_is_refused(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  train_lib.train_and_evaluate(tiny_config, tmp_path)
+  tiny_config.beta = 0.5
+  with pytest.raises(ValueError, match=r"different config \(fields \['beta'\]\)"):
+    train_lib.train_and_evaluate(tiny_config, tmp_path)
+
+
+def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
+  import subprocess, sys
+  from tests.conftest import REPO
+  result = subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/tiny.py", "--config.bta=1",
+       "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "bta" in result.stderr

@@ -1,0 +1,32 @@
+"""Trains a model with the objective of a config: `python train.py --config configs/cifar_deep.py`.
+
+Overrides: `--config.beta=0.5 --config.data.data_dir=/data`. `--workdir` defaults to
+`runs/<config file name>`; rerunning the same command resumes from its latest checkpoint.
+"""
+
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gfa_jax import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/quickstart.py", "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (default: runs/<config name>).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  config_name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
+  workdir = _WORKDIR.value or str(Path("runs") / config_name)
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, workdir)
+  except FloatingPointError as e:
+    raise SystemExit(f"Training stopped: {e}") from e
+
+
+if __name__ == "__main__":
+  app.run(main)
