@@ -106,9 +106,9 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module) -> Objec
 
   def pgd_at(params, batch, key):
     x, y = batch["image"], batch["label"]
-    x_adv = jax.lax.stop_gradient(pgd(
-        logits_fn(params), x, y, key=key, eps=adv.eps, steps=adv.steps,
-        step_size=adv.step_size))
+    # Madry et al. train on the last PGD iterate (pgd's result carries no gradient).
+    x_adv = pgd(logits_fn(params), x, y, key=key, eps=adv.eps, steps=adv.steps,
+                step_size=adv.step_size, keep_best=False)
     logits = model.apply({"params": params}, x_adv)
     loss = task_loss(logits, y)
     return loss, {"task_loss": loss, "accuracy": accuracy(logits, y)}
@@ -119,10 +119,8 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module) -> Objec
     clean_probs = jax.lax.stop_gradient(jax.nn.softmax(clean_logits))
     # TRADES starts its inner maximisation at x + 0.001 * N(0, 1), not a uniform draw.
     x_init = x + 0.001 * jax.random.normal(key, x.shape, x.dtype)
-    x_adv = jax.lax.stop_gradient(pgd(
-        logits_fn(params), x, clean_probs, key=key, eps=adv.eps, steps=adv.steps,
-        step_size=adv.step_size, loss=kl_divergence, random_start=False, x_init=x_init,
-        keep_best=False))
+    x_adv = pgd(logits_fn(params), x, clean_probs, key=key, eps=adv.eps, steps=adv.steps,
+                step_size=adv.step_size, loss=kl_divergence, x_init=x_init, keep_best=False)
     clean_loss = task_loss(clean_logits, y)
     robust_loss = jnp.mean(kl_divergence(model.apply({"params": params}, x_adv),
                                          jax.nn.softmax(clean_logits)))

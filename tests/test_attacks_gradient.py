@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from gfa_jax.attacks import apgd as apgd_lib
 from gfa_jax.attacks import core
+from gfa_jax.attacks.apgd import apgd, apgd_t, checkpoint_iterations
 from gfa_jax.attacks.fgsm import fgsm
 from gfa_jax.attacks.pgd import pgd
 
@@ -45,6 +45,14 @@ def images(batch, seed=1, low=0.35, high=0.65):
   return jnp.asarray(x, jnp.float32)
 
 
+def wiggly_model(seed=4, num_classes=4, hidden=8, scale=8.0):
+  """A small random tanh network: attack outputs depend on the random start."""
+  rng = np.random.default_rng(seed)
+  w1 = jnp.asarray(rng.normal(size=(DIM, hidden)) * scale, jnp.float32)
+  w2 = jnp.asarray(rng.normal(size=(hidden, num_classes)), jnp.float32)
+  return lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ w1 - 4.0) @ w2
+
+
 def robust_accuracy(logits_fn, x_adv, y):
   """From a clean forward pass of the returned images, never from attack bookkeeping."""
   return float(jnp.mean(jnp.argmax(logits_fn(x_adv), axis=-1) == y))
@@ -71,9 +79,9 @@ ATTACKS = {
     'pgd-ce': functools.partial(pgd, loss='ce', steps=10),
     'pgd-dlr': functools.partial(pgd, loss='dlr', steps=10),
     'pgd-margin': functools.partial(pgd, loss='margin', steps=10),
-    'apgd-ce': functools.partial(apgd_lib.apgd, loss='ce', steps=10),
-    'apgd-dlr': functools.partial(apgd_lib.apgd, loss='dlr', steps=10),
-    'apgd-t': functools.partial(apgd_lib.apgd_t, num_targets=3, steps=10),
+    'apgd-ce': functools.partial(apgd, loss='ce', steps=10),
+    'apgd-dlr': functools.partial(apgd, loss='dlr', steps=10),
+    'apgd-t': functools.partial(apgd_t, num_targets=3, steps=10),
 }
 
 
@@ -190,7 +198,7 @@ def test_apgd_t_reaches_the_least_likely_target_when_possible():
   needed = np.array([min_linf_eps_to_target(w, b, np.asarray(x[i]).ravel(), target[i])
                      for i in range(len(x))])
   eps = jnp.asarray(1.25 * needed, jnp.float32)  # some slack: targeted DLR ignores third classes
-  x_adv = apgd_lib.apgd_t(logits_fn, x, jnp.asarray(y), key=jax.random.PRNGKey(0), eps=eps,
+  x_adv = apgd_t(logits_fn, x, jnp.asarray(y), key=jax.random.PRNGKey(0), eps=eps,
                           y_target=jnp.asarray(target), steps=20)
   core.check_adversarial(x_adv, x, np.asarray(eps), 'linf')
   np.testing.assert_array_equal(np.asarray(logits_fn(x_adv)).argmax(1), target)
@@ -203,11 +211,78 @@ def test_apgd_runs_exactly_the_requested_iterations():
   x = images(4)
   y = jnp.argmax(logits_fn(x), axis=-1)
   steps = 37
-  _, trace = apgd_lib.apgd(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=0.5, norm='l2',
+  _, trace = apgd(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=0.5, norm='l2',
                            steps=steps, return_trace=True)
   chex.assert_shape(trace, (steps + 1, 4))
   assert np.all(np.diff(np.asarray(trace), axis=0) >= 0)
   assert np.all(trace[-1] > trace[10])
+
+
+def reference_apgd_best_loss(loss_and_grad, x, x_start, eps, norm, steps, rho=0.75):
+  """NumPy port of AutoAttack's APGDAttack.attack_single_run (Linf/L2), best loss per iteration.
+
+  Line by line from fra31/auto-attack autoattack/autopgd_base.py, except that the first window's
+  count of loss increases compares the first iterate with the start point (the reference reads
+  an uninitialised zero there), as in the paper.
+  """
+  expand = lambda m: m.reshape(-1, 1, 1, 1)
+  l2 = lambda v: np.sqrt((v ** 2).reshape(v.shape[0], -1).sum(1))
+  normalize = lambda v: v / expand(l2(v) + 1e-12)
+  if norm == 'linf':
+    project = lambda v: np.clip(np.minimum(np.maximum(v, x - eps), x + eps), 0.0, 1.0)
+    direction = np.sign
+  else:
+    project = lambda v: np.clip(x + normalize(v - x) * np.minimum(eps, expand(l2(v - x))), 0, 1)
+    direction = normalize
+  window, min_window, shrink = (max(int(0.22 * steps), 1), max(int(0.06 * steps), 1),
+                                max(int(0.03 * steps), 1))
+  x_adv = x_start.copy()
+  loss, grad = loss_and_grad(x_adv)
+  x_best, grad_best, loss_best = x_adv.copy(), grad.copy(), loss.copy()
+  losses, best_losses = [loss.copy()], [loss_best.copy()]
+  step_size = 2.0 * eps * np.ones((len(x), 1, 1, 1))
+  x_old, counter = x_adv.copy(), 0
+  loss_best_last_check, reduced_last_check = loss_best.copy(), np.ones(len(x))
+  for i in range(steps):
+    grad2, x_old = x_adv - x_old, x_adv.copy()
+    a = 0.75 if i > 0 else 1.0
+    x_1 = project(x_adv + step_size * direction(grad))
+    x_adv = project(x_adv + (x_1 - x_adv) * a + grad2 * (1 - a))
+    loss, grad = loss_and_grad(x_adv)
+    losses.append(loss)
+    better = loss > loss_best
+    x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss[better]
+    best_losses.append(loss_best.copy())
+    counter += 1
+    if counter == window:
+      increases = sum(losses[-c - 1] > losses[-c - 2] for c in range(window))
+      reduce = (increases <= window * rho) | (
+          (1 - reduced_last_check) * (loss_best_last_check >= loss_best) > 0)
+      reduced_last_check, loss_best_last_check = reduce.astype(float), loss_best.copy()
+      step_size[reduce] /= 2.0
+      x_adv[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
+      window, counter = max(window - shrink, min_window), 0
+  return np.stack(best_losses)
+
+
+@pytest.mark.parametrize('norm, eps, loss', [('linf', 8 / 255, 'ce'), ('l2', 0.5, 'dlr')])
+def test_apgd_matches_a_port_of_the_reference(norm, eps, loss):
+  logits_fn = wiggly_model(num_classes=10, scale=0.5)
+  x = images(8, low=0.0, high=1.0)
+  y = jnp.argmax(logits_fn(x), axis=-1)
+  key, steps = jax.random.PRNGKey(0), 25  # 25 steps: windows 5, 4, 3, 2, 1, 1, ... many checks
+  _, trace = apgd(logits_fn, x, y, key=key, eps=eps, norm=norm, loss=loss,
+                           steps=steps, return_trace=True)
+  grad_fn = jax.jit(lambda v: core.loss_and_grad(logits_fn, core.LOSSES[loss])(v, y))
+
+  def loss_and_grad(v):
+    value, _, grad = grad_fn(jnp.asarray(v, jnp.float32))
+    return np.array(value), np.array(grad)
+
+  start = core.random_init(jax.random.fold_in(key, 0), x, eps, norm, on_sphere=True)  # run 0
+  expected = reference_apgd_best_loss(loss_and_grad, np.asarray(x), np.array(start), eps, norm,
+                                      steps)
+  np.testing.assert_allclose(trace, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_apgd_checkpoints_follow_the_paper():
@@ -215,30 +290,22 @@ def test_apgd_checkpoints_follow_the_paper():
   p = [0.0, 0.22]
   while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1:
     p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-  assert apgd_lib.checkpoint_iterations(100) == [round(100 * q) for q in p[1:]]
-  assert apgd_lib.checkpoint_iterations(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+  assert checkpoint_iterations(100) == [round(100 * q) for q in p[1:]]
+  assert checkpoint_iterations(100) == [22, 41, 57, 70, 80, 87, 93, 99]
 
 
 def test_restarts_never_lose_a_fooling_point():
   logits_fn, x, y, eps, n = boundary_setup('linf')
-  x_adv = apgd_lib.apgd(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=eps, steps=5,
+  x_adv = apgd(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=eps, steps=5,
                         n_restarts=3)
   assert robust_accuracy(logits_fn, x_adv[:n], y[:n]) == 0.0
   core.check_adversarial(x_adv, x, np.asarray(eps), 'linf')
 
 
-def wiggly_model(seed=4, num_classes=4, hidden=8):
-  """A small random tanh network: attack outputs depend on the random start."""
-  rng = np.random.default_rng(seed)
-  w1 = jnp.asarray(rng.normal(size=(DIM, hidden)) * 8, jnp.float32)
-  w2 = jnp.asarray(rng.normal(size=(hidden, num_classes)), jnp.float32)
-  return lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ w1 - 4.0) @ w2
-
-
 @pytest.mark.parametrize('attack', [
     functools.partial(pgd, steps=3),
-    functools.partial(apgd_lib.apgd, steps=3, loss='dlr'),
-    functools.partial(apgd_lib.apgd_t, steps=3, num_targets=2),
+    functools.partial(apgd, steps=3, loss='dlr'),
+    functools.partial(apgd_t, steps=3, num_targets=2),
 ], ids=['pgd', 'apgd-dlr', 'apgd-t'])
 def test_same_key_same_output_and_one_compile_per_shape(attack):
   logits_fn = wiggly_model()
@@ -257,7 +324,7 @@ def test_same_key_same_output_and_one_compile_per_shape(attack):
   run(images(4, seed=5), jnp.array([1, 1, 0, 0]), jax.random.PRNGKey(2))  # no retrace
 
 
-@pytest.mark.parametrize('attack', [fgsm, pgd, apgd_lib.apgd, apgd_lib.apgd_t])
+@pytest.mark.parametrize('attack', [fgsm, pgd, apgd, apgd_t])
 def test_bad_input_raises(attack):
   logits_fn, _ = two_sided_model()
   x, y, key = images(2), jnp.array([0, 1]), jax.random.PRNGKey(0)
@@ -272,4 +339,4 @@ def test_bad_input_raises(attack):
 def test_apgd_t_rejects_more_targets_than_classes():
   logits_fn, _ = two_sided_model(num_classes=4)
   with pytest.raises(ValueError, match='num_targets'):
-    apgd_lib.apgd_t(logits_fn, images(2), jnp.array([0, 1]), key=jax.random.PRNGKey(0), eps=0.03)
+    apgd_t(logits_fn, images(2), jnp.array([0, 1]), key=jax.random.PRNGKey(0), eps=0.03)

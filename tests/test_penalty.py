@@ -154,3 +154,14 @@ def test_tap_module_inputs_taps_a_model_without_editing_it():
   grad_x = jax.grad(lambda x: mse_loss(model.apply({"params": params}, x), y))(x)
   np.testing.assert_allclose(aux["alignment"]["Dense_0"]["input"],
                              jnp.mean(per_sample_cosine(grad_x, x)), rtol=1e-5)
+
+
+def test_readme_example_runs():
+  import re
+  from tests.conftest import REPO
+  blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+  example = next(b for b in blocks if "tap_module_inputs" in b)
+  namespace = {}
+  exec(compile(example, "README.md", "exec"), namespace)
+  chex.assert_tree_all_finite(namespace["grads"])
+  assert float(jnp.abs(namespace["grads"]["conv1"]["kernel"]).sum()) > 0

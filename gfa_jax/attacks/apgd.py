@@ -2,12 +2,14 @@
 
 Follows AutoAttack's reference implementation (fra31/auto-attack, autoattack/autopgd_base.py):
 start on the eps-sphere, first step 2 * eps, momentum 0.75, and step-size halving at checkpoints
-w_j = ceil(p_j * steps) with p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06).
+w_j ~ p_j * steps with p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)
+(the reference's integer arithmetic, see `checkpoint_iterations`).
 At a checkpoint the step size of an example halves, and it restarts from its best point, when
   (1) at most rho = 0.75 of the steps since the last checkpoint increased the loss, or
   (2) its step size was not halved at the last checkpoint and its best loss has not improved.
 Every run takes exactly `steps` iterations (plus one gradient at the start point);
-`return_trace=True` returns the per-iteration best loss, whose length proves it.
+`return_trace=True` returns the per-iteration best loss, whose length proves it. The tests
+check the trace against a line-by-line NumPy port of the reference's `attack_single_run`.
 
 Differences from the reference, both deliberate:
   * the reference compares the first iterate's loss with an uninitialised 0 when counting
@@ -198,7 +200,8 @@ def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, e
   Without y_target (AutoAttack): runs against each of the `num_targets` classes with the highest
   clean logits other than the top one (the 2nd, 3rd, ... largest), n_restarts runs each; success
   is any misclassification. With y_target [B]: attacks that class only and success means being
-  classified as y_target. Returns x_adv (and trace, see `apgd`) like `apgd`.
+  classified as y_target. Returns x_adv like `apgd`; with return_trace=True also the best
+  targeted-DLR loss after each iteration, [steps + 1, B], max over all runs.
   """
   core.check_images(x)
   core.check_eps(eps, norm)

@@ -66,11 +66,18 @@ def _attack_batch(x, y, key, eps, *, attack, logits_fn, hparams):
   return attack(logits_fn, x, y, key=key, **kwargs)
 
 
-def _batches(n: int, batch_size: int):
-  """(start, stop, padded size) of each batch; the padded size is the same for all batches."""
+def _batches(n: int, batch_size: int, bucket: bool = False):
+  """(start, stop, padded size) of each batch; the padded size is the same for all batches.
+
+  With `bucket`, fewer than batch_size rows are padded up to a power of two, so that calls on
+  varying numbers of rows (AutoAttack's shrinking robust sets) reuse at most log2(batch_size)
+  compiled shapes while wasting less than half of a batch.
+  """
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
   size = min(batch_size, n)
+  if bucket and size < batch_size:
+    size = min(batch_size, 1 << max(size - 1, 0).bit_length())
   return [(start, min(start + size, n), size) for start in range(0, n, size)]
 
 
@@ -84,25 +91,25 @@ def predict(logits_fn: LogitsFn, x: np.ndarray, batch_size: int) -> np.ndarray:
   """Predicted classes [N] (numpy) of images x [N, H, W, C], in jit-compiled batches."""
   x = np.asarray(x, np.float32)
   out = [np.asarray(_predict_batch(_pad(x[a:b], size), logits_fn=logits_fn))[:b - a]
-         for a, b, size in _batches(len(x), batch_size)]
+         for a, b, size in _batches(len(x), batch_size, bucket=True)]
   return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
 
 def run_in_batches(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
                    key: jax.Array, batch_size: int, eps: Optional[float] = None,
                    hparams: Sequence[tuple] = (), progress: Optional[tqdm.tqdm] = None,
-                   ) -> np.ndarray:
+                   bucket: bool = False) -> np.ndarray:
   """Runs `attack(logits_fn, x, y, key=..., [eps=...], **hparams)` over batches; numpy [N, ...].
 
   Batch i gets the key fold_in(key, i). `hparams` is a tuple of (name, value) pairs (hashable:
   it keys the compilation cache together with the attack and logits_fn). `progress`, a tqdm bar,
-  advances by one per batch.
+  advances by one per batch; `bucket` pads fewer than batch_size rows to a power of two.
   """
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.int32)
   eps = None if eps is None else jnp.asarray(eps, jnp.float32)
   out = []
-  for i, (a, b, size) in enumerate(_batches(len(x), batch_size)):
+  for i, (a, b, size) in enumerate(_batches(len(x), batch_size, bucket)):
     x_adv = _attack_batch(_pad(x[a:b], size), _pad(y[a:b], size), jax.random.fold_in(key, i),
                           eps, attack=attack, logits_fn=logits_fn, hparams=tuple(hparams))
     out.append(np.asarray(x_adv)[:b - a])
@@ -153,7 +160,8 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
       with bar:
         candidates = run_in_batches(
             attack, logits_fn, x[todo], y[todo], key=jax.random.fold_in(key, index),
-            batch_size=batch_size, eps=eps, hparams=(('norm', norm),) + hparams, progress=bar)
+            batch_size=batch_size, eps=eps, hparams=(('norm', norm),) + hparams, progress=bar,
+            bucket=True)
       fooled = predict(logits_fn, candidates, batch_size) != y[todo]
       x_adv[todo[fooled]] = candidates[fooled]
       robust[todo[fooled]] = False

@@ -219,7 +219,7 @@ def steepest_ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
   if norm == 'linf':
     return jnp.sign(grad)
   length = lp_norm(grad, 'l2').reshape((-1,) + (1,) * (grad.ndim - 1))
-  return grad / jnp.maximum(length, 1e-12)
+  return grad / (length + 1e-12)  # AutoAttack's normalisation, also for vanishing gradients
 
 
 def random_init(key: jax.Array, x: jax.Array, eps: Eps, norm: str, *,

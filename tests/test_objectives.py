@@ -1,0 +1,79 @@
+"""Each objective builds, differentiates, and reduces to its parts where it should."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gfa_jax import objectives
+from gfa_jax.attacks.fgsm import fgsm
+from gfa_jax.models import MLP, init_params
+
+
+@pytest.fixture
+def setup(tiny_config):
+  model = MLP(hidden=(16, 16, 16))
+  params = init_params(model, jax.random.key(0), (32, 32, 3))
+  batch = {"image": jax.random.uniform(jax.random.key(1), (8, 32, 32, 3)),
+           "label": jnp.arange(8) % 10}
+  return tiny_config, model, params, batch
+
+
+@pytest.mark.parametrize("name", ["standard", "gfa", "pgd_at", "trades", "gradalign"])
+def test_objective_has_finite_loss_and_gradient(setup, name):
+  config, model, params, batch = setup
+  config.objective = name
+  objective = objectives.make_objective(config, model)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+      params, batch, jax.random.key(2))
+  assert np.isfinite(loss) and all(np.isfinite(v) for v in jax.tree.leaves(metrics))
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_gfa_with_beta_zero_is_the_task_loss(setup):
+  config, model, params, batch = setup
+  config.beta, config.alpha = 0.0, 1.0
+  loss, metrics = objectives.make_objective(config, model)(params, batch, jax.random.key(0))
+  config.objective = "standard"
+  standard_loss, _ = objectives.make_objective(config, model)(params, batch, jax.random.key(0))
+  np.testing.assert_allclose(loss, standard_loss, rtol=1e-6)
+  assert set(metrics) >= {"penalty", "alignment/layer0", "alignment/layer1", "alignment/layer2"}
+
+
+def test_trades_with_zero_weight_is_the_clean_loss(setup):
+  config, model, params, batch = setup
+  config.objective, config.task_loss, config.adversary.trades_beta = "trades", "ce", 0.0
+  loss, _ = objectives.make_objective(config, model)(params, batch, jax.random.key(0))
+  logits = model.apply({"params": params}, batch["image"])
+  np.testing.assert_allclose(loss, objectives.cross_entropy(logits, batch["label"]), rtol=1e-6)
+
+
+def test_gradalign_with_zero_weight_is_the_fgsm_loss(setup):
+  config, model, params, batch = setup
+  config.objective, config.task_loss, config.adversary.gradalign_lambda = "gradalign", "ce", 0.0
+  loss, metrics = objectives.make_objective(config, model)(params, batch, jax.random.key(0))
+  logits_fn = lambda x: model.apply({"params": params}, x)
+  x_adv = fgsm(logits_fn, batch["image"], batch["label"], eps=config.adversary.eps)
+  np.testing.assert_allclose(
+      loss, objectives.cross_entropy(logits_fn(x_adv), batch["label"]), rtol=1e-5)
+  assert 0.0 <= metrics["penalty"] <= 2.0
+
+
+def test_mse_compares_softmax_or_logits_with_one_hot():
+  logits = jnp.array([[2.0, 0.0], [0.0, 0.0]])
+  labels = jnp.array([0, 1])
+  probs = jax.nn.softmax(logits)
+  expected = np.mean((np.asarray(probs) - np.eye(2)[[0, 1]]) ** 2)
+  np.testing.assert_allclose(objectives.mse("softmax")(logits, labels), expected, rtol=1e-6)
+  np.testing.assert_allclose(objectives.mse("logits")(logits, labels),
+                             np.mean((np.asarray(logits) - np.eye(2)) ** 2), rtol=1e-6)
+  with pytest.raises(ValueError, match="mse_outputs"):
+    objectives.mse("probits")
+
+
+def test_unknown_objective_is_a_clear_error(setup):
+  config, model, _, _ = setup
+  config.objective = "magic"
+  with pytest.raises(ValueError, match="unknown objective 'magic'"):
+    objectives.make_objective(config, model)
