@@ -47,9 +47,7 @@ def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def checkpoint_manager(
-    workdir: str | Path, *, max_to_keep: int = 2, save_every_steps: int = 1
-) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str | Path, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """The Orbax manager of ``workdir/checkpoints``.
 
   Saves are synchronous: a step's arrays are donated to the next train step, and the
@@ -57,7 +55,7 @@ def checkpoint_manager(
   and renames it when complete, so a run killed mid-save resumes from the previous one.
   """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, save_interval_steps=save_every_steps, create=True,
+      max_to_keep=max_to_keep, create=True,
       enable_async_checkpointing=False)
   return ocp.CheckpointManager(
       Path(workdir).absolute() / "checkpoints", options=options,
@@ -123,10 +121,15 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[Callable, dic
     try:
       payload = flax.serialization.msgpack_restore(path.read_bytes())
       model = model_from_config(json.loads(payload["model"]))
-      params = flax.serialization.from_state_dict(abstract_params(model), payload["params"])
+      params = payload["params"]
+      expected = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(model))
+      found = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+      if found != expected:
+        raise ValueError("its parameters do not match the model it names")
     except Exception as e:
-      raise ValueError(f"{path} is not a readable params-only checkpoint ({e}).") from e
-    return model.apply, {"params": params}
+      raise ValueError(f"{path} is not a readable params-only checkpoint ({e}); re-export it "
+                       "with gfa_jax.checkpoints.export_params.") from e
+    return model.apply, {"params": jax.tree.map(jax.numpy.asarray, params)}
   if not path.is_dir():
     raise FileNotFoundError(
         f"{path} does not exist. Pass --workdir of a training run (train.py writes "

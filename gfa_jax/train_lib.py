@@ -188,8 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   _check_config_matches(workdir, config)
   checkpoints.save_config(workdir, config)
-  manager = checkpoints.checkpoint_manager(
-      workdir, max_to_keep=config.max_to_keep, save_every_steps=config.checkpoint_every_steps)
+  manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.max_to_keep)
   metrics_path = workdir / "metrics.jsonl"
   start_step = manager.latest_step() or 0
   if start_step:
@@ -243,10 +242,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if (config.eval_every_steps and done % config.eval_every_steps == 0) or done == total_steps:
       record = run_eval(done)
       progress.write(_format_eval(record))
-    manager.save(done, args=checkpoints.ocp.args.Composite(
-        params=checkpoints.ocp.args.StandardSave(state.params),
-        opt_state=checkpoints.ocp.args.StandardSave(state.opt_state)),
-        force=done == total_steps)
+    if done % config.checkpoint_every_steps == 0 or done == total_steps:
+      manager.save(done, args=checkpoints.ocp.args.Composite(
+          params=checkpoints.ocp.args.StandardSave(state.params),
+          opt_state=checkpoints.ocp.args.StandardSave(state.opt_state)), force=True)
   progress.close()
   manager.wait_until_finished()
   if start_step == total_steps:  # Nothing left to train: report the final checkpoint again.

@@ -75,7 +75,7 @@ def _single_run(logits_fn: LogitsFn, x: jax.Array, loss_fn, fooled_fn, key: jax.
   iteration, [steps + 1, B] (row 0: the start point).
   """
   value_and_grad = core.loss_and_grad(logits_fn, lambda logits, _: loss_fn(logits))
-  expand = lambda mask: mask.reshape((-1,) + (1,) * (x.ndim - 1))
+  expand = lambda mask: core.batch_broadcast(mask, x)
   x_adv = core.random_init(key, x, eps, norm, on_sphere=True)
   loss, logits, grad = value_and_grad(x_adv, None)
   batch = x.shape[0]
@@ -159,7 +159,7 @@ def _best_over_runs(logits_fn: LogitsFn, x: jax.Array, *, key: jax.Array, eps: c
     run_x, run_loss, run_fooled, run_trace = _single_run(
         logits_fn, x, loss_fn, fooled_fn, jax.random.fold_in(key, run), eps, norm, steps, rho)
     better = core.is_better(run_loss, run_fooled, out_loss, out_fooled)
-    return (jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), run_x, x_out),
+    return (jnp.where(core.batch_broadcast(better, x), run_x, x_out),
             jnp.where(better, run_loss, out_loss), out_fooled | run_fooled,
             jnp.maximum(trace, run_trace))
 

@@ -42,7 +42,7 @@ def _max_other_logit(logits: jax.Array, y: jax.Array) -> jax.Array:
 def _require_classes(logits: jax.Array, minimum: int, name: str) -> None:
   if logits.shape[-1] < minimum:
     raise ValueError(
-        f'{name} needs at least {minimum} classes (it uses the {minimum - 1}rd/th largest logit), '
+        f'{name} needs at least {minimum} classes (it divides by a gap between sorted logits), '
         f'got logits of shape {logits.shape}. Use loss="ce" or "margin" for fewer classes.')
 
 
@@ -125,8 +125,8 @@ def is_better(loss: jax.Array, fooled: jax.Array, best_loss: jax.Array,
   """Per-example: is (fooled, loss) better than (best_fooled, best_loss)?
 
   A point that fools the model beats one that does not, whatever their losses; among points with
-  the same outcome the higher loss wins. Ranking by loss alone could swap a misclassified iterate
-  for a correctly classified one with a higher loss (e.g. with CE on a two-class margin).
+  the same outcome the higher loss wins. Ranking by loss alone could trade a misclassified point
+  for a correctly classified one: with more than two classes, CE can be higher at the latter.
   """
   return (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
 
@@ -147,10 +147,12 @@ def misclassified(logits: jax.Array, y: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def batch_broadcast(eps: Eps, x: jax.Array) -> jax.Array:
-  """Broadcasts a scalar or per-example [B] eps against x [B, ...]."""
-  eps = jnp.asarray(eps, x.dtype)
-  return eps.reshape(eps.shape + (1,) * (x.ndim - eps.ndim))
+def batch_broadcast(value: Eps, x: jax.Array) -> jax.Array:
+  """Reshapes a scalar or per-example [B] value (eps, mask, norm) to broadcast against x [B, ...]."""
+  value = jnp.asarray(value)
+  if jnp.issubdtype(value.dtype, jnp.floating):
+    value = value.astype(x.dtype)
+  return value.reshape(value.shape + (1,) * (x.ndim - value.ndim))
 
 
 def _check_norm(norm: str, allowed: Sequence[str] = _GEOMETRY_NORMS) -> None:
@@ -201,8 +203,7 @@ def project(x_adv: jax.Array, x: jax.Array, eps: Eps, norm: str) -> jax.Array:
   if norm == 'linf':
     delta = jnp.clip(delta, -eps_b, eps_b)
   elif norm == 'l2':
-    length = lp_norm(delta, 'l2')
-    length = length.reshape((-1,) + (1,) * (x.ndim - 1))
+    length = batch_broadcast(lp_norm(delta, 'l2'), x)
     delta = delta * jnp.minimum(1.0, eps_b / jnp.maximum(length, 1e-12))
   else:
     flat_eps = jnp.broadcast_to(jnp.asarray(eps, x.dtype).reshape(-1, 1), (x.shape[0], 1))
@@ -218,7 +219,7 @@ def steepest_ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
   _check_norm(norm, NORMS)
   if norm == 'linf':
     return jnp.sign(grad)
-  length = lp_norm(grad, 'l2').reshape((-1,) + (1,) * (grad.ndim - 1))
+  length = batch_broadcast(lp_norm(grad, 'l2'), grad)
   return grad / (length + 1e-12)  # AutoAttack's normalisation, also for vanishing gradients
 
 
@@ -236,11 +237,11 @@ def random_init(key: jax.Array, x: jax.Array, eps: Eps, norm: str, *,
   if norm == 'linf':
     u = jax.random.uniform(key_dir, x.shape, x.dtype, -1.0, 1.0)
     if on_sphere:
-      u = u / jnp.maximum(lp_norm(u, 'linf'), 1e-12).reshape((-1,) + (1,) * (x.ndim - 1))
+      u = u / batch_broadcast(jnp.maximum(lp_norm(u, 'linf'), 1e-12), x)
   else:
     u = steepest_ascent_direction(jax.random.normal(key_dir, x.shape, x.dtype), 'l2')
     if not on_sphere:
-      u = u * jax.random.uniform(key_radius, (x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
+      u = u * batch_broadcast(jax.random.uniform(key_radius, x.shape[:1], x.dtype), x)
   return jnp.clip(x + eps_b * u, 0.0, 1.0)
 
 

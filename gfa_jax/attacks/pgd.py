@@ -57,7 +57,7 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
     best_x, best_loss, best_fooled = best
     fooled = core.misclassified(logits, y)
     better = core.is_better(loss_val, fooled, best_loss, best_fooled)
-    best_x = jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), x_adv, best_x)
+    best_x = jnp.where(core.batch_broadcast(better, x), x_adv, best_x)
     return (best_x, jnp.where(better, loss_val, best_loss), best_fooled | fooled)
 
   def body(_, carry):

@@ -1,0 +1,264 @@
+"""Shared plumbing of the benchmarks: interleaved worker processes, timing, peak memory, FLOPs.
+
+Every benchmark case (one train step, one attack, one matmul, in JAX or PyTorch) runs in its
+own worker process, so its peak memory is its own. The driver starts the workers, lets each
+set up (compile, warm up) one after the other, then runs them round-robin, a few timed steps
+per worker per round, while the others wait idle. On a shared, noisy machine slow spells then
+hit every case alike, cases never compete with each other for cores, and a ratio of two
+medians from one run is meaningful even when the absolute numbers drift.
+
+A case is a function ``build(args) -> Case``; ``Case.step()`` runs one step and returns only
+when its results are computed (``block_until_ready``). Scripts call ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+THREADS = 2  # Intra-op threads for both frameworks (see README: what each one honours).
+
+# Multiply-adds per image of SmallCNN's forward pass (32x32x3 input, widths 32/64/128, 256).
+CONV_MACS = (32 * 32 * 3 * 3 * 3 * 32, 16 * 16 * 3 * 3 * 32 * 64, 8 * 8 * 3 * 3 * 64 * 128)
+DENSE_MACS = (2048 * 256, 256 * 10)
+FORWARD_MACS = sum(CONV_MACS) + sum(DENSE_MACS)  # 10,848,768
+FIRST_CONV_INPUT_GRAD_MACS = CONV_MACS[0]  # Skipped whenever the image needs no gradient.
+
+# FLOPs (2 per multiply-add) per image, counting only convolutions and matmuls. A layer's
+# backward pass costs two forwards (input gradient + weight gradient); its input gradient is
+# dropped when nothing upstream needs it (the first conv's, unless the image is
+# differentiated). GFA: forward F, first backward to the taps F (input gradients only, down to
+# layer0), the second backward through that first backward 2F (each input-gradient op
+# W^T g has a cotangent to g and to W), and the backward of the forward 2F - conv1.
+FLOPS_PER_IMAGE = {
+    "standard": 2 * (3 * FORWARD_MACS - FIRST_CONV_INPUT_GRAD_MACS),
+    "gfa": 2 * (6 * FORWARD_MACS - FIRST_CONV_INPUT_GRAD_MACS),
+    "forward": 2 * FORWARD_MACS,
+    "input_gradient": 2 * 2 * FORWARD_MACS,  # forward + full backward to the image
+}
+
+
+def pgd_at_flops_per_image(steps: int, keep_best: bool = True) -> int:
+  """PGD-AT: ``steps`` input gradients, the keep-best forward, then a standard step."""
+  return (steps * FLOPS_PER_IMAGE["input_gradient"] + keep_best * FLOPS_PER_IMAGE["forward"]
+          + FLOPS_PER_IMAGE["standard"])
+
+
+@dataclasses.dataclass
+class Case:
+  """One benchmarked operation, built inside its worker.
+
+  step: runs the operation once and blocks until its outputs exist.
+  items_per_step: images processed by one step (0 for a matmul probe).
+  flops_per_step: FLOPs one step does by our count (None: not counted).
+  info: anything else worth reporting (XLA's FLOP count, compiled temp memory...).
+  """
+  step: Callable[[], Any]
+  items_per_step: int
+  flops_per_step: float | None = None
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory. Linux keeps the peak resident set (VmHWM) per process; writing 5 to clear_refs resets
+# it, so the peak of the timed steps excludes compilation (which can need more than a step).
+
+
+def _status_mb(field: str) -> float:
+  for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith(field + ":"):
+      return int(line.split()[1]) / 1024
+  return float("nan")
+
+
+def reset_peak_rss() -> bool:
+  try:
+    Path("/proc/self/clear_refs").write_text("5")
+    return True
+  except OSError:  # Not Linux, or not allowed: the peak then includes set-up.
+    return False
+
+
+def peak_rss_mb() -> float:
+  peak = _status_mb("VmHWM")
+  if math.isnan(peak):  # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+  return peak
+
+
+def rss_mb() -> float:
+  return _status_mb("VmRSS")
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: reads one JSON command per line on stdin, answers one JSON line on stdout.
+
+
+def serve(build: Callable[[argparse.Namespace], Case]) -> None:
+  """The worker loop: ``setup`` (build with the driver's flags, warm up), ``run`` n timed
+  steps, ``finish`` (report peak memory and exit)."""
+  out = sys.stdout
+  sys.stdout = sys.stderr  # Library chatter must not corrupt the protocol.
+  case = None
+  reset_ok = False
+  rss_idle = float("nan")
+  for line in sys.stdin:
+    command = json.loads(line)
+    if command["cmd"] == "setup":
+      start = time.perf_counter()
+      args = argparse.Namespace(**command["args"])
+      case = build(args)
+      rss_idle = rss_mb()  # Model, data and compiled program exist; no step has run.
+      for _ in range(args.warmup):
+        case.step()
+      reset_ok = reset_peak_rss()
+      reply = {"setup_s": time.perf_counter() - start, "items_per_step": case.items_per_step,
+               "flops_per_step": case.flops_per_step, **case.info}
+    elif command["cmd"] == "run":
+      times = []
+      for _ in range(command["steps"]):
+        start = time.perf_counter()
+        case.step()
+        times.append(time.perf_counter() - start)
+      reply = {"seconds": times}
+    elif command["cmd"] == "finish":
+      reply = {"peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_idle,
+               "peak_excludes_setup": reset_ok}
+    else:
+      raise ValueError(f"unknown worker command {command!r}")
+    out.write(json.dumps(reply) + "\n")
+    out.flush()
+    if command["cmd"] == "finish":
+      return
+
+
+class _Worker:
+  def __init__(self, module: str, case: str, env: dict[str, str]):
+    self.name = case
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--worker", case], cwd=REPO, env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+  def ask(self, **command) -> dict:
+    self.proc.stdin.write(json.dumps(command) + "\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      code = self.proc.wait()
+      raise RuntimeError(f"benchmark worker {self.name!r} died (exit code {code}); its "
+                         "error is printed above")
+    return json.loads(line)
+
+
+def run_interleaved(specs: Sequence[tuple[str, str]], args: argparse.Namespace) -> list[dict]:
+  """Runs ``(module, case)`` workers round-robin; returns one result dict per case.
+
+  ``args.steps`` timed steps per case (at least one per round) over ``args.rounds`` rounds;
+  each round starts at a different worker so no case always runs right after the same one.
+  """
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+  rounds = max(1, min(args.rounds, args.steps))
+  per_round = math.ceil(args.steps / rounds)
+  workers = [_Worker(module, case, env) for module, case in specs]
+  try:
+    # One at a time, so compiles do not overlap; every worker gets the driver's flags.
+    setups = [w.ask(cmd="setup", args=vars(args)) for w in workers]  # One at a time: compiles do not overlap.
+    times = [[] for _ in workers]
+    for r in range(rounds):
+      for k in range(len(workers)):
+        i = (r + k) % len(workers)
+        times[i] += workers[i].ask(cmd="run", steps=per_round)["seconds"]
+    finals = [w.ask(cmd="finish") for w in workers]
+  finally:
+    for w in workers:
+      w.proc.stdin.close()
+      w.proc.wait()
+  return [summarise(w.name, s, t, f) for w, s, t, f in zip(workers, setups, times, finals)]
+
+
+def summarise(name: str, setup: dict, seconds: list[float], final: dict) -> dict:
+  """The JSON record of one case: median step time, throughput, FLOP rate, peak memory."""
+  median = statistics.median(seconds)
+  record = {"name": name, "ms_per_step": round(1e3 * median, 3)}
+  items = setup.pop("items_per_step")
+  if items:
+    record["images_per_s"] = round(items / median, 1)
+  record["peak_rss_mb"] = round(final["peak_rss_mb"], 1)
+  flops = setup.pop("flops_per_step")
+  if flops:
+    record["gflop_per_s"] = round(flops / median / 1e9, 2)
+    record["gflop_per_step"] = round(flops / 1e9, 4)
+  quartiles = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [median] * 3
+  record.update({
+      "ms_p25": round(1e3 * quartiles[0], 3), "ms_p75": round(1e3 * quartiles[2], 3),
+      "timed_steps": len(seconds),
+      "rss_before_steps_mb": round(final["rss_before_steps_mb"], 1),
+      "peak_excludes_setup": final["peak_excludes_setup"],
+      **{k: v for k, v in setup.items() if k != "setup_s"},
+      "setup_s": round(setup["setup_s"], 2)})
+  return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line shared by every script.
+
+
+def parser(description: str, *, steps: int, warmup: int, rounds: int) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--steps", type=int, default=steps, help="timed steps per case (median)")
+  p.add_argument("--warmup", type=int, default=warmup, help="untimed steps after compiling")
+  p.add_argument("--rounds", type=int, default=rounds,
+                 help="interleaving rounds; the timed steps are split evenly over them")
+  p.add_argument("--cases", default="", help="comma-separated subset of case names")
+  p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # Internal: run one case.
+  return p
+
+
+def select_cases(names: Sequence[str], wanted: str) -> list[str]:
+  if not wanted:
+    return list(names)
+  chosen = [n.strip() for n in wanted.split(",") if n.strip()]
+  unknown = [n for n in chosen if n not in names]
+  if unknown:
+    raise ValueError(f"unknown cases {unknown}; choose from {list(names)}")
+  return chosen
+
+
+def machine() -> dict:
+  """What the numbers were measured on."""
+  model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text()
+                .splitlines() if l.startswith("model name")), platform.processor())
+  return {"name": "machine", "cpu": model, "nproc": os.cpu_count(),
+          "python": platform.python_version(), "threads": THREADS,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def main(module: str, cases: dict[str, Callable[[argparse.Namespace], Case]],
+         args: argparse.Namespace, extra_specs: Sequence[tuple[str, str]] = ()) -> list[dict]:
+  """Worker mode runs one case; otherwise runs the selected cases (and ``extra_specs``,
+  ``(module, case)`` pairs of other scripts, e.g. the PyTorch peer) interleaved and prints
+  one JSON line per case after a line describing the machine."""
+  if args.worker:
+    serve(cases[args.worker])
+    return []
+  specs = [(module, n) for n in select_cases(list(cases), args.cases)] + list(extra_specs)
+  print(json.dumps(machine()), flush=True)
+  results = run_interleaved(specs, args)
+  for record in results:
+    print(json.dumps(record), flush=True)
+  return results
