@@ -79,16 +79,15 @@ def summary(report: dict) -> str:
   eps_text = ", ".join(f"{e:.4g}" for e in report["eps"])
   for name, r in report["attacks"].items():
     if r["kind"] == evaluate.L0:
-      acc = f"{100 * r['robust_accuracy']:.2f}% (pixels={r['threat_model']['pixels']})"
+      acc = f"{100 * r['robust_accuracy']:.2f}% with {r['threat_model']['pixels']} pixel(s)"
     else:
-      acc = ", ".join(f"{100 * a:.2f}%" for a in r["robust_accuracy"])
+      acc = ", ".join(f"{100 * a:.2f}%" for a in r["robust_accuracy"]) + f" at eps [{eps_text}]"
     extra = ""
     if r["kind"] == evaluate.MIN_NORM:
       median = r["norms"][report["norm"]]["median"]
-      extra = f"  success {100 * r['success_rate']:.1f}%, median {report['norm']} " + (
+      extra = f"; success {100 * r['success_rate']:.1f}%, median {report['norm']} " + (
           "n/a" if median is None else f"{median:.4g}")
-    lines.append(f"{name:>10}: robust {acc} at eps [{eps_text}]{extra}  "
-                 f"({r['elapsed_seconds']:.1f} s)")
+    lines.append(f"{name:>10}: robust {acc}{extra}  ({r['elapsed_seconds']:.1f} s)")
   if report["attack"] == evaluate.ALL:
     lines.append(f"{'worst case':>10}: robust "
                  + ", ".join(f"{100 * a:.2f}%" for a in report["robust_accuracy"]))
@@ -122,7 +121,6 @@ def run() -> dict:
   print(summary(report))
   print(f"wrote {output}")
   if _PLOT.value:
-    Path(_PLOT.value).parent.mkdir(parents=True, exist_ok=True)
     evaluate.plot_robust_accuracy(report, _PLOT.value)
     print(f"wrote {_PLOT.value}")
   return report

@@ -65,11 +65,14 @@ class Case:
   items_per_step: images processed by one step (0 for a matmul probe).
   flops_per_step: FLOPs one step does by our count (None: not counted).
   info: anything else worth reporting (XLA's FLOP count, compiled temp memory...).
+  outcome: called after the last step, returns what it computed worth reporting (e.g. an
+    attack's robust accuracy, to check that peers do the same work).
   """
   step: Callable[[], Any]
   items_per_step: int
   flops_per_step: float | None = None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  outcome: Callable[[], dict[str, Any]] = dict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,15 +132,16 @@ def serve(build: Callable[[argparse.Namespace], Case]) -> None:
       reply = {"setup_s": time.perf_counter() - start, "items_per_step": case.items_per_step,
                "flops_per_step": case.flops_per_step, **case.info}
     elif command["cmd"] == "run":
-      times = []
+      times, cpu_times = [], []
       for _ in range(command["steps"]):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         case.step()
         times.append(time.perf_counter() - start)
-      reply = {"seconds": times}
+        cpu_times.append(time.process_time() - cpu_start)
+      reply = {"seconds": times, "cpu_seconds": cpu_times}
     elif command["cmd"] == "finish":
       reply = {"peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_idle,
-               "peak_excludes_setup": reset_ok}
+               "peak_excludes_setup": reset_ok, "outcome": case.outcome()}
     else:
       raise ValueError(f"unknown worker command {command!r}")
     out.write(json.dumps(reply) + "\n")
@@ -178,21 +182,28 @@ def run_interleaved(specs: Sequence[tuple[str, str]], args: argparse.Namespace) 
   try:
     # One at a time, so compiles do not overlap; every worker gets the driver's flags.
     setups = [w.ask(cmd="setup", args=vars(args)) for w in workers]  # One at a time: compiles do not overlap.
-    times = [[] for _ in workers]
+    times = [{"seconds": [], "cpu_seconds": []} for _ in workers]
     for r in range(rounds):
       for k in range(len(workers)):
         i = (r + k) % len(workers)
-        times[i] += workers[i].ask(cmd="run", steps=per_round)["seconds"]
+        for key, values in workers[i].ask(cmd="run", steps=per_round).items():
+          times[i][key] += values
     finals = [w.ask(cmd="finish") for w in workers]
   finally:
     for w in workers:
       w.proc.stdin.close()
       w.proc.wait()
-  return [summarise(w.name, s, t, f) for w, s, t, f in zip(workers, setups, times, finals)]
+  return [summarise(w.name, s, t["seconds"], f, t["cpu_seconds"])
+          for w, s, t, f in zip(workers, setups, times, finals)]
 
 
-def summarise(name: str, setup: dict, seconds: list[float], final: dict) -> dict:
-  """The JSON record of one case: median step time, throughput, FLOP rate, peak memory."""
+def summarise(name: str, setup: dict, seconds: list[float], final: dict,
+              cpu_seconds: list[float]) -> dict:
+  """The JSON record of one case: median step time, throughput, FLOP rate, peak memory.
+
+  ``cpu_ms_per_step`` is the process's CPU time per step (all threads): on a machine shared
+  with other work it drifts less than wall time, and wall x threads - CPU shows idle waits.
+  """
   median = statistics.median(seconds)
   record = {"name": name, "ms_per_step": round(1e3 * median, 3)}
   items = setup.pop("items_per_step")
@@ -206,9 +217,11 @@ def summarise(name: str, setup: dict, seconds: list[float], final: dict) -> dict
   quartiles = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [median] * 3
   record.update({
       "ms_p25": round(1e3 * quartiles[0], 3), "ms_p75": round(1e3 * quartiles[2], 3),
+      "ms_min": round(1e3 * min(seconds), 3),
+      "cpu_ms_per_step": round(1e3 * statistics.median(cpu_seconds), 3),
       "timed_steps": len(seconds),
       "rss_before_steps_mb": round(final["rss_before_steps_mb"], 1),
-      "peak_excludes_setup": final["peak_excludes_setup"],
+      "peak_excludes_setup": final["peak_excludes_setup"], **final["outcome"],
       **{k: v for k, v in setup.items() if k != "setup_s"},
       "setup_s": round(setup["setup_s"], 2)})
   return record

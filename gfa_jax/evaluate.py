@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import tqdm
 
+from gfa_jax import plots
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
 from gfa_jax.attacks.autoattack import autoattack, predict, run_in_batches
@@ -144,6 +145,20 @@ def validate(attack: str, eps: Sequence[float], norm: str) -> list[str]:
   return [attack]
 
 
+def onepixel_batching(population: int, batch_size: int, chunk_size: Optional[int] = None,
+                      ) -> tuple[int, int]:
+  """(examples per batch, chunk_size) so that one OnePixel model call sees about batch_size images.
+
+  By default a call evaluates whole populations: batch_size // population examples per batch (at
+  least one, whose population is then split into the largest chunk that divides it and fits).
+  Batches stay small, which matters because a batch searches until all its examples are fooled.
+  """
+  if chunk_size is None:
+    fitting = [c for c in range(1, population + 1) if population % c == 0 and c <= batch_size]
+    chunk_size = max(fitting or [1])
+  return max(1, batch_size // chunk_size), chunk_size
+
+
 def _check_subset(subset, n: int) -> Optional[np.ndarray]:
   if subset is None:
     return None
@@ -238,8 +253,9 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
     result['success_rate'] = float(success.sum() / max(clean_correct.sum(), 1))
     result['norms'] = {p: _norm_stats(norms[p][success]) for p in LP_NORMS}
     result['perturbation_norm'] = [float(v) if np.isfinite(v) else None for v in needed]
-  else:  # L0: OnePixel's pixel budget; batch so that one model call sees batch_size images.
-    per_batch = max(1, batch_size // hparams.get('chunk_size', 1))
+  else:  # L0: OnePixel's pixel budget
+    per_batch, chunk = onepixel_batching(hparams['population'], batch_size, hparams['chunk_size'])
+    call_hparams = tuple((k, chunk if k == 'chunk_size' else v) for k, v in call_hparams)
     with tqdm.tqdm(total=num_batches(per_batch), desc=name, disable=not progress) as bar:
       x_adv = attack_correct(bar, examples_per_batch=per_batch)
     core.check_adversarial(x_adv, x, 1.0, 'linf')  # in [0, 1]
@@ -362,31 +378,18 @@ def git_commit(path: str | Path = Path(__file__).parent) -> Optional[str]:
   return commit + ('-dirty' if dirty else '')
 
 
-# Okabe & Ito (2008) colour-blind-safe palette; markers and line styles repeat the distinction.
-_PALETTE = ('#0072B2', '#E69F00', '#009E73', '#D55E00', '#CC79A7', '#56B4E9', '#F0E442',
-            '#000000')
-_MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*')
-
-
-def plot_robust_accuracy(report: dict, path: str | Path) -> None:
-  """Robust accuracy vs eps, one line per attack (plus the worst case for 'all'), as a PNG."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  eps = report['eps']
-  curves = [(n, r['robust_accuracy']) for n, r in report['attacks'].items() if r['kind'] != L0]
+def plot_robust_accuracy(report: dict, path: str | Path) -> Path:
+  """Robust accuracy vs eps, one line per attack (plus the worst case for 'all'), as a PNG with
+  the clean accuracy as a reference line; colour-blind-safe styles from gfa_jax.plots."""
+  # Linf radii read best in pixel levels (8/255 -> 8); l2 and l1 radii as they are.
+  scale, unit = (255, ' x 255') if report['norm'] == 'linf' else (1, '')
+  eps = [scale * e for e in report['eps']]
+  percent = lambda values: [100 * v for v in values]
+  curves = {name: (eps, percent(r['robust_accuracy']))
+            for name, r in report['attacks'].items() if r['kind'] != L0}
   if report['attack'] == ALL and curves:
-    curves.append(('worst case', report['robust_accuracy']))
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  for i, (name, acc) in enumerate(curves):
-    ax.plot(eps, [100 * a for a in acc], label=name, color=_PALETTE[i % len(_PALETTE)],
-            marker=_MARKERS[i % len(_MARKERS)], linestyle=('-', '--', ':', '-.')[i // 8 % 4])
-  ax.set_xlabel(f'eps ({report["norm"]}, images in [0, 1])')
-  ax.set_ylabel(f'robust accuracy (%) over {report["num_examples"]} test images')
-  ax.set_ylim(-2, 102)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+    curves['worst case'] = (eps, percent(report['robust_accuracy']))
+  return plots.plot_lines(
+      path, curves, xlabel=f'eps{unit} ({report["norm"]}, images in [0, 1])',
+      ylabel=f'robust accuracy (%) over {report["num_examples"]} test images', ylim=(-2, 102),
+      reference_lines={'clean accuracy': 100 * report['clean_accuracy']})

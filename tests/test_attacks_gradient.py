@@ -25,11 +25,11 @@ def linear_model(w, b):
 
 
 def two_sided_model(seed=0, num_classes=4):
-  """Logits [s, -s, -FAR, ...] with s = v.(x - 0.5) + c: a binary problem in disguise.
+  """Logits [s, -s, -FAR, ...] with s = v.(x - 0.5) + 0.05: a binary problem in disguise.
 
   Only classes 0 and 1 can win, and every loss here (CE, DLR, margin, targeted DLR) has its
-  gradient along +-v, so gradient attacks find the exact boundary. The Linf / L2 distance of x to
-  the boundary is |s| / ||v||_1 / |s| / ||v||_2.
+  gradient along +-v, so gradient attacks can find the exact boundary. The distance of x to it is
+  margin / ||w_0 - w_1|| = |s| / ||v||_1 in Linf and |s| / ||v||_2 in L2.
   """
   v = np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
   w = np.zeros((DIM, num_classes), np.float32)
@@ -78,8 +78,7 @@ def boundary_setup(norm, num_classes=4, batch=8):
 ATTACKS = {
     'pgd-ce': functools.partial(pgd, loss='ce', steps=10),
     'pgd-dlr': functools.partial(pgd, loss='dlr', steps=10),
-    'pgd-margin': functools.partial(pgd, loss='margin', steps=10),
-    'apgd-ce': functools.partial(apgd, loss='ce', steps=10),
+    'apgd-ce': functools.partial(apgd, loss='ce', steps=10, n_restarts=2),  # restarts keep the best
     'apgd-dlr': functools.partial(apgd, loss='dlr', steps=10),
     'apgd-t': functools.partial(apgd_t, num_targets=3, steps=10),
 }
@@ -292,14 +291,6 @@ def test_apgd_checkpoints_follow_the_paper():
     p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
   assert checkpoint_iterations(100) == [round(100 * q) for q in p[1:]]
   assert checkpoint_iterations(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-
-
-def test_restarts_never_lose_a_fooling_point():
-  logits_fn, x, y, eps, n = boundary_setup('linf')
-  x_adv = apgd(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=eps, steps=5,
-                        n_restarts=3)
-  assert robust_accuracy(logits_fn, x_adv[:n], y[:n]) == 0.0
-  core.check_adversarial(x_adv, x, np.asarray(eps), 'linf')
 
 
 @pytest.mark.parametrize('attack', [

@@ -9,13 +9,11 @@ import sys
 
 import chex
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
 from gfa_jax import checkpoints, evaluate, models
-from gfa_jax.attacks.deepfool import deepfool
 from gfa_jax.attacks.fgsm import fgsm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,12 +158,19 @@ def test_onepixel_reports_success_rate_over_correct_points():
   logits_fn, x, y, clean_correct, _ = linear_problem(10)
   report = evaluate.evaluate(logits_fn, x, y, attack='onepixel', eps=[0.0], batch_size=8,
                              progress=False,
-                             overrides={'population': 8, 'iterations': 2, 'chunk_size': 4})
+                             overrides={'population': 8, 'iterations': 2})
   result = report['attacks']['onepixel']
   assert result['threat_model'] == {'norm': 'l0', 'pixels': 1}
   robust = np.asarray(result['still_robust'])
   assert not robust[~clean_correct].any()
   assert result['success_rate'] == pytest.approx(1 - robust.sum() / clean_correct.sum())
+
+
+def test_onepixel_batches_fill_about_batch_size_images_per_call():
+  assert evaluate.onepixel_batching(400, 500) == (1, 400)
+  assert evaluate.onepixel_batching(400, 300) == (1, 200)
+  assert evaluate.onepixel_batching(8, 100) == (12, 8)
+  assert evaluate.onepixel_batching(400, 500, chunk_size=10) == (50, 10)
 
 
 @pytest.mark.parametrize('kwargs,message', [

@@ -8,13 +8,15 @@ parent when it is fitter, coordinates initialised uniformly over the image and c
 N(128, 127) / 255, search stopped per example as soon as it is misclassified.
 
 Threat model: L0 (at most `pixels` pixels change, each to any colour), not an eps-ball.
-Everything is vectorised over batch x population; the population is evaluated in chunks of
-`chunk_size` candidates per example so memory stays at batch * chunk_size images.
+Everything is vectorised over batch x population: one model call sees batch * chunk_size
+images (chunk_size defaults to the whole population). The loop stops only when every example of
+the batch is fooled, so small batches (gfa_jax.evaluate uses batch_size // population examples)
+waste the least work on examples already fooled.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +67,7 @@ def _distinct_others(key, shape, population):
 
 def onepixel(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
              key: jax.Array, pixels: int = 1, population: int = 400, iterations: int = 100,
-             mutation: float = 0.5, chunk_size: int = 10) -> jax.Array:
+             mutation: float = 0.5, chunk_size: Optional[int] = None) -> jax.Array:
   """Untargeted one-pixel (L0) attack; returns images [B, H, W, C] differing from x in at most
   `pixels` pixels, in [0, 1].
 
@@ -79,7 +81,7 @@ def onepixel(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.A
     iterations: maximum number of generations (paper: 100).
     mutation: DE scale factor F (paper: 0.5).
     chunk_size: candidates per example evaluated in one model call (memory knob only; it must
-      divide `population`).
+      divide `population`; default: the whole population).
 
   Per example the returned image carries the fittest candidate: a misclassified one if any was
   found (search stops there), else the one with the lowest true-class probability.
@@ -91,6 +93,7 @@ def onepixel(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.A
     raise ValueError(f'population must be >= 4 (DE/rand/1 needs three others), got {population}.')
   if iterations < 0:
     raise ValueError(f'iterations must be >= 0, got {iterations}.')
+  chunk_size = population if chunk_size is None else chunk_size
   if chunk_size < 1 or population % chunk_size:
     raise ValueError(f'chunk_size must divide population={population}, got {chunk_size}.')
   b, h, w, c = x.shape

@@ -133,7 +133,7 @@ def _l2_normalize(delta, eps):
 def _l2_init(key, x, eps):
   """A grid of (h // 5)-sized eta blocks with random signs per (example, block, channel)."""
   b, h, w, c = x.shape
-  s = h // 5
+  s = max(h // 5, 1)
   start = (h - 5 * s) // 2
   rows, cols = np.arange(h), np.arange(w)
   block_rows, block_cols = (rows - start) // s, (cols - start) // s
@@ -146,8 +146,7 @@ def _l2_init(key, x, eps):
   n_rows, n_cols = h // s, w // s
   signs = _signs(key_sign, (b, n_rows, n_cols, c))
   transpose = jax.random.bernoulli(key_t, 0.5, (b, n_rows, n_cols))
-  # eta(s) evaluated per pixel; its two per-half norms are those of a single block because the
-  # pattern repeats, so evaluate one block and tile it.
+  # Every block is the same eta(s) pattern or its transpose: build one, index it per pixel.
   block = jnp.arange(s)
   one = _eta(jnp.broadcast_to(block[None, :, None], (1, s, s)),
              jnp.broadcast_to(block[None, None, :], (1, s, s)), jnp.ones((1, s, s), bool), s,

@@ -1,0 +1,147 @@
+"""Times APGD-CE (100 iterations), PGD-20 and Square (1,000 queries) on SmallCNN test images.
+
+    python -m benchmarks.attacks --checkpoint RUN_DIR --data-dir /work/data
+    python -m benchmarks.attacks --no-peer       # JAX only (no PyTorch installed)
+
+One step attacks all ``--num-images`` test images, ``--batch`` at a time, with the jitted
+gfa_jax attack (compiled before timing, once per batch shape). With PyTorch installed the
+peer's APGD-CE and PGD (benchmarks/torch_peer.py) run interleaved in the same run, on the same
+weights and images. Every case also reports the robust accuracy it left, a check that the
+peers did the same work. Square stops early once a whole batch is fooled, so its time depends
+on the model: time it on a trained one (``--checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+
+from benchmarks import common
+
+
+def add_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  p.add_argument("--batch", type=int, default=500, help="images per attack call")
+  p.add_argument("--num-images", type=int, default=1000, help="test images attacked per step")
+  p.add_argument("--eps", type=float, default=8 / 255, help="Linf radius")
+  p.add_argument("--apgd-steps", type=int, default=100)
+  p.add_argument("--pgd-steps", type=int, default=20)
+  p.add_argument("--square-queries", type=int, default=1000)
+  p.add_argument("--checkpoint", default="",
+                 help="training workdir or params file of a SmallCNN (default: random init)")
+  p.add_argument("--data-dir", default=os.environ.get("GFA_DATA_DIR", ""),
+                 help="folder with CIFAR-10 (default $GFA_DATA_DIR; else the embedded subset)")
+  p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
+  return p
+
+
+def model_and_images(args: argparse.Namespace):
+  """``(params, images float32 [N, 32, 32, 3] in [0, 1], labels int32 [N], description)``.
+
+  N is ``args.num_images``; a test split with fewer images is repeated (and says so).
+  """
+  import jax
+
+  from gfa_jax import checkpoints, data, models
+
+  if args.checkpoint:
+    _, variables = checkpoints.load_model(args.checkpoint)
+    params = variables["params"]
+  else:
+    params = models.init_params(models.SmallCNN(), jax.random.key(0), checkpoints.IMAGE_SHAPE)
+  dataset = data.load_dataset("cifar10" if args.data_dir else "embedded", args.data_dir or None)
+  repeats = -(-args.num_images // len(dataset.test_images))
+  take = lambda a: np.concatenate([a] * repeats)[:args.num_images]
+  images = data.to_float(take(dataset.test_images))
+  description = dataset.description + (f", test images repeated {repeats}x" if repeats > 1 else "")
+  return (jax.device_get(params), np.asarray(images, np.float32), take(dataset.test_labels),
+          description)
+
+
+def attack_flops_per_image(name: str, args: argparse.Namespace) -> int:
+  """Our FLOP count of one attack on one image (see common.FLOPS_PER_IMAGE)."""
+  gradient, forward = common.FLOPS_PER_IMAGE["input_gradient"], common.FLOPS_PER_IMAGE["forward"]
+  return {"apgd_ce": (args.apgd_steps + 1) * gradient,  # the start point + each iteration
+          "pgd": args.pgd_steps * gradient + forward,  # + the keep-best forward at the end
+          "square": args.square_queries * forward}[name]  # at most: it may stop early
+
+
+def run_in_batches(attack, images, labels, batch):
+  """Attacks ``images`` ``batch`` at a time; returns the adversarial images."""
+  return np.concatenate([np.asarray(attack(images[i:i + batch], labels[i:i + batch]))
+                         for i in range(0, len(images), batch)])
+
+
+def build_jax_case(name: str, args: argparse.Namespace) -> common.Case:
+  import jax
+
+  from gfa_jax import models
+  from gfa_jax.attacks.apgd import apgd
+  from gfa_jax.attacks.pgd import pgd
+  from gfa_jax.attacks.square import square
+
+  params, images, labels, description = model_and_images(args)
+  model = models.SmallCNN()
+  attack = {
+      "apgd_ce": functools.partial(apgd, loss="ce", steps=args.apgd_steps),
+      "pgd": functools.partial(pgd, steps=args.pgd_steps),
+      "square": functools.partial(square, n_queries=args.square_queries),
+  }[name]
+
+  @jax.jit
+  def attack_batch(params, x, y, key):
+    return attack(functools.partial(model.apply, {"params": params}), x, y, key=key,
+                  eps=args.eps)
+
+  @jax.jit
+  def correct(params, x, y):
+    return (model.apply({"params": params}, x).argmax(-1) == y).sum()
+
+  key = jax.random.key(0)
+  params = jax.device_put(params)
+  # Compile every batch shape now, so that no timed step compiles.
+  compiled = {n: attack_batch.lower(params, images[:n], labels[:n], key).compile()
+              for n in {min(args.batch, len(images) - i) for i in range(0, len(images), args.batch)}}
+  last = {}
+
+  def step():
+    last["x_adv"] = run_in_batches(lambda x, y: compiled[len(x)](params, x, y, key), images,
+                                   labels, args.batch)
+
+  def outcome():
+    robust = int(correct(params, last["x_adv"], labels))
+    return {"robust_accuracy": robust / len(images),
+            "clean_accuracy": int(correct(params, images, labels)) / len(images)}
+
+  return common.Case(step, len(images), attack_flops_per_image(name, args) * len(images),
+                     {"framework": "jax", "images": description}, outcome)
+
+
+CASES = {name: functools.partial(build_jax_case, name) for name in ("apgd_ce", "pgd", "square")}
+
+
+def main(argv: list[str]) -> None:
+  args = add_flags(common.parser(__doc__.splitlines()[0], steps=2, warmup=0, rounds=2)
+                   ).parse_args(argv)
+  extra = []
+  if not args.worker and not args.no_peer:
+    if importlib.util.find_spec("torch") is None:
+      print("PyTorch not installed: timing the JAX attacks only", file=sys.stderr)
+    else:
+      extra = [("benchmarks.torch_peer", n) for n in ("torch_apgd_ce", "torch_pgd")]
+  results = common.main("benchmarks.attacks", CASES, args, extra)
+  by = {r["name"]: r for r in results}
+  ratios = {f"{n}_jax_over_torch_images_per_s": round(
+      by[n]["images_per_s"] / by[f"torch_{n}"]["images_per_s"], 3)
+      for n in ("apgd_ce", "pgd") if n in by and f"torch_{n}" in by}
+  if ratios:
+    print(json.dumps({"name": "summary", **ratios}), flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

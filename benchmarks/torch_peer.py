@@ -1,0 +1,288 @@
+"""The PyTorch peer: SmallCNN, its GFA objective and APGD-CE / PGD, written the usual way.
+
+    pip install -e '.[bench]'          # on our machines: pip install 'torch==2.13.0+cpu'
+    python -m benchmarks.torch_peer    # torch train steps + GEMM probe, JSON lines
+
+This is what a PyTorch user would write (eager mode, NCHW, ``torch.autograd.grad(...,
+create_graph=True)`` on the layer inputs for GFA, Adam), so that ``train_step.py --peer`` and
+``attacks.py`` can time the JAX library against it in the same run. ``load_jax_params`` copies
+JAX SmallCNN parameters in, which makes the two models compute the same function (the smoke
+test checks the GFA objective agrees to float precision: the peer is the same computation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks import common
+
+torch.set_num_threads(common.THREADS)
+
+
+class SmallCNN(nn.Module):
+  """3 x (Conv3x3 SAME, ReLU, 2x2 max-pool), Dense 256, ReLU, Dense; [0, 1] images in NCHW.
+
+  ``forward`` returns the logits and the inputs of the five layers (``layer0`` is the
+  normalised image), like gfa_jax.models.SmallCNN's taps.
+  """
+
+  def __init__(self, num_classes: int = 10, widths=(32, 64, 128), hidden: int = 256):
+    super().__init__()
+    channels = (3, *widths)
+    self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(channels, widths))
+    self.fc1 = nn.Linear(widths[-1] * 4 * 4, hidden)
+    self.fc2 = nn.Linear(hidden, num_classes)
+
+  def forward(self, x: torch.Tensor, input_needs_grad: bool = False):
+    h = (x - 0.5) / 0.5
+    if input_needs_grad and not h.requires_grad:
+      h.requires_grad_(True)  # GFA differentiates the task loss w.r.t. layer0 = this image.
+    features = []
+    for conv in self.convs:
+      features.append(h)
+      h = F.max_pool2d(F.relu(conv(h)), 2)
+    h = h.flatten(1)
+    features.append(h)
+    h = F.relu(self.fc1(h))
+    features.append(h)
+    return self.fc2(h), features
+
+
+def load_jax_params(model: SmallCNN, params) -> SmallCNN:
+  """Copies gfa_jax SmallCNN ``params`` (HWIO kernels, NHWC flatten order) into ``model``."""
+  as_np = lambda a: torch.from_numpy(np.asarray(a, np.float32).copy())
+  with torch.no_grad():
+    for i, conv in enumerate(model.convs):
+      conv.weight.copy_(as_np(params[f"Conv_{i}"]["kernel"]).permute(3, 2, 0, 1))
+      conv.bias.copy_(as_np(params[f"Conv_{i}"]["bias"]))
+    # JAX flattens [B, 4, 4, C] (h, w, c); torch flattens [B, C, 4, 4] (c, h, w).
+    kernel = as_np(params["Dense_0"]["kernel"])  # [4 * 4 * C, hidden]
+    width = model.convs[-1].out_channels
+    kernel = kernel.reshape(4, 4, width, -1).permute(2, 0, 1, 3).reshape(16 * width, -1)
+    model.fc1.weight.copy_(kernel.T)
+    model.fc1.bias.copy_(as_np(params["Dense_0"]["bias"]))
+    model.fc2.weight.copy_(as_np(params["Dense_1"]["kernel"]).T)
+    model.fc2.bias.copy_(as_np(params["Dense_1"]["bias"]))
+  return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives: the paper's MSE task loss and GFA, alpha * task + beta * (1 - mean alignment).
+
+
+def mse_softmax(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+  return F.mse_loss(F.softmax(logits, dim=1), F.one_hot(y, logits.shape[1]).float())
+
+
+def safe_norm(v: torch.Tensor) -> torch.Tensor:
+  """Per-row L2 norm whose gradient is 0, not NaN, at a zero row."""
+  squared = (v * v).sum(dim=1)
+  positive = squared > 0
+  return torch.where(positive, torch.sqrt(torch.where(positive, squared, 1.0)), 0.0)
+
+
+def per_sample_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+  a, b = a.flatten(1), b.flatten(1)
+  return (a * b).sum(dim=1) / torch.clamp(safe_norm(a) * safe_norm(b), min=eps)
+
+
+def gfa_loss(model: SmallCNN, x: torch.Tensor, y: torch.Tensor, layers, alpha: float,
+             beta: float, eps: float = 1e-12):
+  """``(objective, task_loss, penalty)`` with the alignment of the inputs of ``layers``."""
+  logits, features = model(x, input_needs_grad=0 in layers)
+  task_loss = mse_softmax(logits, y)
+  taps = [features[i] for i in layers]
+  grads = torch.autograd.grad(task_loss, taps, create_graph=True)
+  alignment = torch.stack([per_sample_cosine(g, h, eps).mean() for g, h in zip(grads, taps)])
+  penalty = 1.0 - alignment.mean()
+  return alpha * task_loss + beta * penalty, task_loss, penalty
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks (linf, untargeted): PGD with the same keep-best rule as gfa_jax.attacks.pgd, and
+# APGD-CE after AutoAttack's autopgd_base.attack_single_run. Both attack every image given.
+
+
+def _ce_and_grad(model, x_adv, y):
+  x_adv = x_adv.detach().requires_grad_(True)
+  logits, _ = model(x_adv)
+  loss = F.cross_entropy(logits, y, reduction="none")
+  (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+  return loss.detach(), logits.detach(), grad
+
+
+def _project(x_adv, x, eps):
+  return torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0.0, 1.0)
+
+
+def _is_better(loss, fooled, best_loss, best_fooled):
+  return (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+
+
+def pgd(model, x, y, eps: float, steps: int, step_size: float | None = None):
+  """PGD from a uniform start; per example the best iterate (fooling first, then loss)."""
+  step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
+  x_adv = _project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+  best_x = x_adv.clone()
+  best_loss = torch.full((len(x),), -float("inf"))
+  best_fooled = torch.zeros(len(x), dtype=torch.bool)
+
+  def keep_best(x_adv, loss, logits):
+    nonlocal best_loss, best_fooled
+    fooled = logits.argmax(1) != y
+    better = _is_better(loss, fooled, best_loss, best_fooled)
+    best_x[better] = x_adv[better]
+    best_loss = torch.where(better, loss, best_loss)
+    best_fooled = best_fooled | fooled
+
+  for _ in range(steps):
+    loss, logits, grad = _ce_and_grad(model, x_adv, y)
+    with torch.no_grad():
+      keep_best(x_adv, loss, logits)
+      x_adv = _project(x_adv + step_size * grad.sign(), x, eps)
+  with torch.no_grad():
+    logits, _ = model(x_adv)
+    keep_best(x_adv, F.cross_entropy(logits, y, reduction="none"), logits)
+  return best_x
+
+
+def apgd_ce(model, x, y, eps: float, steps: int = 100, rho: float = 0.75):
+  """APGD-CE, one run of ``steps`` iterations (AutoAttack's defaults)."""
+  n = len(x)
+  window = max(int(0.22 * steps), 1)
+  min_window, shrink = max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
+  t = 2 * torch.rand_like(x) - 1
+  x_adv = torch.clamp(x + eps * t / t.abs().amax(dim=(1, 2, 3), keepdim=True), 0.0, 1.0)
+  loss, logits, grad = _ce_and_grad(model, x_adv, y)
+  x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
+  x_out, out_loss, out_fooled = x_adv.clone(), loss.clone(), logits.argmax(1) != y
+  loss_steps = torch.zeros(steps + 1, n)
+  loss_steps[0] = loss
+  step = torch.full((n, 1, 1, 1), 2.0 * eps)
+  x_old = x_adv.clone()
+  loss_best_last_check = loss_best.clone()
+  reduced_last_check = torch.ones(n, dtype=torch.bool)
+  since_check = 0
+  for i in range(steps):
+    with torch.no_grad():
+      momentum = 0.75 if i > 0 else 1.0
+      z = _project(x_adv + step * grad.sign(), x, eps)
+      x_new = _project(x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_old), x, eps)
+      x_old = x_adv
+    loss, logits, grad = _ce_and_grad(model, x_new, y)
+    with torch.no_grad():
+      x_adv = x_new
+      loss_steps[i + 1] = loss
+      fooled = logits.argmax(1) != y
+      better = _is_better(loss, fooled, out_loss, out_fooled)
+      x_out[better] = x_adv[better]
+      out_loss = torch.where(better, loss, out_loss)
+      out_fooled = out_fooled | fooled
+      improved = loss > loss_best
+      x_best[improved], grad_best[improved] = x_adv[improved], grad[improved]
+      loss_best = torch.where(improved, loss, loss_best)
+      since_check += 1
+      if since_check == window:
+        increases = (loss_steps[i + 2 - window:i + 2] > loss_steps[i + 1 - window:i + 1]).sum(0)
+        halve = (increases <= window * rho) | (~reduced_last_check
+                                               & (loss_best_last_check >= loss_best))
+        reduced_last_check, loss_best_last_check = halve, loss_best.clone()
+        step[halve] /= 2.0
+        x_adv[halve], grad[halve] = x_best[halve], grad_best[halve]
+        window, since_check = max(window - shrink, min_window), 0
+  return x_out
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark cases.
+
+TRAIN_CASE_NAMES = ("torch_standard", "torch_gfa_first", "torch_gfa_deep", "torch_gemm")
+
+
+def build_train_case(layers, args: argparse.Namespace) -> common.Case:
+  """One Adam step of SmallCNN on a fixed batch: standard (layers None) or GFA."""
+  from configs import default
+
+  config = default.get_config()
+  torch.manual_seed(0)
+  model = SmallCNN()
+  optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+  x = torch.rand(args.batch, 3, 32, 32)
+  y = torch.randint(0, 10, (args.batch,))
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    if layers is None:
+      loss = mse_softmax(model(x)[0], y)
+    else:
+      loss = gfa_loss(model, x, y, layers, config.alpha, config.beta, config.gfa_eps)[0]
+    loss.backward()
+    optimizer.step()
+
+  kind = "standard" if layers is None else "gfa"
+  return common.Case(step, args.batch, common.FLOPS_PER_IMAGE[kind] * args.batch,
+                     {"framework": "torch"})
+
+
+def build_gemm(args: argparse.Namespace) -> common.Case:
+  """PyTorch's (MKL's) float32 matmul rate on an n x n x n product: this CPU's GEMM rate."""
+  n = args.gemm_size
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  return common.Case(lambda: torch.mm(a, b), 0, 2.0 * n**3, {"framework": "torch"})
+
+
+def build_attack_case(name: str, args: argparse.Namespace) -> common.Case:
+  """One step attacks all ``args.num_images`` test images, ``args.batch`` at a time."""
+  from benchmarks import attacks
+
+  params, images, labels, description = attacks.model_and_images(args)
+  model = load_jax_params(SmallCNN(), params).eval()
+  for p in model.parameters():
+    p.requires_grad_(False)
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+  y = torch.from_numpy(labels).long()
+  attack = {"torch_apgd_ce": lambda xb, yb: apgd_ce(model, xb, yb, args.eps, args.apgd_steps),
+            "torch_pgd": lambda xb, yb: pgd(model, xb, yb, args.eps, args.pgd_steps)}[name]
+  last = {}
+
+  def step():
+    last["x_adv"] = attacks.run_in_batches(attack, x, y, args.batch)
+
+  def accuracy(images):
+    with torch.no_grad():
+      return (model(torch.as_tensor(images))[0].argmax(1) == y).float().mean().item()
+
+  flops = attacks.attack_flops_per_image(name.removeprefix("torch_"), args) * len(x)
+  return common.Case(step, len(x), flops, {"framework": "torch", "images": description},
+                     lambda: {"robust_accuracy": accuracy(last["x_adv"]),
+                              "clean_accuracy": accuracy(x)})
+
+
+CASES = {
+    "torch_standard": lambda args: build_train_case(None, args),
+    "torch_gfa_first": lambda args: build_train_case((0,), args),
+    "torch_gfa_deep": lambda args: build_train_case((0, 1, 2), args),
+    "torch_gemm": build_gemm,
+    "torch_apgd_ce": lambda args: build_attack_case("torch_apgd_ce", args),
+    "torch_pgd": lambda args: build_attack_case("torch_pgd", args),
+}
+
+
+def main(argv: list[str]) -> None:
+  from benchmarks import train_step
+
+  p = common.parser(__doc__.splitlines()[0], steps=20, warmup=3, rounds=5)
+  args = train_step.add_flags(p).parse_args(argv)
+  if not args.worker:  # Run alone it times the train steps and the GEMM probe.
+    args.cases = args.cases or ",".join(TRAIN_CASE_NAMES)
+  common.main("benchmarks.torch_peer", CASES, args)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,95 @@
+"""One-step smoke runs of every benchmark script (so they cannot rot), and the PyTorch peer's
+equivalence to the JAX model and GFA objective. Nothing here asserts on timing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+TINY = ["--steps", "1", "--warmup", "0", "--rounds", "1"]
+
+
+def run_benchmark(module: str, *flags: str) -> dict[str, dict]:
+  """Runs ``python -m benchmarks.<module>`` and returns its JSON lines by name."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *TINY, *flags],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in result.stdout.splitlines()]
+  return {r["name"]: r for r in records}
+
+
+def assert_timed(record: dict, images: bool = True) -> None:
+  assert record["ms_per_step"] > 0 and record["peak_rss_mb"] > 0, record
+  if images:
+    assert record["images_per_s"] > 0, record
+
+
+def test_train_step_runs_every_case():
+  records = run_benchmark("train_step", "--batch", "8", "--gemm-size", "64")
+  for name in ("standard", "gfa_first", "gfa_deep", "pgd_at"):
+    assert_timed(records[name])
+    assert records[name]["xla_gflop_per_step"] > 0
+  assert_timed(records["gemm"], images=False)
+  # GFA's count is the standard step's plus one forward and one full backward (+ conv1).
+  assert records["gfa_deep"]["gflop_per_step"] > 2 * records["standard"]["gflop_per_step"]
+
+
+def test_epoch_runs_loop_and_pipeline():
+  records = run_benchmark("epoch", "--batch", "8", "--block", "2",
+                          "--cases", "pipeline,epoch_gfa_deep_no_sync")
+  assert_timed(records["pipeline"])
+  assert_timed(records["epoch_gfa_deep_no_sync"])
+  assert records["summary"]["epoch_gfa_deep_no_sync_s_per_cifar10_epoch"] > 0
+
+
+def test_attacks_run_and_report_robust_accuracy():
+  records = run_benchmark("attacks", "--num-images", "6", "--batch", "4", "--apgd-steps", "2",
+                          "--pgd-steps", "1", "--square-queries", "3")
+  for name in ("apgd_ce", "pgd", "square"):
+    assert_timed(records[name])
+    assert 0 <= records[name]["robust_accuracy"] <= records[name]["clean_accuracy"]
+
+
+def test_torch_peer_runs():
+  pytest.importorskip("torch")
+  records = run_benchmark("torch_peer", "--batch", "8", "--gemm-size", "64")
+  for name in ("torch_standard", "torch_gfa_first", "torch_gfa_deep"):
+    assert_timed(records[name])
+  assert_timed(records["torch_gemm"], images=False)
+
+
+def test_torch_peer_computes_the_same_gfa_objective_and_gradient():
+  torch = pytest.importorskip("torch")
+  import jax
+
+  from benchmarks import torch_peer
+  from configs import default
+  from gfa_jax import models, objectives
+
+  config = default.get_config()  # GFA-DEEP, MSE on softmax, alpha 1, beta 0.1.
+  config.beta = 1.0  # Weigh the penalty fully, so a wrong second-order term shows.
+  model = models.SmallCNN()
+  params = models.init_params(model, jax.random.key(0), (32, 32, 3))
+  x = np.asarray(jax.random.uniform(jax.random.key(1), (4, 32, 32, 3)))
+  y = np.array([0, 3, 3, 9], np.int32)
+  objective = objectives.make_objective(config, model)
+  (loss, _), grads = jax.value_and_grad(objective, has_aux=True)(
+      params, {"image": x, "label": y}, jax.random.key(2))
+
+  peer = torch_peer.load_jax_params(torch_peer.SmallCNN(), jax.device_get(params))
+  torch_loss, _, _ = torch_peer.gfa_loss(
+      peer, torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(y).long(), (0, 1, 2),
+      config.alpha, config.beta, config.gfa_eps)
+  torch_loss.backward()
+  np.testing.assert_allclose(torch_loss.item(), float(loss), rtol=1e-5)
+  # The first conv's kernel gradient, in JAX's HWIO layout, holds the double-backprop term.
+  np.testing.assert_allclose(peer.convs[0].weight.grad.permute(2, 3, 1, 0).numpy(),
+                             grads["Conv_0"]["kernel"], rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(peer.fc2.weight.grad.T.numpy(), grads["Dense_1"]["kernel"],
+                             rtol=1e-3, atol=1e-7)
