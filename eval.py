@@ -8,11 +8,13 @@ documented in docs/evaluation.md.
 
 import functools
 import json
+import os
 from pathlib import Path
 
+import jax
 from absl import app, flags, logging
 
-from gfa_jax import checkpoints, data, evaluate
+from gfa_jax import analysis, checklist, checkpoints, data, evaluate, objectives
 from gfa_jax.attacks import core
 
 _WORKDIR = flags.DEFINE_string(
@@ -21,7 +23,8 @@ _WORKDIR = flags.DEFINE_string(
     "$GFA_DATA_DIR, else the embedded subset).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _ATTACK = flags.DEFINE_string(
-    "attack", None, f"Attack: one of {', '.join(evaluate.attack_names())}.")
+    "attack", None, f"Attack: one of {', '.join(evaluate.attack_names())}; or 'checklist' "
+    "(gradient-masking checks) or 'alignment' (per-layer train/test GFA alignment).")
 _EPS = flags.DEFINE_string(
     "eps", None, "eps, or a comma-separated list for a curve; fractions allowed (8/255). "
     "Default: 8/255 (linf), 0.5 (l2), 12 (l1).")
@@ -32,6 +35,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the attacks' randomness.")
 _OUTPUT = flags.DEFINE_string(
     "output", None, "Result JSON (default: <workdir>/eval/<attack>_<norm>.json).")
 _PLOT = flags.DEFINE_string("plot", None, "Optional PNG of robust accuracy vs eps.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Data folder (default: $GFA_DATA_DIR, else the run's config).")
+_SURROGATE = flags.DEFINE_string(
+    "surrogate", None, "checklist: workdir or .msgpack of a standard-trained model for the "
+    "transfer attack of check 3 (without it, check 3 reports WARN 'not run').")
+_BUDGET = flags.DEFINE_enum(
+    "budget", "default", ["default", "quick"], "checklist: attack budget (docs/checklist.md).")
 _SUBSET = flags.DEFINE_string(
     "subset", None, "File of example indices (whitespace/comma separated or a JSON list): "
     "also report robust accuracy on those examples only (the paper's protocol).")
@@ -54,22 +64,19 @@ def read_subset(path: str) -> list[int]:
     raise ValueError(f"--subset {path}: expected integer example indices ({e}).") from e
 
 
-def load_test_set(workdir: Path, num_examples: int):
-  """(images float32 [N, H, W, C] in [0, 1], labels int32 [N], description) of the first N
-  test examples of the data set the run in `workdir` was trained on."""
-  if workdir.is_dir():
-    config = checkpoints.load_run_config(workdir)
-    dataset = data.load_dataset(config.data.source, config.data.data_dir or None)
-  else:
-    dataset = data.load_dataset()
+def load_split(config, split: str, num_examples: int):
+  """(images float32 [N, H, W, C] in [0, 1], labels int32 [N], description): the first N
+  examples of `split` of the data set the run was trained on (--data_dir, else $GFA_DATA_DIR,
+  else the run's own data_dir)."""
+  data_dir = _DATA_DIR.value or os.environ.get(data.DATA_DIR_ENV) or config.data.data_dir or None
+  dataset = data.load_dataset(config.data.source, data_dir)
   if num_examples < 1:
     raise ValueError(f"--num_examples must be >= 1, got {num_examples}.")
-  available = len(dataset.test_labels)
-  if num_examples > available:
-    logging.warning("%s has only %d test examples; evaluating all of them instead of %d.",
-                    dataset.description, available, num_examples)
-  images = data.to_float(dataset.test_images[:num_examples])
-  return images, dataset.test_labels[:num_examples], dataset.description
+  images, labels = getattr(dataset, f"{split}_images"), getattr(dataset, f"{split}_labels")
+  if num_examples > len(labels):
+    logging.warning("%s has only %d %s examples; evaluating all of them instead of %d.",
+                    dataset.description, len(labels), split, num_examples)
+  return data.to_float(images[:num_examples]), labels[:num_examples], dataset.description
 
 
 def summary(report: dict) -> str:
@@ -96,17 +103,15 @@ def summary(report: dict) -> str:
   return "\n".join(lines)
 
 
-def run() -> dict:
+def default_output(workdir: Path, name: str) -> Path:
+  return (workdir if workdir.is_dir() else workdir.parent) / "eval" / name
+
+
+def run_attacks(config, apply_fn, variables, workdir: Path, step) -> None:
   norm = _NORM.value
   eps = core.parse_eps_list(_EPS.value or DEFAULT_EPS.get(norm, "0"))
-  evaluate.validate(_ATTACK.value, eps, norm)  # fail before loading anything
   subset = read_subset(_SUBSET.value) if _SUBSET.value else None
-  workdir = Path(_WORKDIR.value)
-  apply_fn, variables = checkpoints.load_model(workdir, step=_STEP.value)
-  step = _STEP.value
-  if step is None and workdir.is_dir():
-    step = checkpoints.latest_step(workdir)
-  images, labels, description = load_test_set(workdir, _NUM_EXAMPLES.value)
+  images, labels, description = load_split(config, "test", _NUM_EXAMPLES.value)
   report = evaluate.evaluate(
       functools.partial(apply_fn, variables), images, labels, attack=_ATTACK.value, eps=eps,
       norm=norm, batch_size=_BATCH_SIZE.value, seed=_SEED.value, subset=subset)
@@ -114,8 +119,7 @@ def run() -> dict:
       checkpoint={"path": str(workdir), "step": step}, data=description,
       eps_text=_EPS.value or DEFAULT_EPS[norm], subset_file=_SUBSET.value,
       git_commit=evaluate.git_commit())
-  output = Path(_OUTPUT.value or (workdir if workdir.is_dir() else workdir.parent)
-                / "eval" / f"{_ATTACK.value}_{norm}.json")
+  output = Path(_OUTPUT.value or default_output(workdir, f"{_ATTACK.value}_{norm}.json"))
   output.parent.mkdir(parents=True, exist_ok=True)
   checkpoints.write_atomically(output, json.dumps(report, allow_nan=False).encode())
   print(summary(report))
@@ -123,7 +127,61 @@ def run() -> dict:
   if _PLOT.value:
     evaluate.plot_robust_accuracy(report, _PLOT.value)
     print(f"wrote {_PLOT.value}")
-  return report
+
+
+def run_checklist(config, apply_fn, variables, workdir: Path) -> None:
+  eps = core.parse_eps_list(_EPS.value or DEFAULT_EPS[_NORM.value])
+  if len(eps) != 1:
+    raise ValueError(f"--attack checklist takes one --eps (it sweeps eps itself), got {eps}.")
+  images, labels, _ = load_split(config, "test", _NUM_EXAMPLES.value)
+  out_dir = Path(_OUTPUT.value or default_output(workdir, f"checklist_{_NORM.value}"))
+  surrogate = checkpoints.load_model(_SURROGATE.value) if _SURROGATE.value else None
+  report = checklist.run_checklist(
+      apply_fn, variables, images, labels, key=jax.random.key(_SEED.value), eps=eps[0],
+      norm=_NORM.value, out_dir=out_dir, surrogate=surrogate, budget=_BUDGET.value,
+      batch_size=_BATCH_SIZE.value, progress=True)
+  for check in report["checks"]:
+    print(f"{check['id']}. {check['name']}: {check['status']} - {check['verdict']}")
+  print(f"wrote {out_dir}/checklist.md")
+
+
+def run_alignment(config, apply_fn, variables, workdir: Path) -> None:
+  splits = {split: load_split(config, split, _NUM_EXAMPLES.value)[:2]
+            for split in ("train", "test")}
+  table = analysis.alignment_table(apply_fn, variables, splits,
+                                   objectives.make_task_loss(config),
+                                   batch_size=_BATCH_SIZE.value)
+  output = Path(_OUTPUT.value or default_output(workdir, "alignment.json"))
+  output.parent.mkdir(parents=True, exist_ok=True)
+  checkpoints.write_atomically(output, json.dumps(
+      {"alignment": table, "num_examples": _NUM_EXAMPLES.value, "checkpoint": str(workdir),
+       "task_loss": config.task_loss}, indent=2).encode())
+  print(analysis.alignment_markdown(table))
+  print(f"wrote {output}")
+
+
+ANALYSES = ("checklist", "alignment")
+
+
+def run() -> None:
+  if _ATTACK.value not in ANALYSES:  # Fail on bad flags before loading anything.
+    try:
+      evaluate.validate(_ATTACK.value, core.parse_eps_list(
+          _EPS.value or DEFAULT_EPS.get(_NORM.value, "0")), _NORM.value)
+    except ValueError as e:
+      raise ValueError(f"{e} Or one of the analyses {ANALYSES}.") from e
+  workdir = Path(_WORKDIR.value)
+  config = checkpoints.load_run_config(workdir)
+  apply_fn, variables = checkpoints.load_model(workdir, step=_STEP.value)
+  if _ATTACK.value == "checklist":
+    run_checklist(config, apply_fn, variables, workdir)
+  elif _ATTACK.value == "alignment":
+    run_alignment(config, apply_fn, variables, workdir)
+  else:
+    step = _STEP.value
+    if step is None and workdir.is_dir():
+      step = checkpoints.latest_step(workdir)
+    run_attacks(config, apply_fn, variables, workdir, step)
 
 
 def main(argv):

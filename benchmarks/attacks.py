@@ -4,7 +4,8 @@
     python -m benchmarks.attacks --no-peer       # JAX only (no PyTorch installed)
 
 One step attacks all ``--num-images`` test images, ``--batch`` at a time, with the jitted
-gfa_jax attack (compiled before timing, once per batch shape). With PyTorch installed the
+gfa_jax attack (compiled before timing, once per batch shape; the peer warms up with a
+one-iteration attack on a full batch, so no timed step pays for set-up). With PyTorch installed the
 peer's APGD-CE and PGD (benchmarks/torch_peer.py) run interleaved in the same run, on the same
 weights and images. Every case also reports the robust accuracy it left, a check that the
 peers did the same work. Square stops early once a whole batch is fooled, so its time depends
@@ -105,8 +106,8 @@ def build_jax_case(name: str, args: argparse.Namespace) -> common.Case:
   key = jax.random.key(0)
   params = jax.device_put(params)
   # Compile every batch shape now, so that no timed step compiles.
-  compiled = {n: attack_batch.lower(params, images[:n], labels[:n], key).compile()
-              for n in {min(args.batch, len(images) - i) for i in range(0, len(images), args.batch)}}
+  sizes = {min(args.batch, len(images) - i) for i in range(0, len(images), args.batch)}
+  compiled = {n: attack_batch.lower(params, images[:n], labels[:n], key).compile() for n in sizes}
   last = {}
 
   def step():

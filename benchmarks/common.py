@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-THREADS = 2  # Intra-op threads for both frameworks (see README: what each one honours).
 
 # Multiply-adds per image of SmallCNN's forward pass (32x32x3 input, widths 32/64/128, 256).
 CONV_MACS = (32 * 32 * 3 * 3 * 3 * 32, 16 * 16 * 3 * 3 * 32 * 64, 8 * 8 * 3 * 3 * 64 * 128)
@@ -107,6 +107,16 @@ def rss_mb() -> float:
   return _status_mb("VmRSS")
 
 
+def limit_cores(threads: int) -> None:
+  """Runs this worker on its first ``threads`` cores (before JAX starts: XLA sizes its
+  thread pool from the cores it may use; PyTorch is told with ``torch.set_num_threads``)."""
+  cores = sorted(os.sched_getaffinity(0))
+  if threads < 1:
+    raise ValueError(f"--threads must be >= 1, got {threads}")
+  if threads < len(cores):
+    os.sched_setaffinity(0, cores[:threads])
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker side: reads one JSON command per line on stdin, answers one JSON line on stdout.
 
@@ -124,6 +134,7 @@ def serve(build: Callable[[argparse.Namespace], Case]) -> None:
     if command["cmd"] == "setup":
       start = time.perf_counter()
       args = argparse.Namespace(**command["args"])
+      limit_cores(args.threads)
       case = build(args)
       rss_idle = rss_mb()  # Model, data and compiled program exist; no step has run.
       for _ in range(args.warmup):
@@ -181,7 +192,7 @@ def run_interleaved(specs: Sequence[tuple[str, str]], args: argparse.Namespace) 
   workers = [_Worker(module, case, env) for module, case in specs]
   try:
     # One at a time, so compiles do not overlap; every worker gets the driver's flags.
-    setups = [w.ask(cmd="setup", args=vars(args)) for w in workers]  # One at a time: compiles do not overlap.
+    setups = [w.ask(cmd="setup", args=vars(args)) for w in workers]
     times = [{"seconds": [], "cpu_seconds": []} for _ in workers]
     for r in range(rounds):
       for k in range(len(workers)):
@@ -238,6 +249,9 @@ def parser(description: str, *, steps: int, warmup: int, rounds: int) -> argpars
   p.add_argument("--rounds", type=int, default=rounds,
                  help="interleaving rounds; the timed steps are split evenly over them")
   p.add_argument("--cases", default="", help="comma-separated subset of case names")
+  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                 help="cores per worker, the same for JAX and PyTorch (default: all; fewer "
+                      "pins the workers to the first ones)")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # Internal: run one case.
   return p
 
@@ -252,12 +266,24 @@ def select_cases(names: Sequence[str], wanted: str) -> list[str]:
   return chosen
 
 
-def machine() -> dict:
+def _versions(*packages: str) -> dict[str, str]:
+  found = {}
+  for package in packages:
+    try:
+      found[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return found
+
+
+def machine(threads: int) -> dict:
   """What the numbers were measured on."""
   model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text()
                 .splitlines() if l.startswith("model name")), platform.processor())
   return {"name": "machine", "cpu": model, "nproc": os.cpu_count(),
-          "python": platform.python_version(), "threads": THREADS,
+          "python": platform.python_version(), "threads": threads,
+          "load_average": [round(x, 2) for x in os.getloadavg()],
+          "versions": _versions("jax", "jaxlib", "flax", "optax", "numpy", "torch"),
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
@@ -270,7 +296,7 @@ def main(module: str, cases: dict[str, Callable[[argparse.Namespace], Case]],
     serve(cases[args.worker])
     return []
   specs = [(module, n) for n in select_cases(list(cases), args.cases)] + list(extra_specs)
-  print(json.dumps(machine()), flush=True)
+  print(json.dumps(machine(args.threads)), flush=True)
   results = run_interleaved(specs, args)
   for record in results:
     print(json.dumps(record), flush=True)

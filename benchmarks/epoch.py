@@ -103,8 +103,10 @@ def build_loop(objective: str, sync: bool, args: argparse.Namespace) -> common.C
         pending = []
     check(pending)
 
+  # A loop that retraced or recompiled (new shapes, dtypes, weak types) would show here.
+  compiles = lambda: {"compiled_versions_of_step": train_step._cache_size()}
   return common.Case(step, args.block * args.batch, None,
-                     {"framework": "jax", "images": description})
+                     {"framework": "jax", "images": description}, compiles)
 
 
 CASES = {name: functools.partial(build_loop, *spec) for name, spec in TRAIN_CASES.items()}

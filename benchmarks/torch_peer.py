@@ -13,6 +13,7 @@ test checks the GFA objective agrees to float precision: the peer is the same co
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import numpy as np
@@ -21,8 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import common
-
-torch.set_num_threads(common.THREADS)
 
 
 class SmallCNN(nn.Module):
@@ -209,6 +208,7 @@ def build_train_case(layers, args: argparse.Namespace) -> common.Case:
   """One Adam step of SmallCNN on a fixed batch: standard (layers None) or GFA."""
   from configs import default
 
+  torch.set_num_threads(args.threads)
   config = default.get_config()
   torch.manual_seed(0)
   model = SmallCNN()
@@ -232,6 +232,7 @@ def build_train_case(layers, args: argparse.Namespace) -> common.Case:
 
 def build_gemm(args: argparse.Namespace) -> common.Case:
   """PyTorch's (MKL's) float32 matmul rate on an n x n x n product: this CPU's GEMM rate."""
+  torch.set_num_threads(args.threads)
   n = args.gemm_size
   a, b = torch.randn(n, n), torch.randn(n, n)
   return common.Case(lambda: torch.mm(a, b), 0, 2.0 * n**3, {"framework": "torch"})
@@ -241,14 +242,16 @@ def build_attack_case(name: str, args: argparse.Namespace) -> common.Case:
   """One step attacks all ``args.num_images`` test images, ``args.batch`` at a time."""
   from benchmarks import attacks
 
+  torch.set_num_threads(args.threads)
   params, images, labels, description = attacks.model_and_images(args)
   model = load_jax_params(SmallCNN(), params).eval()
   for p in model.parameters():
     p.requires_grad_(False)
   x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
   y = torch.from_numpy(labels).long()
-  attack = {"torch_apgd_ce": lambda xb, yb: apgd_ce(model, xb, yb, args.eps, args.apgd_steps),
-            "torch_pgd": lambda xb, yb: pgd(model, xb, yb, args.eps, args.pgd_steps)}[name]
+  attack = {"torch_apgd_ce": functools.partial(apgd_ce, model, eps=args.eps, steps=args.apgd_steps),
+            "torch_pgd": functools.partial(pgd, model, eps=args.eps, steps=args.pgd_steps)}[name]
+  attack(x[:args.batch], y[:args.batch], steps=1)  # Warm-up: oneDNN sets up per shape.
   last = {}
 
   def step():

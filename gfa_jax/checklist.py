@@ -40,7 +40,6 @@ import numpy as np
 from gfa_jax import evaluate, plots
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd
-from gfa_jax.attacks.autoattack import predict, run_in_batches
 from gfa_jax.attacks.pgd import pgd
 from gfa_jax.checkpoints import write_atomically
 
@@ -191,7 +190,7 @@ def _still_robust(setup: _Setup, x_adv_todo: np.ndarray, eps: float) -> np.ndarr
   x_adv = setup.x.copy()
   x_adv[setup.todo] = x_adv_todo
   core.check_adversarial(x_adv, setup.x, eps, setup.norm)
-  return setup.clean_correct & (predict(setup.logits_fn, x_adv, setup.batch_size) == setup.y)
+  return setup.clean_correct & (core.predict(setup.logits_fn, x_adv, setup.batch_size) == setup.y)
 
 
 def _batched(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int,
@@ -600,7 +599,7 @@ def run_checklist(apply_fn: Callable, variables: Any, x, y, *, key: jax.Array,
   start = time.perf_counter()
   x, y, budget_value = _check_inputs(x, y, eps, norm, budget)
   logits_fn = functools.partial(apply_fn, variables)
-  clean_correct = predict(logits_fn, x, batch_size) == y
+  clean_correct = core.predict(logits_fn, x, batch_size) == y
   if not clean_correct.any():
     raise ValueError('the model classifies none of the examples correctly: there is nothing to '
                      'attack. Check the checkpoint, the labels and the data set.')
@@ -640,7 +639,7 @@ def run_checklist(apply_fn: Callable, variables: Any, x, y, *, key: jax.Array,
           apgd_ce(b.sweep_apgd_steps, e)[0] for e in sweep])}
   at_eps.update({name: m[index] for name, m in sweep_masks.items()})
   grey = np.full((1, *x.shape[1:]), 0.5, np.float32)
-  grey_class = int(predict(logits_fn, grey, 1)[0])
+  grey_class = int(core.predict(logits_fn, grey, 1)[0])
   grey_bound = float((clean_correct & (y == grey_class)).mean())
   lap('eps_sweep')
 
@@ -684,7 +683,7 @@ def run_checklist(apply_fn: Callable, variables: Any, x, y, *, key: jax.Array,
   black_box[transfer_name] = None
   if surrogate is not None:
     surrogate_fn = functools.partial(*surrogate)
-    x_adv = run_in_batches(pgd, surrogate_fn, x[setup.todo], y[setup.todo],
+    x_adv = core.run_in_batches(pgd, surrogate_fn, x[setup.todo], y[setup.todo],
                            key=jax.random.fold_in(key, 300), batch_size=batch_size, eps=eps,
                            hparams=(('norm', norm), ('steps', b.transfer_steps)))
     black_box[transfer_name] = _still_robust(setup, x_adv, setup.eps)

@@ -2,8 +2,9 @@
 
 A workdir holds ``config.json`` (the run's full config) and ``checkpoints/<step>/`` with two
 Orbax items, ``params`` and ``opt_state``, so a model can be restored without knowing the
-optimiser. A params-only checkpoint is one msgpack file with the model config inside
-(``export_params``); it is what ``results/`` commits.
+optimiser. A params-only checkpoint is one msgpack file with the run's config inside
+(``export_params``); it is what ``results/`` commits. ``load_run_config`` and ``load_model``
+take either.
 """
 
 from __future__ import annotations
@@ -36,8 +37,24 @@ def save_config(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
   write_atomically(Path(workdir) / "config.json", config.to_json_best_effort(indent=2).encode())
 
 
+def _read_params_file(path: Path) -> dict:
+  try:
+    payload = flax.serialization.msgpack_restore(path.read_bytes())
+    return {"config": ml_collections.ConfigDict(json.loads(payload["config"])),
+            "params": payload["params"], "metadata": json.loads(payload["metadata"])}
+  except Exception as e:
+    raise ValueError(f"{path} is not a readable params-only checkpoint ({e}); re-export it "
+                     "with gfa_jax.checkpoints.export_params.") from e
+
+
 def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  """The config a training run in ``workdir`` was started with."""
+  """The config a training run (workdir or params-only file) was started with."""
+  if Path(workdir).is_file():
+    return _read_params_file(Path(workdir))["config"]
+  if not Path(workdir).exists():
+    raise FileNotFoundError(
+        f"{workdir} does not exist. Pass --workdir of a training run (train.py writes "
+        "runs/<config name> by default) or a params-only .msgpack checkpoint.")
   path = Path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(
@@ -101,10 +118,15 @@ def abstract_params(model) -> Any:
   return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), IMAGE_SHAPE))
 
 
-def export_params(path: str | Path, model_config: ml_collections.ConfigDict, params: Any,
+def export_params(path: str | Path, config: ml_collections.ConfigDict, params: Any,
                   metadata: dict | None = None) -> None:
-  """Writes a params-only checkpoint (one msgpack file) that ``load_model`` reads."""
-  payload = {"model": json.dumps(model_config.to_dict()), "metadata": json.dumps(metadata or {}),
+  """Writes a params-only checkpoint (one msgpack file) that ``load_model`` reads.
+
+  ``config`` is the run's config (its ``model`` rebuilds the network; the rest, e.g. the
+  task loss and data source, lets eval.py treat the file like a workdir); ``metadata`` is any
+  JSON-ready provenance (step, command, accuracy).
+  """
+  payload = {"config": config.to_json_best_effort(), "metadata": json.dumps(metadata or {}),
              "params": jax.device_get(params)}
   write_atomically(path, flax.serialization.msgpack_serialize(payload))
 
@@ -118,22 +140,14 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[Callable, dic
   """
   path = Path(path)
   if path.is_file():
-    try:
-      payload = flax.serialization.msgpack_restore(path.read_bytes())
-      model = model_from_config(json.loads(payload["model"]))
-      params = payload["params"]
-      expected = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(model))
-      found = jax.tree.map(lambda a: (a.shape, a.dtype), params)
-      if found != expected:
-        raise ValueError("its parameters do not match the model it names")
-    except Exception as e:
-      raise ValueError(f"{path} is not a readable params-only checkpoint ({e}); re-export it "
-                       "with gfa_jax.checkpoints.export_params.") from e
-    return model.apply, {"params": jax.tree.map(jax.numpy.asarray, params)}
-  if not path.is_dir():
-    raise FileNotFoundError(
-        f"{path} does not exist. Pass --workdir of a training run (train.py writes "
-        "runs/<config name> by default) or a params-only .msgpack checkpoint.")
+    payload = _read_params_file(path)
+    model = model_from_config(payload["config"].model)
+    expected = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(model))
+    found = jax.tree.map(lambda a: (a.shape, a.dtype), payload["params"])
+    if found != expected:
+      raise ValueError(f"{path}: its parameters {found} do not match the model its config "
+                       f"names ({expected}); re-export it with export_params.")
+    return model.apply, {"params": jax.tree.map(jax.numpy.asarray, payload["params"])}
   model = model_from_config(load_run_config(path).model)
   manager = checkpoint_manager(path)
   step = manager.latest_step() if step is None else step

@@ -31,7 +31,7 @@ import tqdm
 from gfa_jax import plots
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
-from gfa_jax.attacks.autoattack import autoattack, predict, run_in_batches
+from gfa_jax.attacks.autoattack import autoattack
 from gfa_jax.attacks.cw import cw_l2
 from gfa_jax.attacks.deepfool import deepfool
 from gfa_jax.attacks.ead import ead
@@ -209,7 +209,7 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
   def attack_correct(bar, eps_value=None, examples_per_batch=batch_size):
     x_adv = x.copy()
     if len(todo):
-      x_adv[todo] = run_in_batches(spec.fn, logits_fn, x[todo], y[todo], key=key,
+      x_adv[todo] = core.run_in_batches(spec.fn, logits_fn, x[todo], y[todo], key=key,
                                    batch_size=examples_per_batch, eps=eps_value,
                                    hparams=call_hparams, progress=bar)
     return x_adv
@@ -218,7 +218,7 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
     return -(-len(todo) // max(1, min(examples_per_batch, len(todo))))
 
   def still_robust(x_eval):
-    return clean_correct & (predict(logits_fn, x_eval, batch_size) == y)
+    return clean_correct & (core.predict(logits_fn, x_eval, batch_size) == y)
 
   if spec.kind == EPS_BOUNDED:
     masks = []
@@ -243,7 +243,7 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
     with tqdm.tqdm(total=num_batches(), desc=name, disable=not progress) as bar:
       x_adv = attack_correct(bar)
     norms = {p: core.check_adversarial(x_adv, x, np.inf, p) for p in LP_NORMS}
-    success = clean_correct & (predict(logits_fn, x_adv, batch_size) != y)
+    success = clean_correct & (core.predict(logits_fn, x_adv, batch_size) != y)
     needed = np.where(success, norms[norm], np.inf)
     masks = []
     for value in eps:
@@ -305,7 +305,7 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
   subset = _check_subset(subset, len(x))
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
-  clean_correct = predict(logits_fn, x, batch_size) == y
+  clean_correct = core.predict(logits_fn, x, batch_size) == y
 
   results, skipped = {}, {}
   if attack == ALL:

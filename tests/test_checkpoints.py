@@ -26,8 +26,9 @@ def test_workdir_and_exported_file_give_the_same_logits(workdir, tmp_path):
   logits = apply_fn(variables, x)
   chex.assert_shape(logits, (3, 10))
   exported = tmp_path / "model.msgpack"
-  checkpoints.export_params(exported, checkpoints.load_run_config(workdir).model,
-                            variables["params"], {"step": 8})
+  config = checkpoints.load_run_config(workdir)
+  checkpoints.export_params(exported, config, variables["params"], {"step": 8})
+  assert checkpoints.load_run_config(exported) == config
   apply_file, variables_file = checkpoints.load_model(exported)
   np.testing.assert_array_equal(apply_file(variables_file, x), logits)
   assert checkpoints.latest_step(workdir) == 8

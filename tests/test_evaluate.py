@@ -215,8 +215,10 @@ def _run_eval(*args, cwd):
 
 
 def test_eval_command_line_end_to_end(tmp_path):
-  config = ml_collections.ConfigDict({'name': 'mlp', 'hidden': (8,)})
-  model = checkpoints.model_from_config(config)
+  from configs import tiny
+  config = tiny.get_config()
+  config.model = ml_collections.ConfigDict({'name': 'mlp', 'hidden': (8,)})
+  model = checkpoints.model_from_config(config.model)
   params = models.init_params(model, jax.random.PRNGKey(0), checkpoints.IMAGE_SHAPE)
   checkpoints.export_params(tmp_path / 'model.msgpack', config, params)
   (tmp_path / 'subset.txt').write_text('# paper protocol\n0 2\n5\n')
@@ -234,3 +236,21 @@ def test_eval_command_line_end_to_end(tmp_path):
 
   missing = _run_eval('--workdir', str(tmp_path / 'missing'), '--attack', 'apgd', cwd=tmp_path)
   assert missing.returncode != 0 and 'does not exist' in missing.stderr
+
+
+def test_eval_alignment_reports_every_layer_for_both_splits(tmp_path):
+  from configs import tiny
+  config = tiny.get_config()
+  model = checkpoints.model_from_config(config.model)
+  params = models.init_params(model, jax.random.PRNGKey(0), checkpoints.IMAGE_SHAPE)
+  checkpoints.export_params(tmp_path / 'model.msgpack', config, params)
+  out = tmp_path / 'alignment.json'
+  proc = _run_eval('--workdir', str(tmp_path / 'model.msgpack'), '--attack', 'alignment',
+                   '--num_examples', '20', '--batch_size', '10', '--output', str(out),
+                   cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  table = json.loads(out.read_text())['alignment']
+  assert set(table) == {'train', 'test'}
+  assert set(table['test']) == {'layer0', 'layer1', 'layer2', 'layer3'}
+  assert all(-1.0 <= v <= 1.0 for split in table.values() for v in split.values())
+  assert '| train |' in proc.stdout

@@ -8,12 +8,16 @@ attack MAXIMISES, so attacks can pick the best iterate per example by comparing 
 from __future__ import annotations
 
 import fractions
+import functools
 import math
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
+
+LogitsFn = Callable[[jax.Array], jax.Array]
 
 NORMS = ('linf', 'l2')
 # l1 is supported by the geometry helpers (projection, norms) for the L1 attacks (EAD), but no
@@ -346,3 +350,73 @@ def parse_eps_list(text: str) -> list[float]:
     raise ValueError(f'Cannot parse eps list {text!r}: write comma-separated values such as '
                      '0,1/255,8/255 (no empty entries).')
   return [parse_eps(item) for item in items]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched host-side execution (attacks over arrays of any length).
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=('logits_fn',))
+def _predict_batch(x, *, logits_fn):
+  return jnp.argmax(logits_fn(x), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=('attack', 'logits_fn', 'hparams'))
+def _attack_batch(x, y, key, eps, *, attack, logits_fn, hparams):
+  kwargs = dict(hparams)
+  if eps is not None:
+    kwargs['eps'] = eps
+  return attack(logits_fn, x, y, key=key, **kwargs)
+
+
+def _batches(n: int, batch_size: int, bucket: bool = False):
+  """(start, stop, padded size) of each batch; the padded size is the same for all batches.
+
+  With `bucket`, fewer than batch_size rows are padded up to a power of two, so that calls on
+  varying numbers of rows (AutoAttack's shrinking robust sets) reuse at most log2(batch_size)
+  compiled shapes while wasting less than half of a batch.
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+  size = min(batch_size, n)
+  if bucket and size < batch_size:
+    size = min(batch_size, 1 << max(size - 1, 0).bit_length())
+  return [(start, min(start + size, n), size) for start in range(0, n, size)]
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+  """Pads the first axis to `size` by repeating the last row (padded rows are discarded)."""
+  missing = size - a.shape[0]
+  return a if missing == 0 else np.concatenate([a, np.repeat(a[-1:], missing, axis=0)])
+
+
+def predict(logits_fn: LogitsFn, x: np.ndarray, batch_size: int) -> np.ndarray:
+  """Predicted classes [N] (numpy) of images x [N, H, W, C], in jit-compiled batches."""
+  x = np.asarray(x, np.float32)
+  out = [np.asarray(_predict_batch(_pad(x[a:b], size), logits_fn=logits_fn))[:b - a]
+         for a, b, size in _batches(len(x), batch_size, bucket=True)]
+  return np.concatenate(out) if out else np.zeros((0,), np.int32)
+
+
+def run_in_batches(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
+                   key: jax.Array, batch_size: int, eps: Optional[float] = None,
+                   hparams: Sequence[tuple] = (), progress: Optional[tqdm.tqdm] = None,
+                   bucket: bool = False) -> np.ndarray:
+  """Runs `attack(logits_fn, x, y, key=..., [eps=...], **hparams)` over batches; numpy [N, ...].
+
+  Batch i gets the key fold_in(key, i). `hparams` is a tuple of (name, value) pairs (hashable:
+  it keys the compilation cache together with the attack and logits_fn). `progress`, a tqdm bar,
+  advances by one per batch; `bucket` pads fewer than batch_size rows to a power of two.
+  """
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y, np.int32)
+  eps = None if eps is None else jnp.asarray(eps, jnp.float32)
+  out = []
+  for i, (a, b, size) in enumerate(_batches(len(x), batch_size, bucket)):
+    x_adv = _attack_batch(_pad(x[a:b], size), _pad(y[a:b], size), jax.random.fold_in(key, i),
+                          eps, attack=attack, logits_fn=logits_fn, hparams=tuple(hparams))
+    out.append(np.asarray(x_adv)[:b - a])
+    if progress is not None:
+      progress.update(1)
+  return np.concatenate(out) if out else np.zeros_like(x)
