@@ -1,6 +1,6 @@
 """Trains a model with the objective of a config: `python train.py --config configs/cifar_deep.py`.
 
-Overrides: `--config.beta=0.5 --config.data.data_dir=/data`. `--workdir` defaults to
+Overrides: `--config.beta=0.5 --config.data_dir=/data`. `--workdir` defaults to
 `runs/<config file name>`; rerunning the same command resumes from its latest checkpoint.
 """
 

@@ -1,7 +1,7 @@
 """Base configuration: GFA-DEEP SmallCNN on CIFAR-10. Every variant overrides this one.
 
 Override any field from the command line: ``python train.py --config configs/default.py
---config.beta=0.5 --config.data.data_dir=/data``.
+--config.beta=0.5 --config.data_dir=/data``.
 """
 
 import ml_collections
@@ -19,14 +19,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.std = (0.5, 0.5, 0.5)
 
   # --- Data ------------------------------------------------------------------------------
-  config.data = ml_collections.ConfigDict()
   # 'auto' (CIFAR-10 from data_dir / $GFA_DATA_DIR if set, else the embedded subset),
   # 'embedded', 'cifar10', 'cifar10_bin', 'cifar10_py' or 'tfds'.
-  config.data.source = "auto"
-  config.data.data_dir = ""  # Folder holding cifar-10-batches-bin/-py or a TFDS copy.
-  config.data.crop_padding = 4  # Random-crop augmentation: pad by this many pixels (0: off).
-  config.data.flip = True  # Random horizontal flips.
-  config.data.num_train = 0  # Use only the first N training images (0: all of them).
+  config.data_source = "auto"
+  config.data_dir = ""  # Folder holding cifar-10-batches-bin/-py or a TFDS copy.
+  config.crop_padding = 4  # Random-crop augmentation: pad by this many pixels (0: off).
+  config.flip = True  # Random horizontal flips.
+  config.num_train = 0  # Use only the first N training images (0: all of them).
 
   # --- Objective -------------------------------------------------------------------------
   config.objective = "gfa"  # standard | gfa | pgd_at | trades | gradalign.

@@ -5,7 +5,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.data.source = "embedded"
+  config.data_source = "embedded"
   config.num_epochs = 10
   config.log_every_steps = 10
   config.eval_every_steps = 50

@@ -7,8 +7,8 @@ def get_config():
   config = default.get_config()
   config.model.name = "mlp"
   config.model.hidden = (32, 16, 16)
-  config.data.source = "embedded"
-  config.data.num_train = 256
+  config.data_source = "embedded"
+  config.num_train = 256
   config.batch_size = 32
   config.num_epochs = 2
   config.log_every_steps = 4

@@ -178,7 +178,7 @@ _FOLDERS = {
 
 def _not_found_message(places: list[str]) -> str:
   looked = "".join(f"\n  {p}" for p in places) or (
-      f"\n  nowhere: no data directory given (argument, --config.data.data_dir, ${DATA_DIR_ENV})")
+      f"\n  nowhere: no data directory given (argument, --config.data_dir, ${DATA_DIR_ENV})")
   return (
       f"CIFAR-10 not found. Looked for:{looked}\n"
       "Get it into a directory DIR with one of:\n"
@@ -187,7 +187,7 @@ def _not_found_message(places: list[str]) -> str:
       "(leaves ~/.keras/datasets/cifar-10-batches-py), or untar cifar-10-binary.tar.gz from "
       "https://www.cs.toronto.edu/~kriz/cifar.html into DIR\n"
       "  tfds build cifar10 --data_dir=DIR --file_format=array_record\n"
-      f"then pass --config.data.data_dir=DIR or set {DATA_DIR_ENV}=DIR; or use the embedded "
+      f"then pass --config.data_dir=DIR or set {DATA_DIR_ENV}=DIR; or use the embedded "
       "subset (source 'embedded').")
 
 

@@ -81,7 +81,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
     key = jax.random.fold_in(key, state.step)
     augment_key, objective_key = jax.random.split(key)
     x = data.augment(augment_key, data.to_float(images),
-                     crop_padding=config.data.crop_padding, flip=config.data.flip)
+                     crop_padding=config.crop_padding, flip=config.flip)
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params, {"image": x, "label": labels}, objective_key)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -167,10 +167,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  dataset = data.load_dataset(config.data.source, config.data.data_dir or None)
+  dataset = data.load_dataset(config.data_source, config.data_dir or None)
   train_images, train_labels = dataset.train_images, dataset.train_labels
-  if config.data.num_train:
-    train_images, train_labels = train_images[:config.data.num_train], train_labels[:config.data.num_train]
+  if config.num_train:
+    train_images, train_labels = train_images[:config.num_train], train_labels[:config.num_train]
   test_images, test_labels = dataset.test_images, dataset.test_labels
   if config.num_eval_examples:
     test_images, test_labels = test_images[:config.num_eval_examples], test_labels[:config.num_eval_examples]

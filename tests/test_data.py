@@ -115,7 +115,7 @@ def test_missing_data_says_where_it_looked(tmp_path, source):
             "tfds": "cifar10  ("}
   for name, folder in wanted.items():
     assert (f"{tmp_path}/{folder}" in message) == (source in (name, "cifar10"))
-  for hint in ("prepare_cifar10.py", "tfds build cifar10", "--config.data.data_dir",
+  for hint in ("prepare_cifar10.py", "tfds build cifar10", "--config.data_dir",
                data.DATA_DIR_ENV):
     assert hint in message
 
