@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 from absl import app, flags, logging
 
-from gfa_jax import analysis, checklist, checkpoints, data, evaluate, objectives
+from gfa_jax import analysis, checklist, checkpoints, data, evaluate, objectives, plots
 from gfa_jax.attacks import core
 
 _WORKDIR = flags.DEFINE_string(
@@ -24,7 +24,8 @@ _WORKDIR = flags.DEFINE_string(
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _ATTACK = flags.DEFINE_string(
     "attack", None, f"Attack: one of {', '.join(evaluate.attack_names())}; or 'checklist' "
-    "(gradient-masking checks) or 'alignment' (per-layer train/test GFA alignment).")
+    "(gradient-masking checks), 'alignment' (per-layer train/test GFA alignment) or "
+    "'mechanism' (radial vs tangential sensitivity and loss landscapes).")
 _EPS = flags.DEFINE_string(
     "eps", None, "eps, or a comma-separated list for a curve; fractions allowed (8/255). "
     "Default: 8/255 (linf), 0.5 (l2), 12 (l1).")
@@ -40,6 +41,9 @@ _DATA_DIR = flags.DEFINE_string(
 _SURROGATE = flags.DEFINE_string(
     "surrogate", None, "checklist: workdir or .msgpack of a standard-trained model for the "
     "transfer attack of check 3 (without it, check 3 reports WARN 'not run').")
+_COMPARE = flags.DEFINE_string(
+    "compare", None, "mechanism: workdir or .msgpack of a second model (e.g. standard-trained) "
+    "measured and drawn beside the first.")
 _BUDGET = flags.DEFINE_enum(
     "budget", "default", ["default", "quick"], "checklist: attack budget (docs/checklist.md).")
 _SUBSET = flags.DEFINE_string(
@@ -160,7 +164,37 @@ def run_alignment(config, apply_fn, variables, workdir: Path) -> None:
   print(f"wrote {output}")
 
 
-ANALYSES = ("checklist", "alignment")
+def run_mechanism(config, apply_fn, variables, workdir: Path) -> None:
+  """Radial vs tangential numbers and loss landscapes (docs/checklist.md), for the model and
+  the optional --compare model, drawn side by side."""
+  images, labels, _ = load_split(config, "test", _NUM_EXAMPLES.value)
+  models = {workdir.stem: (apply_fn, variables)}
+  if _COMPARE.value:
+    models[Path(_COMPARE.value).stem] = checkpoints.load_model(_COMPARE.value)
+  out_dir = Path(_OUTPUT.value or default_output(workdir, "mechanism"))
+  out_dir.mkdir(parents=True, exist_ok=True)
+  report = {}
+  for label, (fn, model_variables) in models.items():
+    report[label] = {
+        "radial_tangential": analysis.radial_tangential(
+            fn, model_variables, images, labels, batch_size=_BATCH_SIZE.value),
+        # Landscapes cost num**2 forward passes per image and plane: the first 64 images.
+        "landscape": analysis.loss_landscape(
+            fn, model_variables, images[:64], labels[:64], key=jax.random.key(_SEED.value)),
+    }
+  plots.plot_radial_tangential(out_dir / "radial_tangential.png",
+                               {k: v["radial_tangential"] for k, v in report.items()})
+  plots.plot_landscapes(out_dir / "landscape.png", {k: v["landscape"] for k, v in report.items()})
+  checkpoints.write_atomically(out_dir / "mechanism.json",
+                               json.dumps(report, allow_nan=False).encode())
+  for label, r in report.items():
+    for layer, numbers in r["radial_tangential"]["layers"].items():
+      print(f"{label} {layer}: cos(g, h) {numbers['cosine']['mean']:+.3f}, median d_t/|d_r| "
+            f"{numbers['tangential_over_radial']['median']:.3g}")
+  print(f"wrote {out_dir}/mechanism.json, radial_tangential.png, landscape.png")
+
+
+ANALYSES = ("checklist", "alignment", "mechanism")
 
 
 def run() -> None:
@@ -177,6 +211,8 @@ def run() -> None:
     run_checklist(config, apply_fn, variables, workdir)
   elif _ATTACK.value == "alignment":
     run_alignment(config, apply_fn, variables, workdir)
+  elif _ATTACK.value == "mechanism":
+    run_mechanism(config, apply_fn, variables, workdir)
   else:
     step = _STEP.value
     if step is None and workdir.is_dir():

@@ -254,3 +254,20 @@ def test_eval_alignment_reports_every_layer_for_both_splits(tmp_path):
   assert set(table['test']) == {'layer0', 'layer1', 'layer2', 'layer3'}
   assert all(-1.0 <= v <= 1.0 for split in table.values() for v in split.values())
   assert '| train |' in proc.stdout
+
+
+def test_eval_mechanism_compares_two_models(tmp_path):
+  from configs import tiny
+  config = tiny.get_config()
+  model = checkpoints.model_from_config(config.model)
+  for seed in (0, 1):
+    params = models.init_params(model, jax.random.PRNGKey(seed), checkpoints.IMAGE_SHAPE)
+    checkpoints.export_params(tmp_path / f'm{seed}.msgpack', config, params)
+  proc = _run_eval('--workdir', str(tmp_path / 'm0.msgpack'), '--compare',
+                   str(tmp_path / 'm1.msgpack'), '--attack', 'mechanism', '--num_examples', '6',
+                   '--batch_size', '6', '--output', str(tmp_path / 'mech'), cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads((tmp_path / 'mech' / 'mechanism.json').read_text())
+  assert set(report) == {'m0', 'm1'}
+  assert set(report['m0']['radial_tangential']['layers']) == {'layer0', 'layer1', 'layer2'}
+  assert (tmp_path / 'mech' / 'landscape.png').stat().st_size > 0
