@@ -259,7 +259,7 @@ def build_attack_case(name: str, args: argparse.Namespace) -> common.Case:
 
   def accuracy(images):
     with torch.no_grad():
-      return (model(torch.as_tensor(images))[0].argmax(1) == y).float().mean().item()
+      return round((model(torch.as_tensor(images))[0].argmax(1) == y).float().mean().item(), 4)
 
   flops = attacks.attack_flops_per_image(name.removeprefix("torch_"), args) * len(x)
   return common.Case(step, len(x), flops, {"framework": "torch", "images": description},

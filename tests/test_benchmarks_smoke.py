@@ -30,14 +30,14 @@ def assert_timed(record: dict, images: bool = True) -> None:
     assert record["images_per_s"] > 0, record
 
 
-def test_train_step_runs_every_case():
-  records = run_benchmark("train_step", "--batch", "8", "--gemm-size", "64")
-  for name in ("standard", "gfa_first", "gfa_deep", "pgd_at"):
+def test_train_step_runs_and_its_flop_count_agrees_with_xla():
+  records = run_benchmark("train_step", "--batch", "8", "--gemm-size", "64",
+                          "--cases", "standard,gfa_deep,gemm")
+  for name in ("standard", "gfa_deep"):
     assert_timed(records[name])
-    assert records[name]["xla_gflop_per_step"] > 0
+    # XLA counts only the taps of SAME convolutions inside the image (about 8% fewer).
+    assert 0.8 < records[name]["xla_gflop_per_step"] / records[name]["gflop_per_step"] < 1.0
   assert_timed(records["gemm"], images=False)
-  # GFA's count is the standard step's plus one forward and one full backward (+ conv1).
-  assert records["gfa_deep"]["gflop_per_step"] > 2 * records["standard"]["gflop_per_step"]
 
 
 def test_epoch_runs_loop_and_pipeline():
@@ -49,9 +49,9 @@ def test_epoch_runs_loop_and_pipeline():
 
 
 def test_attacks_run_and_report_robust_accuracy():
-  records = run_benchmark("attacks", "--num-images", "6", "--batch", "4", "--apgd-steps", "2",
-                          "--pgd-steps", "1", "--square-queries", "3")
-  for name in ("apgd_ce", "pgd", "square"):
+  records = run_benchmark("attacks", "--num-images", "4", "--batch", "4", "--apgd-steps", "2",
+                          "--square-queries", "3", "--cases", "apgd_ce,square")
+  for name in ("apgd_ce", "square"):
     assert_timed(records[name])
     assert 0 <= records[name]["robust_accuracy"] <= records[name]["clean_accuracy"]
 
@@ -76,7 +76,7 @@ def test_torch_peer_computes_the_same_gfa_objective_and_gradient():
   config.beta = 1.0  # Weigh the penalty fully, so a wrong second-order term shows.
   model = models.SmallCNN()
   params = models.init_params(model, jax.random.key(0), (32, 32, 3))
-  x = np.asarray(jax.random.uniform(jax.random.key(1), (4, 32, 32, 3)))
+  x = np.array(jax.random.uniform(jax.random.key(1), (4, 32, 32, 3)))  # A writable copy.
   y = np.array([0, 3, 3, 9], np.int32)
   objective = objectives.make_objective(config, model)
   (loss, _), grads = jax.value_and_grad(objective, has_aux=True)(

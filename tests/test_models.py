@@ -50,3 +50,34 @@ def test_mlp_logits_and_registry():
   chex.assert_shape(model.apply({"params": params}, jnp.zeros((5, 32, 32, 3))), (5, 10))
   with pytest.raises(ValueError, match="unknown model"):
     create_model("resnet9000")
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_conv_same_matches_lax_to_third_order(kernel_size):
+  """conv_same only rewrites the derivative program: values, gradients, and the gradient of a
+  function of the input gradient (what GFA differentiates) must equal lax's convolution."""
+  from gfa_jax.models import conv_same
+
+  lax_conv = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 3, 4))
+
+  def alignment_like(conv, kernel, x):
+    g = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, kernel)) ** 2))(x)
+    return jnp.sum(g * x) / (jnp.linalg.norm(g) + 1.0)
+
+  second = lambda conv, kernel: jax.grad(alignment_like, argnums=(1, 2))(conv, kernel, x)
+  third = lambda conv: jax.grad(lambda k: jnp.sum(second(conv, k)[0] ** 2))(kernel)
+  np.testing.assert_allclose(conv_same(x, kernel), lax_conv(x, kernel), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(second(conv_same, kernel), second(lax_conv, kernel),
+                              rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(third(conv_same), third(lax_conv), rtol=1e-3, atol=1e-4)
+
+
+def test_small_cnn_rejects_a_convolution_conv_same_does_not_serve():
+  from gfa_jax.models import conv_same_for_flax
+
+  conv = nn.Conv(4, (3, 3), strides=2, padding="SAME", conv_general_dilated=conv_same_for_flax)
+  with pytest.raises(ValueError, match="stride-1 'SAME'"):
+    conv.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The exact commands behind results/ (CIFAR-10 JPEG-75 copy, 2-core CPU). Run from the repo root.
+# Data: python ../shared/datasets/prepare_cifar10.py "$DATA" writes $DATA/cifar-10-batches-bin/.
+set -euo pipefail
+DATA=${GFA_DATA_DIR:?set GFA_DATA_DIR to the folder holding cifar-10-batches-bin/}
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+
+# Training (10 epochs standard, 3 epochs GFA-DEEP beta 0.1; Adam 1e-3 cosine, batch 128).
+python train.py --config configs/cifar_standard.py --workdir runs/cifar_standard \
+    --config.data_dir="$DATA" --config.num_epochs=10
+python train.py --config configs/cifar_deep.py --workdir runs/cifar_deep_short \
+    --config.data_dir="$DATA" --config.num_epochs=3
+python scripts/export_params.py runs/cifar_standard results/cifar_standard/params.msgpack
+python scripts/export_params.py runs/cifar_deep_short results/cifar_deep_short/params.msgpack
+
+# Attacks on the standard model (Linf 8/255 on the first 1,000 test images; the costly
+# minimum-norm and OnePixel attacks at their reference budgets on the first 100).
+M=results/cifar_standard/params.msgpack
+OUT=results/cifar_standard/eval
+for a in fgsm pgd apgd apgd-t square autoattack deepfool; do
+  python eval.py --workdir $M --attack $a --num_examples 1000 --output $OUT/$a.json
+done
+python eval.py --workdir $M --attack deepfool --norm l2 --num_examples 1000 --output $OUT/deepfool_l2.json
+python eval.py --workdir $M --attack fab --num_examples 100 --batch_size 100 --output $OUT/fab.json
+python eval.py --workdir $M --attack onepixel --num_examples 100 --output $OUT/onepixel.json
+python eval.py --workdir $M --attack cw --norm l2 --num_examples 100 --batch_size 100 --output $OUT/cw_l2.json
+python eval.py --workdir $M --attack ead --norm l1 --num_examples 100 --batch_size 100 --output $OUT/ead_l1.json
+
+# Gradient-masking checklist (quick budget, first 100 test images), alignment, mechanism.
+python eval.py --workdir $M --attack checklist --budget quick --num_examples 100 \
+    --output results/cifar_standard/checklist
+python eval.py --workdir results/cifar_deep_short/params.msgpack --attack checklist --budget quick \
+    --num_examples 100 --surrogate $M --output results/cifar_deep_short/checklist
+python eval.py --workdir $M --attack alignment --num_examples 1000 --output results/cifar_standard/alignment.json
+python eval.py --workdir results/cifar_deep_short/params.msgpack --attack mechanism --compare $M \
+    --num_examples 100 --output results/mechanism
