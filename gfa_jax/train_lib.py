@@ -248,8 +248,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           opt_state=checkpoints.ocp.args.StandardSave(state.opt_state)), force=True)
   progress.close()
   manager.wait_until_finished()
-  if start_step == total_steps:  # Nothing left to train: report the final checkpoint again.
-    record = run_eval(total_steps)
+  if start_step == total_steps:  # Nothing left to train: report the final evaluation.
+    logged = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    final = [r for r in logged if r["kind"] == "eval" and r["step"] == total_steps]
+    record = final[-1] if final else run_eval(total_steps)
     print(_format_eval(record))
   return record
 
