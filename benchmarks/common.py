@@ -225,7 +225,8 @@ def summarise(name: str, setup: dict, seconds: list[float], final: dict,
   if flops:
     record["gflop_per_s"] = round(flops / median / 1e9, 2)
     record["gflop_per_step"] = round(flops / 1e9, 4)
-  quartiles = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [median] * 3
+  quartiles = (statistics.quantiles(seconds, n=4, method="inclusive") if len(seconds) > 1
+               else [median] * 3)
   record.update({
       "ms_p25": round(1e3 * quartiles[0], 3), "ms_p75": round(1e3 * quartiles[2], 3),
       "ms_min": round(1e3 * min(seconds), 3),

@@ -81,3 +81,16 @@ def test_small_cnn_rejects_a_convolution_conv_same_does_not_serve():
   conv = nn.Conv(4, (3, 3), strides=2, padding="SAME", conv_general_dilated=conv_same_for_flax)
   with pytest.raises(ValueError, match="stride-1 'SAME'"):
     conv.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_small_cnn_without_explicit_conv_vjp_is_the_same_function_and_supports_jvp():
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  params = init_params(SmallCNN(), jax.random.key(1), (32, 32, 3))
+  logits = lambda model: lambda x: model.apply({"params": params}, x)
+  fast, plain = logits(SmallCNN()), logits(SmallCNN(explicit_conv_vjp=False))
+  np.testing.assert_allclose(fast(x), plain(x), rtol=1e-5, atol=1e-6)
+  input_gradient = lambda f: jax.grad(lambda x: jnp.sum(f(x)[:, 3]))(x)
+  np.testing.assert_allclose(input_gradient(fast), input_gradient(plain), rtol=1e-4, atol=1e-6)
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(fast, (x,), (x,))
+  chex.assert_shape(jax.jvp(plain, (x,), (x,))[1], (2, 10))
