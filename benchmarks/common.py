@@ -107,13 +107,20 @@ def rss_mb() -> float:
   return _status_mb("VmRSS")
 
 
+def usable_cores() -> list[int]:
+  return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
+      range(os.cpu_count() or 1))
+
+
 def limit_cores(threads: int) -> None:
   """Runs this worker on its first ``threads`` cores (before JAX starts: XLA sizes its
   thread pool from the cores it may use; PyTorch is told with ``torch.set_num_threads``)."""
-  cores = sorted(os.sched_getaffinity(0))
+  cores = usable_cores()
   if threads < 1:
     raise ValueError(f"--threads must be >= 1, got {threads}")
   if threads < len(cores):
+    if not hasattr(os, "sched_setaffinity"):
+      raise ValueError("--threads below the core count needs Linux (sched_setaffinity)")
     os.sched_setaffinity(0, cores[:threads])
 
 
@@ -250,7 +257,7 @@ def parser(description: str, *, steps: int, warmup: int, rounds: int) -> argpars
   p.add_argument("--rounds", type=int, default=rounds,
                  help="interleaving rounds; the timed steps are split evenly over them")
   p.add_argument("--cases", default="", help="comma-separated subset of case names")
-  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+  p.add_argument("--threads", type=int, default=len(usable_cores()),
                  help="cores per worker, the same for JAX and PyTorch (default: all; fewer "
                       "pins the workers to the first ones)")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # Internal: run one case.
@@ -279,8 +286,10 @@ def _versions(*packages: str) -> dict[str, str]:
 
 def machine(threads: int) -> dict:
   """What the numbers were measured on."""
-  model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text()
-                .splitlines() if l.startswith("model name")), platform.processor())
+  cpuinfo = Path("/proc/cpuinfo")
+  lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+  model = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")),
+               platform.processor())
   return {"name": "machine", "cpu": model, "nproc": os.cpu_count(),
           "python": platform.python_version(), "threads": threads,
           "load_average": [round(x, 2) for x in os.getloadavg()],
