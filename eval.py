@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 from absl import app, flags, logging
 
-from gfa_jax import analysis, checklist, checkpoints, data, evaluate, objectives, plots
+from gfa_jax import analysis, checklist, checkpoints, data, evaluate, objectives, plots, xla_flags
 from gfa_jax.attacks import core
 
 _WORKDIR = flags.DEFINE_string(
@@ -223,6 +223,7 @@ def run() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  xla_flags.use_fast_cpu_convolutions()  # Before the first computation reads $XLA_FLAGS.
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
   try:
     run()

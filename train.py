@@ -9,7 +9,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gfa_jax import train_lib
+from gfa_jax import train_lib, xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/quickstart.py", "Training config file.", lock_config=True)
@@ -19,6 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (default: runs/<conf
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  xla_flags.use_fast_cpu_convolutions()  # Before the first computation reads $XLA_FLAGS.
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   config_name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
   workdir = _WORKDIR.value or str(Path("runs") / config_name)

@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.mse_outputs = "softmax"  # MSE compares one-hot labels with softmax or logits.
   config.alpha = 1.0  # Weight of the task loss in alpha * task_loss + beta * penalty.
   config.beta = 0.1  # Weight of the GFA penalty (1 - mean alignment); see docs for sweeps.
+  # beta schedule: 0 for the first beta_ramp_start_epochs, then linear up to beta over
+  # beta_ramp_epochs (both 0: constant beta). Lets the task be learnt before aligning.
+  config.beta_ramp_start_epochs = 0.0
+  config.beta_ramp_epochs = 0.0
   config.gfa_layers = ("layer0", "layer1", "layer2")  # DEEP; FIRST is ("layer0",).
   config.gfa_eps = 1e-12  # Floor of the cosine's denominator.
   # Inner attack of pgd_at / trades / gradalign (Linf, in [0, 1] pixel units).

@@ -1,5 +1,8 @@
 """Training objectives, one signature for all: ``objective(params, batch, key) -> (loss, metrics)``.
 
+``batch`` holds ``image`` (float [B, H, W, C] in [0, 1]) and ``label`` (int [B]), and during
+training also ``step``, the optimiser step, which drives the GFA beta schedule.
+
 ``make_objective(config, model)`` picks one of
 
 - ``standard``: the task loss.
@@ -26,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from gfa_jax.attacks.fgsm import fgsm
 from gfa_jax.attacks.pgd import pgd
@@ -78,9 +82,35 @@ def kl_divergence(logits: jax.Array, clean_probs: jax.Array) -> jax.Array:
   return jnp.sum(clean_probs * (jnp.log(jnp.clip(clean_probs, 1e-12)) - log_probs), axis=-1)
 
 
-def make_objective(config: ml_collections.ConfigDict, model: nn.Module) -> Objective:
-  """The objective named by ``config.objective`` for ``model`` (see module docstring)."""
+def make_beta_schedule(config: ml_collections.ConfigDict,
+                       steps_per_epoch: int | None) -> optax.Schedule:
+  """GFA's beta as a function of the step: 0 for ``beta_ramp_start_epochs``, then a linear
+  ramp to ``config.beta`` over ``beta_ramp_epochs`` (both 0: ``config.beta`` throughout).
+
+  Exists because a constant beta either leaves the alignment at 0 or collapses accuracy
+  (docs/results.md); a delayed or ramped penalty lets the task be learnt first.
+  """
+  start, ramp = config.beta_ramp_start_epochs, config.beta_ramp_epochs
+  if start < 0 or ramp < 0:
+    raise ValueError(f"beta_ramp_start_epochs and beta_ramp_epochs must be >= 0, got {start}, {ramp}")
+  if not start and not ramp:
+    return optax.constant_schedule(config.beta)
+  if steps_per_epoch is None:
+    raise ValueError("a beta ramp (beta_ramp_start_epochs / beta_ramp_epochs) needs "
+                     "make_objective(..., steps_per_epoch=N)")
+  return optax.linear_schedule(0.0, config.beta, transition_steps=max(1, int(ramp * steps_per_epoch)),
+                               transition_begin=int(start * steps_per_epoch))
+
+
+def make_objective(config: ml_collections.ConfigDict, model: nn.Module,
+                   steps_per_epoch: int | None = None) -> Objective:
+  """The objective named by ``config.objective`` for ``model`` (see module docstring).
+
+  ``steps_per_epoch`` converts the beta schedule's epochs to steps; a batch without ``step``
+  (evaluation) gets the schedule's final beta.
+  """
   task_loss = make_task_loss(config)
+  beta_schedule = make_beta_schedule(config, steps_per_epoch) if config.objective == "gfa" else None
   adv = config.adversary
 
   def logits_fn(params):
@@ -94,12 +124,13 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module) -> Objec
 
   def gfa(params, batch, key):
     del key
+    beta = beta_schedule(batch["step"]) if "step" in batch else jnp.asarray(config.beta)
     loss, aux = gfa_objective(
         model.apply, params, batch["image"], batch["label"], task_loss,
-        layers=tuple(config.gfa_layers), alpha=config.alpha, beta=config.beta,
+        layers=tuple(config.gfa_layers), alpha=config.alpha, beta=beta,
         eps=config.gfa_eps,
     )
-    metrics = {"task_loss": aux["task_loss"], "penalty": aux["penalty"],
+    metrics = {"task_loss": aux["task_loss"], "penalty": aux["penalty"], "beta": beta,
                "accuracy": accuracy(aux["logits"], batch["label"])}
     metrics.update({f"alignment/{k}": v for k, v in aux["alignment"].items()})
     return loss, metrics

@@ -172,7 +172,7 @@ def gfa_objective(
     *,
     layers: Sequence[str],
     alpha: float = 1.0,
-    beta: float = 1.0,
+    beta: float | jax.Array = 1.0,
     eps: float = 1e-12,
 ) -> tuple[jax.Array, dict[str, Any]]:
   """``alpha * task_loss + beta * penalty`` for a Flax model, in one call.

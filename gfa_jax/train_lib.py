@@ -69,13 +69,15 @@ def check_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> No
         f"multiple of {mesh.size} (e.g. --config.{what}={mesh.size * max(1, batch_size // mesh.size)})")
 
 
-def make_train_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
+def make_train_step(config: ml_collections.ConfigDict, model, mesh: Mesh,
+                    steps_per_epoch: int | None = None):
   """The compiled ``train_step(state, images_uint8, labels, key) -> (state, metrics)``.
 
   Augmentation runs on device inside the step (no per-example Python on the host). The state
-  is donated: its buffers are reused for the new state.
+  is donated: its buffers are reused for the new state. ``steps_per_epoch`` is needed only by
+  a GFA beta ramp (``objectives.make_beta_schedule``).
   """
-  objective = objectives.make_objective(config, model)
+  objective = objectives.make_objective(config, model, steps_per_epoch)
 
   def train_step(state, images, labels, key):
     key = jax.random.fold_in(key, state.step)
@@ -83,7 +85,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
     x = data.augment(augment_key, data.to_float(images),
                      crop_padding=config.crop_padding, flip=config.flip)
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params, {"image": x, "label": labels}, objective_key)
+        state.params, {"image": x, "label": labels, "step": state.step}, objective_key)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.apply_gradients(grads=grads), metrics
 
@@ -198,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   _drop_metrics_after(metrics_path, start_step)
   state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
-  train_step = make_train_step(config, model, mesh)
+  train_step = make_train_step(config, model, mesh, steps_per_epoch)
   eval_step = make_eval_step(config, model, mesh)
   num_train_eval = min(config.num_train_eval_examples, len(train_images))
 

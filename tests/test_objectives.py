@@ -41,6 +41,28 @@ def test_gfa_with_beta_zero_is_the_task_loss(setup):
   assert set(metrics) >= {"penalty", "alignment/layer0", "alignment/layer1", "alignment/layer2"}
 
 
+def test_beta_schedule_delays_then_ramps(tiny_config):
+  tiny_config.beta, tiny_config.beta_ramp_start_epochs, tiny_config.beta_ramp_epochs = 0.4, 1.0, 2.0
+  schedule = objectives.make_beta_schedule(tiny_config, steps_per_epoch=10)
+  np.testing.assert_allclose([schedule(s) for s in (0, 10, 20, 30, 100)],
+                             [0.0, 0.0, 0.2, 0.4, 0.4], atol=1e-7)
+  with pytest.raises(ValueError, match="steps_per_epoch"):
+    objectives.make_beta_schedule(tiny_config, steps_per_epoch=None)
+
+
+def test_gfa_uses_the_batch_step_for_beta(setup):
+  config, model, params, batch = setup
+  config.beta, config.beta_ramp_start_epochs, config.beta_ramp_epochs = 0.5, 1.0, 1.0
+  objective = objectives.make_objective(config, model, steps_per_epoch=4)
+  early, early_metrics = objective(params, {**batch, "step": jnp.asarray(0)}, jax.random.key(0))
+  late, late_metrics = objective(params, {**batch, "step": jnp.asarray(8)}, jax.random.key(0))
+  evaluation, _ = objective(params, batch, jax.random.key(0))  # No step: the final beta.
+  np.testing.assert_allclose(early, early_metrics["task_loss"], rtol=1e-6)
+  np.testing.assert_allclose(late, late_metrics["task_loss"] + 0.5 * late_metrics["penalty"], rtol=1e-6)
+  np.testing.assert_allclose(evaluation, late, rtol=1e-6)
+  assert early_metrics["beta"] == 0.0 and late_metrics["beta"] == 0.5
+
+
 def test_trades_with_zero_weight_is_the_clean_loss(setup):
   config, model, params, batch = setup
   config.objective, config.task_loss, config.adversary.trades_beta = "trades", "ce", 0.0

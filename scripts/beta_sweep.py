@@ -1,0 +1,127 @@
+"""The GFA beta sweep of docs/results.md: clean accuracy vs alignment vs APGD robust accuracy.
+
+  python scripts/beta_sweep.py --data-dir DATA --workdir runs/sweep --output results/beta_sweep
+
+Every variant trains GFA on the first `--num-train` CIFAR-10 training images (base config
+configs/cifar_deep.py plus the variant's overrides), then APGD-CE (Linf 8/255, 100 iterations)
+attacks its first `--num-attack` test images. One JSON line per variant is appended to
+OUTPUT/sweep.jsonl as it finishes; a rerun skips the variants already there, so the sweep
+survives interruptions (and a killed variant resumes from its own checkpoint). A run that
+diverges (non-finite loss) is recorded as such, not dropped. `--plot` redraws the figures only.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import functools  # noqa: E402
+
+from configs import cifar_deep  # noqa: E402
+from gfa_jax import checkpoints, data, evaluate, plots, train_lib, xla_flags  # noqa: E402
+
+DEEP, FIRST = ("layer0", "layer1", "layer2"), ("layer0",)
+
+# (name, overrides of configs/cifar_deep.py), in the order they run: the constant-beta grid
+# around the transition first, then the ways out of it that the issue asks for.
+VARIANTS = [
+    *[(f"deep_mse_b{b}", {"beta": b}) for b in (0.05, 0.07, 0.1, 0.15, 0.3, 1.0)],
+    *[(f"deep_mse_ramp_b{b}", {"beta": b, "beta_ramp_epochs": 5.0}) for b in (0.3, 1.0)],
+    *[(f"deep_mse_delay_b{b}", {"beta": b, "beta_ramp_start_epochs": 2.0,
+                                "beta_ramp_epochs": 2.0}) for b in (0.3, 1.0)],
+    *[(f"deep_mselogits_b{b}", {"beta": b, "mse_outputs": "logits"}) for b in (0.3, 1.0)],
+    *[(f"deep_ce_b{b}", {"beta": b, "task_loss": "ce"}) for b in (0.3, 1.0)],
+    *[(f"first_mse_b{b}", {"beta": b, "gfa_layers": FIRST}) for b in (0.1, 1.0)],
+    *[(f"deep_mse_b0.1_seed{s}", {"beta": 0.1, "seed": s}) for s in (1, 2)],
+]
+
+
+def variant_config(overrides: dict, args):
+  config = cifar_deep.get_config()
+  config.update({"data_dir": args.data_dir, "num_train": args.num_train,
+                 "num_epochs": args.epochs, "num_eval_examples": args.num_eval,
+                 "eval_every_steps": 0, "checkpoint_every_steps": 100, **overrides})
+  return config
+
+
+def run_variant(name: str, overrides: dict, args) -> dict:
+  """Trains one variant and attacks it; returns its JSON record."""
+  config = variant_config(overrides, args)
+  workdir = Path(args.workdir) / name
+  start = time.perf_counter()
+  record = {"name": name, "overrides": overrides, "num_train": args.num_train,
+            "epochs": args.epochs}
+  try:
+    final = train_lib.train_and_evaluate(config, workdir)
+  except FloatingPointError as e:
+    return {**record, "diverged": str(e), "seconds": time.perf_counter() - start}
+  apply_fn, variables = checkpoints.load_model(workdir)
+  dataset = data.load_dataset(config.data_source, config.data_dir)
+  report = evaluate.evaluate(
+      functools.partial(apply_fn, variables), data.to_float(dataset.test_images[:args.num_attack]),
+      dataset.test_labels[:args.num_attack], attack="apgd", eps=[8 / 255], progress=False)
+  return {**record, "final_eval": final, "apgd_clean_accuracy": report["clean_accuracy"],
+          "apgd_robust_accuracy": report["robust_accuracy"][0],
+          "num_attacked": args.num_attack, "seconds": time.perf_counter() - start}
+
+
+def plot(records: list[dict], output: Path) -> None:
+  """Two figures: per-family curves against beta, and clean accuracy against alignment."""
+  families: dict[str, list[dict]] = {}
+  for r in records:
+    if "final_eval" in r:
+      families.setdefault(r["name"].rsplit("_b", 1)[0], []).append(r)
+  mean_alignment = lambda r: sum(r["final_eval"][f"train/alignment/layer{i}"] for i in range(3)) / 3
+  curves = {}
+  for family, rs in families.items():
+    rs = sorted((r for r in rs if "seed" not in r["name"]), key=lambda r: r["overrides"]["beta"])
+    if len(rs) < 2:
+      continue
+    betas = [r["overrides"]["beta"] for r in rs]
+    curves[f"{family}: test acc"] = (betas, [r["final_eval"]["test/accuracy"] for r in rs])
+    curves[f"{family}: APGD acc"] = (betas, [r["apgd_robust_accuracy"] for r in rs])
+    curves[f"{family}: train align (L0-2)"] = (betas, [mean_alignment(r) for r in rs])
+  plots.plot_lines(output / "beta_sweep.png", curves, xlabel="beta", ylabel="fraction",
+                   logx=True, ylim=(-0.05, 1.0), reference_lines={"chance": 0.1},
+                   title="GFA beta sweep (CIFAR-10 JPEG-75 copy, SmallCNN)")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data-dir", required=True, help="folder with cifar-10-batches-bin/")
+  parser.add_argument("--workdir", default="runs/beta_sweep", help="one training dir per variant")
+  parser.add_argument("--output", default="results/beta_sweep", help="sweep.jsonl + plots")
+  parser.add_argument("--num-train", type=int, default=10000, help="training images")
+  parser.add_argument("--epochs", type=int, default=5, help="epochs per variant")
+  parser.add_argument("--num-eval", type=int, default=2000, help="test images for accuracy")
+  parser.add_argument("--num-attack", type=int, default=200, help="test images APGD attacks")
+  parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+  parser.add_argument("--plot", action="store_true", help="only redraw the plots")
+  args = parser.parse_args()
+  xla_flags.use_fast_cpu_convolutions()
+  output = Path(args.output)
+  output.mkdir(parents=True, exist_ok=True)
+  results = output / "sweep.jsonl"
+  records = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
+  if not args.plot:
+    only = set(filter(None, args.only.split(",")))
+    unknown = only - {name for name, _ in VARIANTS}
+    if unknown:
+      raise SystemExit(f"unknown variants {sorted(unknown)}; see VARIANTS in {__file__}")
+    done = {r["name"] for r in records}
+    for name, overrides in VARIANTS:
+      if name in done or (only and name not in only):
+        continue
+      record = run_variant(name, overrides, args)
+      records.append(record)
+      with results.open("a") as f:  # One complete line per finished variant.
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+      print(json.dumps({k: record.get(k) for k in ("name", "apgd_robust_accuracy", "diverged")}))
+  plot(records, output)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The evaluation protocol of docs/results.md for one model: every attack, the eps curves,
+# minimum-norm attacks, OnePixel, the gradient-masking checklist and the per-layer alignment.
+#   scripts/evaluate_model.sh MODEL OUT [SURROGATE]
+# MODEL: a training workdir or params-only .msgpack; OUT: folder for the JSON; SURROGATE: a
+# standard-trained model for the checklist's transfer attack. Data: $GFA_DATA_DIR.
+# Linf attacks use the first 1,000 test images; CW, EAD, OnePixel and the checklist the first
+# 100 (their reference budgets cost 10-50x more per image). A finished JSON is not redone.
+set -euo pipefail
+MODEL=${1:?model}; OUT=${2:?output folder}; SURROGATE=${3:-}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+run() {  # run NAME ARGS...: one eval.py call writing OUT/NAME.json, unless that exists.
+  local name=$1; shift
+  [[ -e "$OUT/$name.json" ]] && return 0
+  echo "== $name $(date +%T)"
+  $PY eval.py --workdir "$MODEL" "$@" --output "$OUT/$name.json"
+}
+CURVE=1/255,2/255,4/255,8/255,16/255
+run fgsm --attack fgsm --eps $CURVE
+run pgd --attack pgd --eps $CURVE
+run autoattack --attack autoattack
+run square --attack square
+run deepfool --attack deepfool
+run deepfool_l2 --attack deepfool --norm l2
+run alignment --attack alignment
+run cw_l2 --attack cw --norm l2 --num_examples 100 --batch_size 100
+run ead_l1 --attack ead --norm l1 --num_examples 100 --batch_size 100
+run onepixel --attack onepixel --num_examples 100
+if [[ ! -e "$OUT/checklist/checklist.json" ]]; then  # The checklist writes a folder.
+  echo "== checklist $(date +%T)"
+  $PY eval.py --workdir "$MODEL" --attack checklist --budget quick --num_examples 100 \
+    ${SURROGATE:+--surrogate "$SURROGATE"} --output "$OUT/checklist"
+fi
