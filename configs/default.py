@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Model -----------------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
-  config.model.name = "small_cnn"  # Registry key in gfa_jax.models.MODELS: small_cnn | mlp.
+  config.model.name = "small_cnn"  # gfa_jax.models.MODELS key: small_cnn | mlp | resnet20 | vit.
   # Per-channel normalisation inside the model, (x - mean) / std on [0, 1] images. 0.5/0.5
   # maps to [-1, 1], the input scaling the paper trained and aligned at layer0.
   config.model.mean = (0.5, 0.5, 0.5)

@@ -2,7 +2,11 @@
 
 Normalisation happens inside the model, so attacks and epsilons always live in [0, 1] pixel
 space. Every layer input goes through ``penalty.tap`` under the name ``layer<i>`` (``layer0``
-is the normalised image the first layer sees): that is all a model needs for GFA.
+is the normalised image the first layer sees; for ResNet20 and ViT ``layer<i>``, i >= 1, is
+the input of residual / transformer block i): that is all a model needs for GFA.
+
+Registry (``create_model``): small_cnn (the paper's CNN), mlp, resnet20, vit. No model may mix
+the samples of a batch (no BatchNorm): GFA's cosine is per sample.
 """
 
 from __future__ import annotations
@@ -165,7 +169,161 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes)(h)
 
 
-MODELS = {"small_cnn": SmallCNN, "mlp": MLP}
+# --------------------------------------------------------------------------------------------
+# Larger models. GFA's cosine is per sample (dL/dh[i] against h[i]), so no layer may mix the
+# samples of a batch: BatchNorm would make dL/dh[i] depend on every other sample (and train and
+# eval modes differ). Both models below normalise each sample on its own (GroupNorm, LayerNorm).
+
+
+def conv3x3(features: int, strides: int = 1, explicit_conv_vjp: bool = True) -> Any:
+  """A bias-free 3x3 convolution with padding 1 (PyTorch's ``padding=1``), stride 1 or 2.
+
+  With ``explicit_conv_vjp`` it runs through ``conv_same``; stride 2 is then the stride-1
+  output at even positions (4x the FLOPs of that one convolution, same values as lax's strided
+  convolution with padding ((1, 1), (1, 1)), which ``explicit_conv_vjp=False`` uses).
+  """
+  init = nn.initializers.he_normal()
+  if not explicit_conv_vjp:
+    return nn.Conv(features, (3, 3), strides=strides, padding=((1, 1), (1, 1)), use_bias=False,
+                   kernel_init=init)
+  conv = nn.Conv(features, (3, 3), padding="SAME", use_bias=False, kernel_init=init,
+                 conv_general_dilated=conv_same_for_flax)
+  return conv if strides == 1 else lambda x: conv(x)[:, ::strides, ::strides, :]
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+  """Per-sample normalisation over groups of channels (8 groups, fewer for narrow maps)."""
+  return nn.GroupNorm(num_groups=min(8, channels))
+
+
+class BasicBlock(nn.Module):
+  """He et al.'s basic block: conv-norm-ReLU-conv-norm, plus the shortcut, then ReLU.
+
+  The shortcut is the identity, or He et al.'s option A where the block changes the shape:
+  subsample by ``strides`` and zero-pad the new channels. Option A adds no parameters (ResNet20
+  keeps its 0.27 M) and is what the paper used on CIFAR.
+  """
+
+  features: int
+  strides: int = 1
+  explicit_conv_vjp: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = conv3x3(self.features, self.strides, self.explicit_conv_vjp)(x)
+    h = nn.relu(group_norm(self.features)(h))
+    h = conv3x3(self.features, 1, self.explicit_conv_vjp)(h)
+    h = group_norm(self.features)(h)
+    shortcut = x[:, ::self.strides, ::self.strides, :]
+    extra = self.features - x.shape[-1]
+    if extra:
+      shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return nn.relu(h + shortcut)
+
+
+class ResNet20(nn.Module):
+  """He et al. (2016)'s CIFAR ResNet-20, with GroupNorm in place of BatchNorm.
+
+  Conv3x3 16, GroupNorm, ReLU; three stages of three ``BasicBlock``s with 16, 32 and 64
+  channels (stride 2 at the start of the second and third); global average pool; Dense.
+  269,722 parameters for 32x32x3 inputs and 10 classes.
+
+  GroupNorm, not BatchNorm: GFA compares dL/dh and h per sample, and BatchNorm mixes the
+  samples of a batch (each sample's output, hence its gradient, would depend on the others,
+  and train and eval would compute different functions). GroupNorm normalises each sample by
+  itself (8 groups of channels), so sample i's logits depend on image i alone.
+
+  Taps: ``layer0`` is the normalised image the first convolution sees (as in ``SmallCNN``),
+  ``layer1`` .. ``layer9`` the inputs of the nine residual blocks, ``layer10`` the pooled
+  features the classifier sees.
+  """
+
+  num_classes: int = 10
+  stage_features: Sequence[int] = (16, 32, 64)
+  blocks_per_stage: int = 3
+  mean: Sequence[float] = (0.5, 0.5, 0.5)
+  std: Sequence[float] = (0.5, 0.5, 0.5)
+  # As in SmallCNN: stride-1 convolutions through ``conv_same`` (fast input gradients on XLA
+  # CPU, reverse mode only); False gives lax's convolutions (same parameters and values).
+  explicit_conv_vjp: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = normalize(x, self.mean, self.std)
+    h = tap(self, "layer0", h)
+    h = conv3x3(self.stage_features[0], 1, self.explicit_conv_vjp)(h)
+    h = nn.relu(group_norm(self.stage_features[0])(h))
+    layer = 1
+    for stage, width in enumerate(self.stage_features):
+      for block in range(self.blocks_per_stage):
+        h = tap(self, f"layer{layer}", h)
+        strides = 2 if stage > 0 and block == 0 else 1
+        h = BasicBlock(width, strides, self.explicit_conv_vjp)(h)
+        layer += 1
+    h = jnp.mean(h, axis=(1, 2))
+    h = tap(self, f"layer{layer}", h)
+    return nn.Dense(self.num_classes)(h)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LayerNorm encoder block: x + MHSA(LN(x)), then x + MLP(LN(x)) with GELU."""
+
+  num_heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(h, h)
+    h = nn.LayerNorm()(x)
+    h = nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.mlp_dim)(h)))
+    return x + h
+
+
+class ViT(nn.Module):
+  """A small Vision Transformer for 32x32 images.
+
+  4x4 patches (64 tokens), each flattened and projected to ``width`` (128), plus a learned
+  position embedding; ``depth`` (4) pre-LN blocks with ``num_heads`` (4) heads and an MLP of
+  ``mlp_dim`` (256); final LayerNorm, mean over tokens, Dense. 545,930 parameters with the
+  defaults for 32x32x3 inputs and 10 classes. No class token, no dropout. LayerNorm and
+  attention act within one sample, so GFA's per-sample cosine is well defined.
+
+  Taps: ``layer0`` is the normalised image (as in ``SmallCNN``), ``layer1`` the tokens the
+  first block sees (patch embedding + position), ``layer2`` .. ``layer<depth>`` the inputs of
+  the other blocks, ``layer<depth+1>`` the pooled features the classifier sees.
+  """
+
+  num_classes: int = 10
+  patch_size: int = 4
+  width: int = 128
+  depth: int = 4
+  num_heads: int = 4
+  mlp_dim: int = 256
+  mean: Sequence[float] = (0.5, 0.5, 0.5)
+  std: Sequence[float] = (0.5, 0.5, 0.5)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = normalize(x, self.mean, self.std)
+    h = tap(self, "layer0", h)
+    b, height, width, c = h.shape
+    p = self.patch_size
+    patches = h.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, (height // p) * (width // p), p * p * c)
+    h = nn.Dense(self.width, name="patch_embedding")(patches)
+    position = self.param("position_embedding", nn.initializers.normal(0.02),
+                          (1, *h.shape[1:]), h.dtype)
+    h = h + position
+    for i in range(self.depth):
+      h = tap(self, f"layer{i + 1}", h)
+      h = TransformerBlock(self.num_heads, self.mlp_dim)(h)
+    h = jnp.mean(nn.LayerNorm()(h), axis=1)
+    h = tap(self, f"layer{self.depth + 1}", h)
+    return nn.Dense(self.num_classes)(h)
+
+
+MODELS = {"small_cnn": SmallCNN, "mlp": MLP, "resnet20": ResNet20, "vit": ViT}
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

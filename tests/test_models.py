@@ -1,14 +1,16 @@
-"""Model shapes, the pinned parameter count and the tap names GFA relies on."""
+"""Model shapes, the pinned parameter counts and the tap names GFA relies on."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
-from gfa_jax import zero_taps
-from gfa_jax.models import MLP, SmallCNN, create_model, init_params, max_pool_2x2
+from gfa_jax import gfa_objective, zero_taps
+from gfa_jax.models import MLP, ResNet20, SmallCNN, create_model, init_params, max_pool_2x2
+from gfa_jax.objectives import cross_entropy
 
 
 def test_small_cnn_has_the_papers_parameter_count():
@@ -94,3 +96,82 @@ def test_small_cnn_without_explicit_conv_vjp_is_the_same_function_and_supports_j
   with pytest.raises(TypeError, match="forward-mode"):
     jax.jvp(fast, (x,), (x,))
   chex.assert_shape(jax.jvp(plain, (x,), (x,))[1], (2, 10))
+
+
+# --- ResNet20 and ViT --------------------------------------------------------------------------
+
+
+def test_resnet20_and_vit_parameter_counts():
+  count = lambda model: sum(p.size for p in jax.tree.leaves(jax.eval_shape(
+      lambda: init_params(model, jax.random.key(0), (32, 32, 3)))))
+  # ResNet20 with option-A shortcuts: 0.27 M as in He et al.; GroupNorm adds 2 per channel.
+  assert count(create_model("resnet20")) == 269_722
+  assert count(create_model("vit")) == 545_930
+
+
+@pytest.mark.parametrize("name, shapes", [
+    ("resnet20", {"layer0": (32, 32, 3), **{f"layer{i}": (32, 32, 16) for i in (1, 2, 3, 4)},
+                  **{f"layer{i}": (16, 16, 32) for i in (5, 6, 7)},
+                  "layer8": (8, 8, 64), "layer9": (8, 8, 64), "layer10": (64,)}),
+    ("vit", {"layer0": (32, 32, 3), **{f"layer{i}": (64, 128) for i in (1, 2, 3, 4)},
+             "layer5": (128,)}),
+])
+def test_resnet20_and_vit_logits_and_taps(name, shapes):
+  model = create_model(name, mean=[0.5] * 3, std=[0.5] * 3)  # as configs pass them
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  params = init_params(model, jax.random.key(1), (32, 32, 3))
+  logits, state = model.apply({"params": params}, x, mutable=["intermediates"])
+  chex.assert_shape(logits, (2, 10))
+  chex.assert_tree_all_finite(logits)
+  taps = zero_taps(model.apply, {"params": params}, x)
+  chex.assert_trees_all_equal_shapes(taps, {k: jnp.zeros((2, *s)) for k, s in shapes.items()})
+  # layer0 is the normalised image the first layer sees, as for SmallCNN.
+  np.testing.assert_allclose(state["intermediates"]["layer0"], 2 * x - 1, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vit"])
+def test_resnet20_and_vit_gfa_objective_is_finite(name):
+  model = create_model(name)
+  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
+  y = jnp.array([0, 1, 2, 3])
+  params = init_params(model, jax.random.key(1), (32, 32, 3))
+
+  @jax.jit
+  def objective_and_grad(params):
+    return jax.value_and_grad(
+        lambda p: gfa_objective(model.apply, p, x, y, cross_entropy,
+                                layers=("layer0", "layer1", "layer2"), beta=1.0),
+        has_aux=True)(params)
+
+  (objective, aux), grads = objective_and_grad(params)
+  chex.assert_tree_all_finite((objective, aux, grads))
+  assert sorted(aux["alignment"]) == ["layer0", "layer1", "layer2"]
+  assert 0.0 < float(aux["penalty"]) < 2.0
+  assert float(optax.tree.norm(grads)) > 0
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vit"])
+def test_resnet20_and_vit_treat_each_sample_on_its_own(name):
+  """GFA's cosine is per sample: sample 0's logits must not depend on sample 1 (no BatchNorm)."""
+  model = create_model(name)
+  params = init_params(model, jax.random.key(0), (32, 32, 3))
+  x = jax.random.uniform(jax.random.key(1), (3, 32, 32, 3))
+  changed = x.at[1].set(jax.random.uniform(jax.random.key(2), (32, 32, 3)))
+  before = model.apply({"params": params}, x)
+  after = model.apply({"params": params}, changed)
+  np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(after[2], before[2], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(after[1], before[1])
+
+
+def test_resnet20_without_explicit_conv_vjp_is_the_same_function():
+  """Stride-2 convolutions via conv_same + subsampling equal lax's padding-1 strided ones."""
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  params = init_params(ResNet20(), jax.random.key(1), (32, 32, 3))
+  plain_params = init_params(ResNet20(explicit_conv_vjp=False), jax.random.key(1), (32, 32, 3))
+  chex.assert_trees_all_equal_shapes(params, plain_params)
+  logits = lambda model: lambda x: model.apply({"params": params}, x)
+  fast, plain = logits(ResNet20()), logits(ResNet20(explicit_conv_vjp=False))
+  np.testing.assert_allclose(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+  input_gradient = lambda f: jax.grad(lambda x: jnp.sum(f(x)[:, 3]))(x)
+  np.testing.assert_allclose(input_gradient(fast), input_gradient(plain), rtol=1e-3, atol=1e-6)
