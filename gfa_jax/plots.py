@@ -39,15 +39,10 @@ def _save(fig: Figure, path: str | Path) -> Path:
   return path
 
 
-def plot_lines(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-               *, xlabel: str, ylabel: str, title: str | None = None, logx: bool = False,
-               ylim: tuple[float, float] | None = None,
-               reference_lines: Mapping[str, float] | None = None,
-               markevery: int | float | None = None) -> Path:
-  """Line plot of ``{label: (xs, ys)}``; ``reference_lines`` ``{label: y}`` are drawn as grey
-  horizontal lines (e.g. chance level). Returns the PNG's path."""
-  fig = Figure(figsize=(6, 4.2))
-  ax = fig.add_subplot()
+def _draw_lines(ax, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+                xlabel: str, ylabel: str, title: str | None, logx: bool,
+                ylim: tuple[float, float] | None, reference_lines: Mapping[str, float] | None,
+                markevery: int | float | None) -> None:
   for i, (label, (xs, ys)) in enumerate(curves.items()):
     ax.plot(xs, ys, label=label, markevery=markevery, markersize=5, **series_style(i))
   for j, (label, value) in enumerate((reference_lines or {}).items()):
@@ -63,6 +58,32 @@ def plot_lines(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Seq
     ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
+
+
+def plot_lines(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+               *, xlabel: str, ylabel: str, title: str | None = None, logx: bool = False,
+               ylim: tuple[float, float] | None = None,
+               reference_lines: Mapping[str, float] | None = None,
+               markevery: int | float | None = None) -> Path:
+  """Line plot of ``{label: (xs, ys)}``; ``reference_lines`` ``{label: y}`` are drawn as grey
+  horizontal lines (e.g. chance level). Returns the PNG's path."""
+  fig = Figure(figsize=(6, 4.2))
+  _draw_lines(fig.add_subplot(), curves, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx,
+              ylim=ylim, reference_lines=reference_lines, markevery=markevery)
+  return _save(fig, path)
+
+
+def plot_panels(path: str | Path,
+                panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+                *, xlabel: str, logx: bool = False, ylim: tuple[float, float] | None = None,
+                reference_lines: Mapping[str, float] | None = None) -> Path:
+  """Side-by-side line plots, one per ``{ylabel: curves}`` entry, the same series styles in
+  each (so one series is one colour across panels). Returns the PNG's path."""
+  fig = Figure(figsize=(5 * len(panels), 4.2))
+  for k, (ylabel, curves) in enumerate(panels.items()):
+    _draw_lines(fig.add_subplot(1, len(panels), k + 1), curves, xlabel=xlabel, ylabel=ylabel,
+                title=None, logx=logx, ylim=ylim, reference_lines=reference_lines,
+                markevery=None)
   return _save(fig, path)
 
 

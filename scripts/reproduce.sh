@@ -5,6 +5,33 @@ set -euo pipefail
 DATA=${GFA_DATA_DIR:?set GFA_DATA_DIR to the folder holding cifar-10-batches-bin/}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
+# --- docs/results.md (issue 7): eight SmallCNN models, 5 epochs each -------------------------
+train() {  # train NAME CONFIG [OVERRIDES...]: runs/NAME, then results/NAME/params.msgpack.
+  local name=$1 config=$2; shift 2
+  python train.py --config "$config" --workdir "runs/$name" --config.data_dir="$DATA" \
+      --config.num_epochs=5 "$@"
+  mkdir -p "results/$name"
+  python scripts/export_params.py "runs/$name" "results/$name/params.msgpack"
+  cp "runs/$name/metrics.jsonl" "results/$name/metrics.jsonl"
+}
+train standard_mse configs/cifar_standard.py
+train standard_ce configs/cifar_standard.py --config.task_loss=ce
+train gfa_deep configs/cifar_deep.py                                   # beta 0.1, MSE
+GFA_RUNS_PLACEHOLDER
+train gradalign configs/cifar_gradalign.py
+train pgd_at configs/cifar_pgd_at.py
+train trades configs/cifar_trades.py
+
+# The beta sweep (10,000 training images, 5 epochs per variant; resumable).
+python scripts/beta_sweep.py --data-dir "$DATA" --workdir runs/beta_sweep --output results/beta_sweep
+
+# Every model under every attack (scripts/evaluate_model.sh lists them), then the tables.
+for m in standard_mse standard_ce gfa_first gfa_deep gfa_deep_ce gradalign pgd_at trades; do
+  scripts/evaluate_model.sh "results/$m/params.msgpack" "results/$m/eval" results/standard_mse/params.msgpack
+done
+python scripts/results_tables.py
+
+# --- Earlier runs (issues 4 and 5): 10-epoch standard model, 3-epoch GFA-DEEP --------------
 # Training (10 epochs standard, 3 epochs GFA-DEEP beta 0.1; Adam 1e-3 cosine, batch 128).
 python train.py --config configs/cifar_standard.py --workdir runs/cifar_standard \
     --config.data_dir="$DATA" --config.num_epochs=10

@@ -149,6 +149,25 @@ def table_checklist(models) -> list[str]:
   return rows
 
 
+def table_sweep() -> list[str]:
+  """One row per beta-sweep variant (scripts/beta_sweep.py), diverged runs included."""
+  path = RESULTS / "beta_sweep" / "sweep.jsonl"
+  if not path.exists():
+    return ["(no sweep results)"]
+  rows = ["| variant | overrides | test acc | train alignment L0 / L1 / L2 | test alignment L0 / L1 / L2 "
+          "| APGD-CE acc (clean) |", "|" + " --- |" * 6]
+  for r in map(json.loads, path.read_text().splitlines()):
+    overrides = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
+    if "diverged" in r:
+      rows.append(f"| {r['name']} | {overrides} | diverged: {r['diverged'][:120]} | | | |")
+      continue
+    final = r["final_eval"]
+    align = lambda split: " / ".join(f"{final[f'{split}/alignment/layer{i}']:.2f}" for i in range(3))
+    rows.append(f"| {r['name']} | {overrides} | {pct(final['test/accuracy'])} | {align('train')} "
+                f"| {align('test')} | {pct(r['apgd_robust_accuracy'])} ({pct(r['apgd_clean_accuracy'])}) |")
+  return rows
+
+
 def plot_eps_curves(models) -> Path:
   curves = {}
   for key, label in models:
@@ -167,11 +186,16 @@ def main() -> None:
   plot = plot_eps_curves(models)
   block = [
       BEGIN,
+      "### The beta sweep (GFA on the first 10,000 training images, 5 epochs; accuracy on the "
+      "first 2,000 test images, APGD-CE at 8/255 on the first 200)", "",
+      "![beta sweep](../results/beta_sweep/beta_sweep.png)", "",
+      *table_sweep(), "",
       "### Table 1: per-layer GFA alignment (first 1,000 train / test images)", "",
       *table_alignment(models), "",
       "### Table 2: robust accuracy (%), Linf 8/255, first 1,000 test images", "",
       "APGD-CE, + APGD-T, + FAB-T are AutoAttack's cumulative stages (each attacks what the "
-      "previous left); Square is the standalone 1,000-query attack. The last column is the "
+      "previous left); Square is the standalone 1,000-query attack on the first 200 images. "
+      "The last column is the "
       "paper's protocol: only the "
       + ("-" if subset is None else f"{len(subset)}") + " examples that every model here "
       "classifies correctly.", "",
