@@ -29,6 +29,7 @@ DEEP, FIRST = ("layer0", "layer1", "layer2"), ("layer0",)
 # around its transition, then the ways out of it (CE, MSE on logits, FIRST, delayed or ramped
 # beta), then the rest of the constant-beta grid and seeds at the transition.
 VARIANTS = [
+    ("standard", {"objective": "standard"}),  # The reference: no penalty.
     *[(f"deep_mse_b{b}", {"beta": b}) for b in (0.05, 0.07, 0.1)],
     *[(f"deep_ce_b{b}", {"beta": b, "task_loss": "ce"}) for b in (0.3, 1.0, 3.0, 10.0)],
     *[(f"deep_mselogits_b{b}", {"beta": b, "mse_outputs": "logits"}) for b in (0.3, 1.0)],
@@ -42,6 +43,7 @@ VARIANTS = [
 
 def variant_config(overrides: dict, args):
   config = cifar_deep.get_config()
+  config.model.name = args.model
   config.update({"data_dir": args.data_dir, "num_train": args.num_train,
                  "num_epochs": args.epochs, "num_eval_examples": args.num_eval,
                  "eval_every_steps": 0, "checkpoint_every_steps": 100, **overrides})
@@ -53,8 +55,8 @@ def run_variant(name: str, overrides: dict, args) -> dict:
   config = variant_config(overrides, args)
   workdir = Path(args.workdir) / name
   start = time.perf_counter()
-  record = {"name": name, "overrides": overrides, "num_train": args.num_train,
-            "epochs": args.epochs}
+  record = {"name": name, "overrides": overrides, "model": args.model,
+            "num_train": args.num_train, "epochs": args.epochs}
   try:
     final = train_lib.train_and_evaluate(config, workdir)
   except FloatingPointError as e:
@@ -73,7 +75,7 @@ def plot(records: list[dict], output: Path) -> None:
   """One figure, three panels against beta: test accuracy, alignment, APGD robust accuracy."""
   families: dict[str, list[dict]] = {}
   for r in records:
-    if "final_eval" in r:
+    if "final_eval" in r and "beta" in r["overrides"]:
       families.setdefault(r["name"].rsplit("_b", 1)[0], []).append(r)
   mean_alignment = lambda r: sum(r["final_eval"][f"train/alignment/layer{i}"] for i in range(3)) / 3
   panels = {"test accuracy": {}, "train alignment (mean of layers 0-2)": {},
@@ -98,6 +100,7 @@ def main() -> None:
   parser.add_argument("--epochs", type=int, default=5, help="epochs per variant")
   parser.add_argument("--num-eval", type=int, default=2000, help="test images for accuracy")
   parser.add_argument("--num-attack", type=int, default=200, help="test images APGD attacks")
+  parser.add_argument("--model", default="small_cnn", help="gfa_jax.models.MODELS key")
   parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
   parser.add_argument("--plot", action="store_true", help="only redraw the plots")
   args = parser.parse_args()

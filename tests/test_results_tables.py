@@ -1,0 +1,50 @@
+"""scripts/results_tables.py: the paper's subset protocol and Table 2 from result JSONs."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_tables.py"
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+  spec = importlib.util.spec_from_file_location("results_tables", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  monkeypatch.setattr(module, "RESULTS", tmp_path)
+  return module
+
+
+def write(results: Path, model: str, name: str, attack: str, correct, robust, num_eps=1, **extra):
+  """A result JSON with the fields the tables read; the same robust mask at every eps."""
+  report = {"clean_accuracy": float(np.mean(correct)), "num_examples": len(correct),
+            "clean_correct": list(correct),
+            "attacks": {attack: {"robust_accuracy": [float(np.mean(robust))] * num_eps,
+                                 "still_robust": [list(robust)] * num_eps, **extra}}}
+  (results / model / "eval").mkdir(parents=True, exist_ok=True)
+  (results / model / "eval" / f"{name}.json").write_text(json.dumps(report))
+
+
+def test_common_subset_leaves_out_collapsed_models(tables, tmp_path):
+  write(tmp_path, "a", "pgd", "pgd", [1, 1, 1, 0, 1], [0, 1, 0, 0, 0])
+  write(tmp_path, "b", "pgd", "pgd", [1, 0, 1, 1, 1], [1, 0, 0, 0, 1])  # 80 %, 40 % robust.
+  write(tmp_path, "c", "pgd", "pgd", [0, 0, 0, 0, 0], [0] * 5)  # Collapsed: 0 % clean.
+  np.testing.assert_array_equal(tables.common_subset(["a", "b", "c"]), [0, 2, 4])
+  assert tables.robust(tables.load("b", "pgd"), 0, np.array([0, 2, 4])) == pytest.approx(2 / 3)
+
+
+def test_table_robust_reports_autoattack_stages_and_own_subset(tables, tmp_path):
+  correct, robust = [1, 1, 1, 1, 0], [1, 0, 1, 0, 0]
+  for name in ("fgsm", "pgd"):
+    write(tmp_path, "m", name, name, correct, robust, num_eps=5)  # The 1..16/255 curve.
+  stages = [{"clean": 0.8, "apgd-ce": 0.6, "apgd-t": 0.5, "fab-t": 0.4, "square": 0.4}]
+  write(tmp_path, "m", "autoattack", "autoattack", correct, robust, robust_accuracy_after=stages)
+  rows = tables.table_robust([("m", "model m")], np.array([0, 1]))
+  cells = [c.strip() for c in rows[2].split("|")[1:-1]]
+  assert cells[:9] == ["model m", "80.0", "40.0", "40.0", "60.0", "50.0", "40.0", "40.0", "-"]
+  assert cells[9] == "50.0 / 50.0"  # Examples 0 and 1: one of two survives.
+  assert cells[10] == "50.0"  # 40 % robust of 80 % clean.
