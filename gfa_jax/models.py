@@ -235,7 +235,9 @@ class ResNet20(nn.Module):
 
   Taps: ``layer0`` is the normalised image the first convolution sees (as in ``SmallCNN``),
   ``layer1`` .. ``layer9`` the inputs of the nine residual blocks, ``layer10`` the pooled
-  features the classifier sees.
+  features the classifier sees. Note: the first convolution has no bias and GroupNorm
+  follows it, so the loss is invariant to rescaling ``layer0``, and GFA's cosine there is 0
+  by construction (<dL/dh, h> = 0 for a 0-homogeneous loss; docs/results.md).
   """
 
   num_classes: int = 10

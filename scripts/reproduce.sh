@@ -31,6 +31,11 @@ python scripts/beta_sweep.py --data-dir "$DATA" --model resnet20 --epochs 2 \
     --only standard,deep_mse_b0.05,deep_mse_b0.1
 
 # Every model under every attack (scripts/evaluate_model.sh lists them), then the tables.
+# The sweep's edge model (beta 0.06, seed 0) under the same protocol.
+mkdir -p results/gfa_deep_edge
+python scripts/export_params.py runs/beta_sweep/deep_mse_b0.06 results/gfa_deep_edge/params.msgpack
+cp runs/beta_sweep/deep_mse_b0.06/metrics.jsonl results/gfa_deep_edge/metrics.jsonl
+
 # SKIP: the parts that did not fit the CPU budget for that model (docs/results.md).
 evaluate() { SKIP="${2:-}" scripts/evaluate_model.sh "results/$1/params.msgpack" "results/$1/eval" \
     results/standard_mse/params.msgpack; }
@@ -38,6 +43,7 @@ evaluate standard_mse
 evaluate gfa_deep
 evaluate gfa_first "cw onepixel"
 evaluate gfa_deep_ce "cw onepixel"
+evaluate gfa_deep_edge "cw onepixel"
 evaluate pgd_at
 evaluate standard_ce "cw onepixel checklist"
 evaluate gradalign "cw onepixel checklist"

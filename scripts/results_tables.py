@@ -27,6 +27,7 @@ MODELS = [
     ("gfa_first", "GFA-FIRST (MSE)"),
     ("gfa_deep", "GFA-DEEP (MSE)"),
     ("gfa_deep_ce", "GFA-DEEP (CE)"),
+    ("gfa_deep_edge", "GFA-DEEP (MSE, beta 0.06, 10k images)"),
     ("pgd_at", "PGD-AT"),
     ("trades", "TRADES"),
     ("gradalign", "GradAlign"),

@@ -150,6 +150,18 @@ def test_resnet20_and_vit_gfa_objective_is_finite(name):
   assert float(optax.tree.norm(grads)) > 0
 
 
+def test_resnet20_layer0_alignment_is_zero_by_scale_invariance():
+  # Bias-free conv + GroupNorm: L(c * h0) = L(h0), so <dL/dh0, h0> = 0 (docs/results.md).
+  # layer1 feeds the identity shortcut too, so it is not invariant: its cosine is not 0.
+  model = create_model("resnet20")
+  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
+  params = init_params(model, jax.random.key(1), (32, 32, 3))
+  _, aux = gfa_objective(model.apply, params, x, jnp.array([0, 1, 2, 3]), cross_entropy,
+                         layers=("layer0", "layer1"))
+  assert abs(float(aux["alignment"]["layer0"])) < 1e-4
+  assert abs(float(aux["alignment"]["layer1"])) > 1e-3
+
+
 @pytest.mark.parametrize("name", ["resnet20", "vit"])
 def test_resnet20_and_vit_treat_each_sample_on_its_own(name):
   """GFA's cosine is per sample: sample 0's logits must not depend on sample 1 (no BatchNorm)."""
