@@ -164,13 +164,22 @@ def run_alignment(config, apply_fn, variables, workdir: Path) -> None:
   print(f"wrote {output}")
 
 
+def model_label(path: Path) -> str:
+  """A model's name in plots: the run folder, also for results/<run>/params.msgpack."""
+  return path.parent.name if path.suffix == ".msgpack" and path.stem == "params" else path.stem
+
+
 def run_mechanism(config, apply_fn, variables, workdir: Path) -> None:
   """Radial vs tangential numbers and loss landscapes (docs/checklist.md), for the model and
   the optional --compare model, drawn side by side."""
   images, labels, _ = load_split(config, "test", _NUM_EXAMPLES.value)
-  models = {workdir.stem: (apply_fn, variables)}
+  models = {model_label(workdir): (apply_fn, variables)}
   if _COMPARE.value:
-    models[Path(_COMPARE.value).stem] = checkpoints.load_model(_COMPARE.value)
+    label = model_label(Path(_COMPARE.value))
+    if label in models:
+      raise ValueError(f"--compare {_COMPARE.value} has the same name as --workdir ({label}); "
+                       "rename one of them.")
+    models[label] = checkpoints.load_model(_COMPARE.value)
   out_dir = Path(_OUTPUT.value or default_output(workdir, "mechanism"))
   out_dir.mkdir(parents=True, exist_ok=True)
   report = {}

@@ -76,14 +76,15 @@ def plot_lines(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Seq
 def plot_panels(path: str | Path,
                 panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
                 *, xlabel: str, logx: bool = False, ylim: tuple[float, float] | None = None,
-                reference_lines: Mapping[str, float] | None = None) -> Path:
+                reference_lines: Mapping[str, Mapping[str, float]] | None = None) -> Path:
   """Side-by-side line plots, one per ``{ylabel: curves}`` entry, the same series styles in
-  each (so one series is one colour across panels). Returns the PNG's path."""
+  each (so one series is one colour across panels); ``reference_lines`` maps a panel's ylabel
+  to its grey lines. Returns the PNG's path."""
   fig = Figure(figsize=(5 * len(panels), 4.2))
   for k, (ylabel, curves) in enumerate(panels.items()):
     _draw_lines(fig.add_subplot(1, len(panels), k + 1), curves, xlabel=xlabel, ylabel=ylabel,
-                title=None, logx=logx, ylim=ylim, reference_lines=reference_lines,
-                markevery=None)
+                title=None, logx=logx, ylim=ylim,
+                reference_lines=(reference_lines or {}).get(ylabel), markevery=None)
   return _save(fig, path)
 
 

@@ -88,7 +88,9 @@ def plot(records: list[dict], output: Path) -> None:
         [r["apgd_robust_accuracy"] for r in rs])):
       panel[family] = (betas, values)
   plots.plot_panels(output / "beta_sweep.png", panels, xlabel="beta (final value)", logx=True,
-                    ylim=(-0.05, 1.0), reference_lines={"chance": 0.1})
+                    ylim=(-0.05, 1.0),
+                    reference_lines={"test accuracy": {"chance": 0.1},
+                                     "APGD-CE robust accuracy, 8/255": {"chance": 0.1}})
 
 
 def main() -> None:
