@@ -11,6 +11,7 @@ diverges (non-finite loss) is recorded as such, not dropped. `--plot` redraws th
 """
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -18,12 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import functools  # noqa: E402
-
 from configs import cifar_deep  # noqa: E402
 from gfa_jax import checkpoints, data, evaluate, plots, train_lib, xla_flags  # noqa: E402
 
-DEEP, FIRST = ("layer0", "layer1", "layer2"), ("layer0",)
+FIRST = ("layer0",)
 
 # (name, overrides of configs/cifar_deep.py), in the order they run: the paper's setting
 # around its transition, then the ways out of it (CE, MSE on logits, FIRST, delayed or ramped
@@ -50,8 +49,8 @@ def variant_config(overrides: dict, args):
   return config
 
 
-def run_variant(name: str, overrides: dict, args) -> dict:
-  """Trains one variant and attacks it; returns its JSON record."""
+def run_variant(name: str, overrides: dict, args, attack_images, attack_labels) -> dict:
+  """Trains one variant and attacks it on the given test images; returns its JSON record."""
   config = variant_config(overrides, args)
   workdir = Path(args.workdir) / name
   start = time.perf_counter()
@@ -62,10 +61,8 @@ def run_variant(name: str, overrides: dict, args) -> dict:
   except FloatingPointError as e:
     return {**record, "diverged": str(e), "seconds": time.perf_counter() - start}
   apply_fn, variables = checkpoints.load_model(workdir)
-  dataset = data.load_dataset(config.data_source, config.data_dir)
-  report = evaluate.evaluate(
-      functools.partial(apply_fn, variables), data.to_float(dataset.test_images[:args.num_attack]),
-      dataset.test_labels[:args.num_attack], attack="apgd", eps=[8 / 255], progress=False)
+  report = evaluate.evaluate(functools.partial(apply_fn, variables), attack_images, attack_labels,
+                             attack="apgd", eps=[8 / 255], progress=False)
   return {**record, "final_eval": final, "apgd_clean_accuracy": report["clean_accuracy"],
           "apgd_robust_accuracy": report["robust_accuracy"][0],
           "num_attacked": args.num_attack, "seconds": time.perf_counter() - start}
@@ -117,10 +114,14 @@ def main() -> None:
     if unknown:
       raise SystemExit(f"unknown variants {sorted(unknown)}; see VARIANTS in {__file__}")
     done = {r["name"] for r in records}
+    # The attacked test images, loaded once for every variant (same data as training uses).
+    dataset = data.load_dataset(cifar_deep.get_config().data_source, args.data_dir)
+    attack_images = data.to_float(dataset.test_images[:args.num_attack])
+    attack_labels = dataset.test_labels[:args.num_attack]
     for name, overrides in VARIANTS:
       if name in done or (only and name not in only):
         continue
-      record = run_variant(name, overrides, args)
+      record = run_variant(name, overrides, args, attack_images, attack_labels)
       records.append(record)
       with results.open("a") as f:  # One complete line per finished variant.
         f.write(json.dumps(record, allow_nan=False) + "\n")
