@@ -11,6 +11,8 @@ the samples of a batch (no BatchNorm): GFA's cosine is per sample.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -332,6 +334,12 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
   """Builds a registered model from its name and keyword arguments (as stored in configs)."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+  fields = {f.name for f in dataclasses.fields(MODELS[name]) if f.init} - {"parent", "name"}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"model {name!r} has no field(s) {unknown} (from config.model); its fields "
+                     f"are {sorted(fields)}. Drop them, e.g. start from a config written for "
+                     f"{name!r}.")
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   return MODELS[name](**kwargs)
 

@@ -102,6 +102,23 @@ def make_beta_schedule(config: ml_collections.ConfigDict,
                                transition_begin=int(start * steps_per_epoch))
 
 
+def constant_penalty_layers(config: ml_collections.ConfigDict, model: nn.Module,
+                            params: Any, images: jax.Array, labels: jax.Array,
+                            tol: float = 1e-6) -> list[str]:
+  """The tapped layers of ``config.gfa_layers`` whose cosine is 0 for every sample of a batch.
+
+  Exists to catch taps whose penalty can never train: if the loss is invariant to rescaling a
+  layer input h (a bias-free layer followed by a normalisation, such as ResNet-20's layer0),
+  then <dL/dh, h> = 0 for every sample and every parameter value, so that layer's penalty is
+  the constant 1. A tap with generic features has |cos| of order 1/sqrt(dim) (about 1e-2), far
+  above ``tol``. Returns the names, [] when every tap can align.
+  """
+  _, aux = jax.jit(lambda p, x, y: gfa_objective(
+      model.apply, p, x, y, make_task_loss(config), layers=tuple(config.gfa_layers),
+      eps=config.gfa_eps))(params, images, labels)
+  return [name for name, cos in aux["cosines"].items() if float(jnp.max(jnp.abs(cos))) <= tol]
+
+
 def make_objective(config: ml_collections.ConfigDict, model: nn.Module,
                    steps_per_epoch: int | None = None) -> Objective:
   """The objective named by ``config.objective`` for ``model`` (see module docstring).

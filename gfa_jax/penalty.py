@@ -76,8 +76,9 @@ def gfa_penalty(
 
   Returns:
     ``(penalty, aux)``: the scalar penalty, and ``aux = {'task_loss': scalar,
-    'alignment': tree like taps of per-layer batch-mean cosines}``. The task loss comes from
-    the same forward pass, so callers need not run the model twice.
+    'alignment': tree like taps of per-layer batch-mean cosines, 'cosines': the same with the
+    per-sample cosines [B]}``. The task loss comes from the same forward pass, so callers need
+    not run the model twice.
   """
   task_loss, vjp_fn, features = jax.vjp(loss_fn, taps, has_aux=True)
   extra = None
@@ -90,12 +91,11 @@ def gfa_penalty(
         f"{jax.tree.structure(features)} for taps {jax.tree.structure(taps)}. Sow every "
         "tapped layer input (gfa_jax.tap does both) and select the same names."
     )
-  alignment = jax.tree.map(
-      lambda g, h: jnp.mean(per_sample_cosine(g, h, eps)), grads, features
-  )
+  cosines = jax.tree.map(lambda g, h: per_sample_cosine(g, h, eps), grads, features)
+  alignment = jax.tree.map(jnp.mean, cosines)
   layer_alignments = jax.tree.leaves(alignment)
   penalty = 1.0 - sum(layer_alignments) / len(layer_alignments)
-  aux = {"task_loss": task_loss, "alignment": alignment}
+  aux = {"task_loss": task_loss, "alignment": alignment, "cosines": cosines}
   if has_aux:
     aux["extra"] = extra
   return penalty, aux

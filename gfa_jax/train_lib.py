@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -199,6 +201,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                           opt_state=restored["opt_state"])
   _drop_metrics_after(metrics_path, start_step)
   state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+
+  if config.objective == "gfa" and not start_step:
+    first = data.train_batch_indices(len(train_images), config.batch_size, config.seed, 0)
+    constant = objectives.constant_penalty_layers(
+        config, model, params, data.to_float(train_images[first]), train_labels[first])
+    if constant:
+      warnings.warn(
+          f"GFA's cosine is 0 for every sample at {constant} at initialisation: the loss is "
+          "invariant to rescaling those layer inputs (a bias-free layer followed by a "
+          "normalisation), so their penalty is the constant 1 and trains nothing. Remove them "
+          f"from gfa_layers (now {list(config.gfa_layers)}).", stacklevel=2)
 
   train_step = make_train_step(config, model, mesh, steps_per_epoch)
   eval_step = make_eval_step(config, model, mesh)

@@ -7,8 +7,8 @@
 # Linf attacks use the first 1,000 test images, standalone Square (1,000 queries) the first 200
 # (AutoAttack already runs Square on all 1,000); CW, EAD, OnePixel and the checklist the first
 # 100 (their reference budgets cost 10-50x more per image). A finished JSON is not redone.
-# SKIP="cw onepixel checklist" (any of cw, ead, onepixel, checklist) skips costly parts; on a
-# 2-core CPU they did not fit for every model (docs/results.md says which ran where).
+# SKIP="cw onepixel checklist" (any of apgd_curve, cw, ead, onepixel, checklist) skips costly
+# parts; on a 2-core CPU they did not fit for every model (docs/results.md says which ran where).
 set -euo pipefail
 MODEL=${1:?model}; OUT=${2:?output folder}; SURROGATE=${3:-}
 PY=${PYTHON:-python}
@@ -23,6 +23,7 @@ run() {  # run NAME ARGS...: one eval.py call writing OUT/NAME.json, unless that
 CURVE=1/255,2/255,4/255,8/255,16/255
 run fgsm --attack fgsm --eps $CURVE
 run pgd --attack pgd --eps $CURVE
+if wanted apgd_curve; then run apgd_curve --attack apgd --eps $CURVE; fi
 run autoattack --attack autoattack
 run square --attack square --num_examples 200
 run deepfool --attack deepfool

@@ -52,6 +52,9 @@ def test_mlp_logits_and_registry():
   chex.assert_shape(model.apply({"params": params}, jnp.zeros((5, 32, 32, 3))), (5, 10))
   with pytest.raises(ValueError, match="unknown model"):
     create_model("resnet9000")
+  # An MLP config switched to another model on the command line keeps MLP's fields.
+  with pytest.raises(ValueError, match=r"'resnet20' has no field\(s\) \['hidden'\]"):
+    create_model("resnet20", hidden=[8, 8, 8])
 
 
 @pytest.mark.parametrize("kernel_size", [3, 5])

@@ -7,7 +7,7 @@ import pytest
 
 from gfa_jax import objectives
 from gfa_jax.attacks.fgsm import fgsm
-from gfa_jax.models import MLP, init_params
+from gfa_jax.models import MLP, create_model, init_params
 
 
 @pytest.fixture
@@ -99,3 +99,15 @@ def test_unknown_objective_is_a_clear_error(setup):
   config.objective = "magic"
   with pytest.raises(ValueError, match="unknown objective 'magic'"):
     objectives.make_objective(config, model)
+
+
+@pytest.mark.parametrize("name, constant", [("small_cnn", []), ("resnet20", ["layer0"])])
+def test_constant_penalty_layers_finds_scale_invariant_taps(tiny_config, name, constant):
+  # ResNet-20's first conv has no bias and feeds GroupNorm: its input's cosine is 0 for any
+  # parameters. SmallCNN's layers have biases, so every DEEP tap can align.
+  tiny_config.gfa_layers = ("layer0", "layer1", "layer2")
+  model = create_model(name)
+  params = init_params(model, jax.random.key(0), (32, 32, 3))
+  images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
+  assert objectives.constant_penalty_layers(
+      tiny_config, model, params, images, jnp.arange(4)) == constant

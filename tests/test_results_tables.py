@@ -48,3 +48,12 @@ def test_table_robust_reports_autoattack_stages_and_own_subset(tables, tmp_path)
   assert cells[:9] == ["model m", "80.0", "40.0", "40.0", "60.0", "50.0", "40.0", "40.0", "-"]
   assert cells[9] == "50.0 / 50.0"  # Examples 0 and 1: one of two survives.
   assert cells[10] == "50.0"  # 40 % robust of 80 % clean.
+
+
+def test_eps_curve_table_has_a_row_per_attack_that_ran(tables, tmp_path):
+  correct = [1, 1, 1, 1, 0]
+  write(tmp_path, "m", "pgd", "pgd", correct, [1, 0, 1, 0, 0], num_eps=5)
+  write(tmp_path, "m", "apgd_curve", "apgd", correct, [1, 0, 0, 0, 0], num_eps=5)
+  rows = tables.table_eps_curve([("m", "model m")])
+  assert rows[2:] == ["| model m | PGD-20 | 40.0 | 40.0 | 40.0 | 40.0 | 40.0 |",
+                      "| model m | APGD-CE | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 |"]  # No FGSM run.
