@@ -50,6 +50,8 @@ _SEVERITY = {PASS: 0, WARN: 1, FAIL: 2}
 # one example; up to FAIL_FACTOR times that it is a warning, beyond it a failure.
 TOLERANCE = 0.01
 FAIL_FACTOR = 3
+# Check 5 fails only if other losses also break more than this share of CE's robust points.
+MASKING_SHARE = 1 / 3
 # Finite differences: central, step FD_STEP per pixel along random sign directions, of the
 # margin loss (logit differences: no softmax saturation). Per point, the vector of analytic
 # directional derivatives d over the directions must match the finite differences f:
@@ -410,21 +412,31 @@ def check_losses(ce: np.ndarray, others: Mapping[str, np.ndarray | None], *,
   ran = {name: m for name, m in others.items() if m is not None}
   worst = np.logical_and.reduce([ce, *ran.values()])
   gain = float((ce & ~worst).mean())
+  # Share of CE's robust points that other losses break. On sound adversarially trained models
+  # targeted losses routinely break a few of them (AutoAttack's APGD-T lowers APGD-CE's
+  # number by a few points; here 4-5 of ~28 robust points for TRADES and GradAlign), so a
+  # large absolute gain is a failure only when it is also a large share: masking by a
+  # saturated CE leaves most CE-robust points breakable.
+  broken_share = gain / float(ce.mean()) if ce.any() else 0.0
   status = _grade(gain, tolerance)
+  if status == FAIL and broken_share <= MASKING_SHARE:
+    status = WARN
   per_loss = {'ce': float(ce.mean()), **{n: float(m.mean()) for n, m in ran.items()}}
   strongest = min(per_loss, key=per_loss.get)
   verdict = (
       'Robust accuracy per loss: ' + ', '.join(f'{n} {_pct(a)}' for n, a in per_loss.items()) +
-      f'; worst case {_pct(worst.mean())}; other losses break {_pct(gain)} of the points that '
-      f'CE leaves robust (strongest: {strongest})' +
+      f'; worst case {_pct(worst.mean())}; other losses break {_pct(gain)} of the points '
+      f'({_pct(broken_share)} of those CE leaves robust; strongest: {strongest})' +
       ''.join(f'; {n} skipped ({why})' for n, why in skipped.items()) + '. ' + {
           PASS: 'The losses agree: no sign of loss-specific masking.',
-          WARN: 'CE alone slightly overestimates robustness; the worst case is reported.',
+          WARN: 'CE alone overestimates robustness by a few points (usual for adversarially '
+                'trained models, where targeted losses are stronger); the worst case is reported.',
           FAIL: 'CE alone badly overestimates robustness (CE-specific masking, e.g. a '
                 'saturated softmax); only the worst case over losses is meaningful.'}[status])
   return _check(5, 'several losses (CE, DLR, targeted DLR, margin)', status, verdict, {
       'robust_accuracy': per_loss, 'worst_case': float(worst.mean()),
-      'gain_over_ce': gain, 'skipped': dict(skipped), 'tolerance': tolerance})
+      'gain_over_ce': gain, 'broken_share_of_ce_robust': broken_share,
+      'skipped': dict(skipped), 'tolerance': tolerance, 'masking_share': MASKING_SHARE})
 
 
 def check_gradients(logits_fn: Callable[[jax.Array], jax.Array], x, y, *, key: jax.Array,

@@ -174,6 +174,13 @@ def test_convergence_and_loss_grading_count_points_not_averages():
                                  skipped={'targeted-dlr': 'needs >= 4 classes'}, tolerance=0.01)
   assert check['status'] == FAIL and check['numbers']['gain_over_ce'] == 0.1
   assert 'skipped' in check['verdict']
+  # 5 of 30 CE-robust points broken: beyond 3 tolerances but a small share, as for TRADES.
+  ce = np.array([True] * 30 + [False] * 70)
+  targeted = ce.copy()
+  targeted[:5] = False
+  check = checklist.check_losses(ce, {'targeted-dlr': targeted}, skipped={}, tolerance=0.01)
+  assert check['status'] == WARN
+  assert check['numbers']['broken_share_of_ce_robust'] == pytest.approx(5 / 30)
 
 
 def test_eps_sweep_values():
