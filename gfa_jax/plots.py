@@ -26,9 +26,12 @@ SURFACE_CMAP = 'cividis'
 
 
 def series_style(i: int) -> dict[str, Any]:
-  """Colour, marker and line style of the i-th series; all three differ between neighbours."""
-  return {'color': PALETTE[i % len(PALETTE)], 'marker': MARKERS[i % len(MARKERS)],
-          'linestyle': LINESTYLES[i % len(LINESTYLES)]}
+  """Colour, marker and line style of the i-th series; all three differ between neighbours,
+  and after the palette runs out the marker and line style shift, so series i and i + 8
+  still differ."""
+  cycle = i // len(PALETTE)
+  return {'color': PALETTE[i % len(PALETTE)], 'marker': MARKERS[(i + cycle) % len(MARKERS)],
+          'linestyle': LINESTYLES[(i + cycle) % len(LINESTYLES)]}
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -42,14 +45,19 @@ def _save(fig: Figure, path: str | Path) -> Path:
 def _draw_lines(ax, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
                 xlabel: str, ylabel: str, title: str | None, logx: bool,
                 ylim: tuple[float, float] | None, reference_lines: Mapping[str, float] | None,
-                markevery: int | float | None) -> None:
+                markevery: int | float | None, xticks: Sequence[float] | None = None,
+                style_index: Mapping[str, int] | None = None) -> None:
   for i, (label, (xs, ys)) in enumerate(curves.items()):
-    ax.plot(xs, ys, label=label, markevery=markevery, markersize=5, **series_style(i))
+    style = series_style(i if style_index is None else style_index[label])
+    ax.plot(xs, ys, label=label, markevery=markevery, markersize=5, **style)
   for j, (label, value) in enumerate((reference_lines or {}).items()):
     ax.axhline(value, color='0.45', linestyle=LINESTYLES[(j + 1) % len(LINESTYLES)],
                linewidth=1, label=label)
   if logx:
     ax.set_xscale('log')
+  if xticks is not None:  # Label the measured values themselves (log axes show only decades).
+    ax.set_xticks(list(xticks), [f'{v:g}' for v in xticks])
+    ax.minorticks_off()
   if ylim is not None:
     ax.set_ylim(*ylim)
   ax.set_xlabel(xlabel)
@@ -76,15 +84,22 @@ def plot_lines(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Seq
 def plot_panels(path: str | Path,
                 panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
                 *, xlabel: str, logx: bool = False, ylim: tuple[float, float] | None = None,
-                reference_lines: Mapping[str, Mapping[str, float]] | None = None) -> Path:
-  """Side-by-side line plots, one per ``{ylabel: curves}`` entry, the same series styles in
-  each (so one series is one colour across panels); ``reference_lines`` maps a panel's ylabel
-  to its grey lines. Returns the PNG's path."""
+                reference_lines: Mapping[str, Mapping[str, float]] | None = None,
+                xticks: Sequence[float] | None = None) -> Path:
+  """Side-by-side line plots, one per ``{ylabel: curves}`` entry. A series keeps its style in
+  every panel, also where a panel lacks other series (so one series is one colour throughout);
+  ``reference_lines`` maps a panel's ylabel to its grey lines; ``xticks`` labels those x
+  values. Returns the PNG's path."""
+  style_index = {}
+  for curves in panels.values():
+    for label in curves:
+      style_index.setdefault(label, len(style_index))
   fig = Figure(figsize=(5 * len(panels), 4.2))
   for k, (ylabel, curves) in enumerate(panels.items()):
     _draw_lines(fig.add_subplot(1, len(panels), k + 1), curves, xlabel=xlabel, ylabel=ylabel,
                 title=None, logx=logx, ylim=ylim,
-                reference_lines=(reference_lines or {}).get(ylabel), markevery=None)
+                reference_lines=(reference_lines or {}).get(ylabel), markevery=None,
+                xticks=xticks, style_index=style_index)
   return _save(fig, path)
 
 

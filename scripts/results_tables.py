@@ -202,7 +202,8 @@ def plot_eps_curves(models) -> Path:
     panels[f"robust accuracy, {attack}"] = curves
   return plots.plot_panels(RESULTS / "plots" / "eps_curves.png", panels,
                            xlabel="eps (x 1/255, Linf)", logx=True, ylim=(-0.02, 1.0),
-                           reference_lines={ylabel: {"chance": 0.1} for ylabel in panels})
+                           reference_lines={ylabel: {"chance": 0.1} for ylabel in panels},
+                           xticks=[1, 2, 4, 8, 16])
 
 
 def main() -> None:
