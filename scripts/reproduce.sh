@@ -36,18 +36,12 @@ mkdir -p results/gfa_deep_edge
 python scripts/export_params.py runs/beta_sweep/deep_mse_b0.06 results/gfa_deep_edge/params.msgpack
 cp runs/beta_sweep/deep_mse_b0.06/metrics.jsonl results/gfa_deep_edge/metrics.jsonl
 
-# SKIP: the parts that did not fit the CPU budget for that model (docs/results.md).
-evaluate() { SKIP="${2:-}" scripts/evaluate_model.sh "results/$1/params.msgpack" "results/$1/eval" \
+evaluate() { scripts/evaluate_model.sh "results/$1/params.msgpack" "results/$1/eval" \
     results/standard_mse/params.msgpack; }
-evaluate standard_mse
-evaluate gfa_deep
-evaluate gfa_first "cw onepixel"
-evaluate gfa_deep_ce "cw onepixel"
-evaluate gfa_deep_edge "cw onepixel"
-evaluate pgd_at
-evaluate standard_ce "cw onepixel checklist"
-evaluate gradalign "cw onepixel checklist"
-evaluate trades "cw onepixel checklist"
+for model in standard_mse standard_ce gfa_first gfa_deep gfa_deep_ce gfa_deep_edge pgd_at \
+    trades gradalign; do
+  evaluate $model
+done
 python scripts/results_tables.py
 
 # --- Earlier runs (issues 4 and 5): 10-epoch standard model, 3-epoch GFA-DEEP --------------
