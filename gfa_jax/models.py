@@ -12,7 +12,6 @@ the samples of a batch (no BatchNorm): GFA's cosine is per sample.
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 from collections.abc import Sequence
 from typing import Any

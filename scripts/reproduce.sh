@@ -36,11 +36,10 @@ mkdir -p results/gfa_deep_edge
 python scripts/export_params.py runs/beta_sweep/deep_mse_b0.06 results/gfa_deep_edge/params.msgpack
 cp runs/beta_sweep/deep_mse_b0.06/metrics.jsonl results/gfa_deep_edge/metrics.jsonl
 
-evaluate() { scripts/evaluate_model.sh "results/$1/params.msgpack" "results/$1/eval" \
-    results/standard_mse/params.msgpack; }
 for model in standard_mse standard_ce gfa_first gfa_deep gfa_deep_ce gfa_deep_edge pgd_at \
     trades gradalign; do
-  evaluate $model
+  scripts/evaluate_model.sh "results/$model/params.msgpack" "results/$model/eval" \
+      results/standard_mse/params.msgpack
 done
 python scripts/results_tables.py
 

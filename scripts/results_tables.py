@@ -99,7 +99,7 @@ def table_robust(models, subset) -> list[str]:
   return rows
 
 
-# The eps-curve attacks: (JSON name, label); APGD-CE's curve ran only where the CPU allowed.
+# The eps-curve attacks: (JSON name written by scripts/evaluate_model.sh, label).
 CURVE_ATTACKS = [("fgsm", "FGSM"), ("pgd", "PGD-20"), ("apgd_curve", "APGD-CE")]
 
 
