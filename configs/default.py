@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.beta_ramp_start_epochs = 0.0
   config.beta_ramp_epochs = 0.0
   config.gfa_layers = ("layer0", "layer1", "layer2")  # DEEP; FIRST is ("layer0",).
+  # Per-layer beta: one multiplier of beta per gfa_layers entry, () for all 1. The penalty is
+  # mean_l w_l * (1 - alignment_l); (1.0, 0.5, 0.25) weighs the input twice as much as layer1.
+  config.gfa_layer_weights = ()
   config.gfa_eps = 1e-12  # Floor of the cosine's denominator.
   # Inner attack of pgd_at / trades / gradalign (Linf, in [0, 1] pixel units).
   config.adversary = ml_collections.ConfigDict()

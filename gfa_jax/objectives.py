@@ -102,6 +102,19 @@ def make_beta_schedule(config: ml_collections.ConfigDict,
                                transition_begin=int(start * steps_per_epoch))
 
 
+def gfa_layer_weights(config: ml_collections.ConfigDict) -> dict[str, float] | None:
+  """``{layer: weight}`` from ``config.gfa_layer_weights`` (per-layer beta = beta * weight),
+  or None for equal weights. Exists so the length is checked once, with the fix in the error."""
+  weights = tuple(config.get("gfa_layer_weights", ()) or ())
+  if not weights:
+    return None
+  layers = tuple(config.gfa_layers)
+  if len(weights) != len(layers) or any(w < 0 for w in weights):
+    raise ValueError(f"gfa_layer_weights {weights} must hold one weight >= 0 per layer of "
+                     f"gfa_layers {layers}, or be () for equal weights.")
+  return dict(zip(layers, map(float, weights)))
+
+
 def constant_penalty_layers(config: ml_collections.ConfigDict, model: nn.Module,
                             params: Any, images: jax.Array, labels: jax.Array,
                             tol: float = 1e-6) -> list[str]:
@@ -128,6 +141,7 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module,
   """
   task_loss = make_task_loss(config)
   beta_schedule = make_beta_schedule(config, steps_per_epoch) if config.objective == "gfa" else None
+  layer_weights = gfa_layer_weights(config) if config.objective == "gfa" else None
   adv = config.adversary
 
   def logits_fn(params):
@@ -145,7 +159,7 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module,
     loss, aux = gfa_objective(
         model.apply, params, batch["image"], batch["label"], task_loss,
         layers=tuple(config.gfa_layers), alpha=config.alpha, beta=beta,
-        eps=config.gfa_eps,
+        eps=config.gfa_eps, layer_weights=layer_weights,
     )
     metrics = {"task_loss": aux["task_loss"], "penalty": aux["penalty"], "beta": beta,
                "accuracy": accuracy(aux["logits"], batch["label"])}

@@ -4,7 +4,7 @@ For a tapped layer input ``h`` (per sample, flattened) and the batch task loss `
 
     cos = <dL/dh, h> / (||dL/dh|| * ||h||)        per sample
     alignment = mean over the batch of cos         per layer
-    penalty = mean over layers of (1 - alignment)
+    penalty = mean over layers of w * (1 - alignment)     (w = 1 unless per-layer weights)
 
 ``dL/dh`` comes from one ``jax.vjp`` of the user's loss function with respect to zero-valued
 "taps" added to the layer inputs (Flax ``perturb``); differentiating the penalty then runs a
@@ -18,7 +18,7 @@ The module also holds the convenience layer: ``tap`` (what a model calls on each
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -61,8 +61,9 @@ def gfa_penalty(
     *,
     eps: float = 1e-12,
     has_aux: bool = False,
+    layer_weights: Mapping[str, float] | None = None,
 ) -> tuple[jax.Array, dict[str, Any]]:
-  """The GFA penalty ``mean_l (1 - alignment_l)`` and its ingredients.
+  """The GFA penalty ``mean_l w_l (1 - alignment_l)`` and its ingredients.
 
   Args:
     loss_fn: ``taps -> (task_loss, features)``: the scalar task loss of the batch computed
@@ -73,6 +74,9 @@ def gfa_penalty(
     eps: lower bound of the cosine's denominator.
     has_aux: if True, ``loss_fn`` returns ``(task_loss, (features, extra))`` and ``extra``
       (e.g. the logits, for accuracy) is passed back as ``aux['extra']``.
+    layer_weights: ``{tap name: w}`` for a dict of taps, a per-layer beta relative to the
+      caller's: each layer's ``1 - alignment`` is multiplied by its weight (1 if not named)
+      before the mean over layers, so all-ones weights give the plain penalty.
 
   Returns:
     ``(penalty, aux)``: the scalar penalty, and ``aux = {'task_loss': scalar,
@@ -93,12 +97,26 @@ def gfa_penalty(
     )
   cosines = jax.tree.map(lambda g, h: per_sample_cosine(g, h, eps), grads, features)
   alignment = jax.tree.map(jnp.mean, cosines)
-  layer_alignments = jax.tree.leaves(alignment)
-  penalty = 1.0 - sum(layer_alignments) / len(layer_alignments)
+  weights = layer_weight_tree(alignment, layer_weights)
+  terms = jax.tree.leaves(jax.tree.map(lambda w, a: w * (1.0 - a), weights, alignment))
+  penalty = sum(terms) / len(terms)
   aux = {"task_loss": task_loss, "alignment": alignment, "cosines": cosines}
   if has_aux:
     aux["extra"] = extra
   return penalty, aux
+
+
+def layer_weight_tree(alignment: PyTree, layer_weights: Mapping[str, float] | None) -> PyTree:
+  """A tree like ``alignment`` holding each leaf's weight: ``layer_weights[name]`` for the
+  leaves under the top-level entry ``name``, 1 elsewhere."""
+  if not layer_weights:
+    return jax.tree.map(lambda _: 1.0, alignment)
+  if not isinstance(alignment, Mapping) or set(layer_weights) - set(alignment):
+    names = sorted(alignment) if isinstance(alignment, Mapping) else "(taps are not a dict)"
+    raise ValueError(f"layer_weights names {sorted(layer_weights)}, but the taps are {names}; "
+                     "weight only tapped layers, by the names the taps use.")
+  return {name: jax.tree.map(lambda _, w=layer_weights.get(name, 1.0): w, subtree)
+          for name, subtree in alignment.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +192,7 @@ def gfa_objective(
     alpha: float = 1.0,
     beta: float | jax.Array = 1.0,
     eps: float = 1e-12,
+    layer_weights: Mapping[str, float] | None = None,
 ) -> tuple[jax.Array, dict[str, Any]]:
   """``alpha * task_loss + beta * penalty`` for a Flax model, in one call.
 
@@ -184,6 +203,7 @@ def gfa_objective(
     x, y: a batch and its labels.
     task_loss: ``(logits, y) -> scalar`` batch loss.
     layers: names of the tapped layer inputs (e.g. ``('layer0',)`` for FIRST).
+    layer_weights: per-layer beta multipliers, ``{name: w}`` (see ``gfa_penalty``).
 
   Returns:
     ``(objective, aux)`` with ``aux`` from ``gfa_penalty`` plus ``'penalty'`` and ``'logits'``.
@@ -194,7 +214,7 @@ def gfa_objective(
     logits, state = apply_fn({"params": params, TAPS: taps}, x, mutable=[FEATURES])
     return task_loss(logits, y), (select(state[FEATURES], layers), logits)
 
-  penalty, aux = gfa_penalty(loss_fn, taps, eps=eps, has_aux=True)
+  penalty, aux = gfa_penalty(loss_fn, taps, eps=eps, has_aux=True, layer_weights=layer_weights)
   objective = alpha * aux["task_loss"] + beta * penalty
   logits = aux.pop("extra")
   return objective, {**aux, "penalty": penalty, "logits": logits}

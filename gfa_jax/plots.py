@@ -85,18 +85,20 @@ def plot_panels(path: str | Path,
                 panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
                 *, xlabel: str, logx: bool = False, ylim: tuple[float, float] | None = None,
                 reference_lines: Mapping[str, Mapping[str, float]] | None = None,
-                xticks: Sequence[float] | None = None) -> Path:
-  """Side-by-side line plots, one per ``{ylabel: curves}`` entry. A series keeps its style in
-  every panel, also where a panel lacks other series (so one series is one colour throughout);
-  ``reference_lines`` maps a panel's ylabel to its grey lines; ``xticks`` labels those x
-  values. Returns the PNG's path."""
+                xticks: Sequence[float] | None = None, ncols: int | None = None) -> Path:
+  """Line plots, one per ``{ylabel: curves}`` entry, in rows of ``ncols`` (default: one row).
+  A series keeps its style in every panel, also where a panel lacks other series (so one series
+  is one colour throughout); ``reference_lines`` maps a panel's ylabel to its grey lines;
+  ``xticks`` labels those x values. Returns the PNG's path."""
   style_index = {}
   for curves in panels.values():
     for label in curves:
       style_index.setdefault(label, len(style_index))
-  fig = Figure(figsize=(5 * len(panels), 4.2))
+  ncols = ncols or len(panels)
+  nrows = -(-len(panels) // ncols)
+  fig = Figure(figsize=(5 * ncols, 4.2 * nrows))
   for k, (ylabel, curves) in enumerate(panels.items()):
-    _draw_lines(fig.add_subplot(1, len(panels), k + 1), curves, xlabel=xlabel, ylabel=ylabel,
+    _draw_lines(fig.add_subplot(nrows, ncols, k + 1), curves, xlabel=xlabel, ylabel=ylabel,
                 title=None, logx=logx, ylim=ylim,
                 reference_lines=(reference_lines or {}).get(ylabel), markevery=None,
                 xticks=xticks, style_index=style_index)

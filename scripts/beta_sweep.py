@@ -37,6 +37,10 @@ VARIANTS = [
     ("deep_mse_ramp_b0.1", {"beta": 0.1, "beta_ramp_epochs": 5.0}),
     *[(f"deep_mse_b{b}", {"beta": b}) for b in (0.06, 0.15)],
     *[(f"deep_mse_b0.06_seed{s}", {"beta": 0.06, "seed": s}) for s in (1, 2)],
+    # Per-layer beta at beta 0.07 (constant weights collapse there): the same mean weight, put
+    # on the input, on the middle layer or on the deepest tap.
+    *[(f"deep_mse_w{'-'.join(map(str, w))}_b0.07", {"beta": 0.07, "gfa_layer_weights": w})
+      for w in ((2.0, 0.5, 0.5), (0.5, 2.0, 0.5), (0.5, 0.5, 2.0))],
 ]
 
 

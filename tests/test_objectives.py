@@ -63,6 +63,19 @@ def test_gfa_uses_the_batch_step_for_beta(setup):
   assert early_metrics["beta"] == 0.0 and late_metrics["beta"] == 0.5
 
 
+def test_per_layer_beta_weighs_each_layers_misalignment(setup):
+  config, model, params, batch = setup
+  config.beta = 0.5
+  config.gfa_layer_weights = (2.0, 0.0, 1.0)  # layer0 twice, layer1 not at all.
+  loss, metrics = objectives.make_objective(config, model)(params, batch, jax.random.key(0))
+  misaligned = [1 - metrics[f"alignment/layer{i}"] for i in range(3)]
+  np.testing.assert_allclose(metrics["penalty"], (2 * misaligned[0] + misaligned[2]) / 3, rtol=1e-6)
+  np.testing.assert_allclose(loss, metrics["task_loss"] + 0.5 * metrics["penalty"], rtol=1e-6)
+  config.gfa_layer_weights = (1.0, 1.0)  # One weight short.
+  with pytest.raises(ValueError, match="one weight >= 0 per layer"):
+    objectives.make_objective(config, model)
+
+
 def test_trades_with_zero_weight_is_the_clean_loss(setup):
   config, model, params, batch = setup
   config.objective, config.task_loss, config.adversary.trades_beta = "trades", "ce", 0.0

@@ -134,6 +134,13 @@ def test_structure_mismatch_is_a_clear_error():
     gfa_penalty(lambda t: (jnp.sum(t["layer0"]), {"a": x, "b": x}), taps)
 
 
+def test_layer_weights_of_untapped_layers_are_a_clear_error():
+  model, params, x, y = setup()
+  with pytest.raises(ValueError, match="weight only tapped layers"):
+    gfa_objective(model.apply, params, x, y, mse_loss, layers=("layer0",),
+                  layer_weights={"layer2": 2.0})
+
+
 def test_tap_module_inputs_taps_a_model_without_editing_it():
   class Plain(nn.Module):  # No tap calls anywhere.
     @nn.compact

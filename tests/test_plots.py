@@ -26,3 +26,13 @@ def test_plot_panels_keeps_a_series_style_when_a_panel_lacks_others(tmp_path, mo
                                   if l.get_label() == label)
   assert colour(second, 'c') == colour(first, 'c') == plots.series_style(2)['color'].lower()
   assert [t.get_text() for t in first.get_xticklabels()] == ['1', '2', '4']
+
+
+def test_plot_panels_wraps_into_rows_of_ncols(tmp_path, monkeypatch):
+  figures = []
+  monkeypatch.setattr(plots, '_save', lambda fig, path: figures.append(fig) or path)
+  line = ([1, 2], [0.5, 0.3])
+  plots.plot_panels(tmp_path / 'p.png', {f'panel {k}': {'a': line} for k in range(5)},
+                    xlabel='eps', ncols=3)
+  geometry = [ax.get_subplotspec().get_geometry()[:2] for ax in figures[0].axes]
+  assert geometry == [(2, 3)] * 5

@@ -19,10 +19,16 @@ def tables(tmp_path, monkeypatch):
   return module
 
 
-def write(results: Path, model: str, name: str, attack: str, correct, robust, num_eps=1, **extra):
-  """A result JSON with the fields the tables read; the same robust mask at every eps."""
+CURVE_EPS = [e / 255 for e in (1, 2, 4, 8, 16)]
+
+
+def write(results: Path, model: str, name: str, attack: str, correct, robust, num_eps=1, eps=None,
+          **extra):
+  """A result JSON with the fields the tables read; the same robust mask at every eps (8/255
+  for one eps, the 1..16/255 curve for five, unless `eps` says otherwise)."""
+  eps = eps or ([8 / 255] if num_eps == 1 else CURVE_EPS)
   report = {"clean_accuracy": float(np.mean(correct)), "num_examples": len(correct),
-            "clean_correct": list(correct),
+            "clean_correct": list(correct), "eps": eps,
             "attacks": {attack: {"robust_accuracy": [float(np.mean(robust))] * num_eps,
                                  "still_robust": [list(robust)] * num_eps, **extra}}}
   (results / model / "eval").mkdir(parents=True, exist_ok=True)
@@ -55,5 +61,21 @@ def test_eps_curve_table_has_a_row_per_attack_that_ran(tables, tmp_path):
   write(tmp_path, "m", "pgd", "pgd", correct, [1, 0, 1, 0, 0], num_eps=5)
   write(tmp_path, "m", "apgd_curve", "apgd", correct, [1, 0, 0, 0, 0], num_eps=5)
   rows = tables.table_eps_curve([("m", "model m")])
-  assert rows[2:] == ["| model m | PGD-20 | 40.0 | 40.0 | 40.0 | 40.0 | 40.0 |",
-                      "| model m | APGD-CE | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 |"]  # No FGSM run.
+  assert rows[2:] == ["| model m | PGD-20 | 5 | 40.0 | 40.0 | 40.0 | 40.0 | 40.0 |",
+                      "| model m | APGD-CE | 5 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 |"]  # No FGSM.
+
+
+def test_autoattack_curve_takes_8_255_from_the_main_run_on_its_first_images(tables, tmp_path):
+  stages = {"clean": 0, "apgd-ce": 0, "apgd-t": 0, "fab-t": 0, "square": 0}  # Only keys read.
+  # The 8/255 run on 6 images: example 1 falls to APGD-T, 2 to Square, 3 survives; 4, 5 (past
+  # the curve's 4 images) survive too and must not count.
+  write(tmp_path, "m", "autoattack", "autoattack", [1] * 6, [0, 0, 0, 1, 1, 1],
+        robust_accuracy_after=[stages],
+        broken_by=[["apgd-ce", "apgd-t", "square", None, None, None]])
+  curve_eps = [e / 255 for e in (1, 2, 4, 16)]
+  write(tmp_path, "m", "autoattack_curve", "autoattack", [1] * 4, [1, 1, 1, 1], eps=curve_eps,
+        robust_accuracy_after=[stages] * 4, broken_by=[[None] * 4] * 3 + [["clean"] * 4])
+  rows = tables.table_eps_curve([("m", "model m")])
+  assert rows[2:] == [
+      "| model m | APGD-CE + APGD-T | 4 | 100.0 | 100.0 | 100.0 | 50.0 | 0.0 |",
+      "| model m | AutoAttack | 4 | 100.0 | 100.0 | 100.0 | 25.0 | 0.0 |"]
