@@ -5,10 +5,10 @@
 # MODEL: a training workdir or params-only .msgpack; OUT: folder for the JSON; SURROGATE: a
 # standard-trained model for the checklist's transfer attack. Data: $GFA_DATA_DIR.
 # Linf attacks use the first 1,000 test images, standalone Square (5,000 queries) the first 200
-# (AutoAttack already runs Square on all 1,000); AutoAttack's eps curve the first 500 and
-# Square's the first 200, both without 8/255 (scripts/results_tables.py reads that point from
-# the 8/255 run); CW, EAD, OnePixel and the checklist the first 100 (their reference budgets
-# cost 10-50x more per image). A finished JSON is not redone.
+# (AutoAttack already runs Square on all 1,000); the eps curves of AutoAttack and Square the
+# first 200, without 8/255 (scripts/results_tables.py reads that point from the 8/255 run);
+# CW, EAD, OnePixel and the checklist the first 100 (their reference budgets cost 10-50x more
+# per image). A finished JSON is not redone.
 # SKIP="cw onepixel checklist" (any of apgd_curve, autoattack_curve, square_curve, cw, ead,
 # onepixel, checklist) skips costly parts. All of it took 1-2 h per model on a 2-core CPU
 # (OnePixel and AutoAttack the most).
@@ -31,7 +31,7 @@ run autoattack --attack autoattack
 run square --attack square --num_examples 200
 CURVE_BUT_8=1/255,2/255,4/255,16/255
 if wanted autoattack_curve; then
-  run autoattack_curve --attack autoattack --eps $CURVE_BUT_8 --num_examples 500
+  run autoattack_curve --attack autoattack --eps $CURVE_BUT_8 --num_examples 200
 fi
 if wanted square_curve; then
   run square_curve --attack square --eps $CURVE_BUT_8 --num_examples 200
