@@ -114,6 +114,7 @@ CURVE_ATTACKS = [
     ("Square (5,000 queries)", "square_curve", None, "square"),
 ]
 CURVE_EPS = (1, 2, 4, 8, 16)  # x 1/255
+SHORT_CURVE_IMAGES = 200  # Images of the AutoAttack and Square curve runs (evaluate_model.sh).
 
 
 def robust_on_first(result: dict, eps_index: int, n: int, stage: str | None = None) -> float:
@@ -126,13 +127,15 @@ def robust_on_first(result: dict, eps_index: int, n: int, stage: str | None = No
   return float(np.mean([b not in done for b in result["broken_by"][eps_index][:n]]))
 
 
-def eps_curve(model: str, curve_json: str, stage: str | None, fill_json: str | None):
-  """(number of examples, {eps x 255: robust accuracy}) of one model and curve attack, or None
-  if the curve JSON is missing."""
+def eps_curve(model: str, curve_json: str, stage: str | None, fill_json: str | None,
+              n: int | None = None):
+  """(number of examples, {eps x 255: robust accuracy}) of one model and curve attack on its
+  first n test images (default: all the curve run attacked), or None if the curve JSON is
+  missing or has fewer than n images."""
   report = load(model, curve_json)
-  if report is None:
+  if report is None or (n is not None and report["num_examples"] < n):
     return None
-  n = report["num_examples"]
+  n = n or report["num_examples"]
   points = {}
   for source in (load(model, fill_json) if fill_json else None, report):  # The curve run wins.
     if source is None or source["num_examples"] < n:
@@ -143,15 +146,17 @@ def eps_curve(model: str, curve_json: str, stage: str | None, fill_json: str | N
   return n, points
 
 
-def table_eps_curve(models) -> list[str]:
+def table_eps_curve(models, attacks: list[str], n: int | None = None) -> list[str]:
+  """Rows (model, attack) of robust accuracy against eps for the named CURVE_ATTACKS, on each
+  run's images or on the first n."""
+  specs = {label: spec for label, *spec in CURVE_ATTACKS}
   rows = ["| model | attack | images | " + " | ".join(f"{e}/255" for e in CURVE_EPS) + " |",
           "|" + " --- |" * (len(CURVE_EPS) + 3)]
   for key, label in models:
-    for attack, *spec in CURVE_ATTACKS:
-      if (curve := eps_curve(key, *spec)) is not None:
-        n, points = curve
-        rows.append(f"| {label} | {attack} | {n} | "
-                    + " | ".join(pct(points.get(e)) for e in CURVE_EPS) + " |")
+    for attack in attacks:
+      if (curve := eps_curve(key, *specs[attack], n=n)) is not None:
+        rows.append(f"| {label} | {attack} | {curve[0]} | "
+                    + " | ".join(pct(curve[1].get(e)) for e in CURVE_EPS) + " |")
   return rows
 
 
@@ -231,22 +236,24 @@ def table_sweep() -> list[str]:
 
 
 def plot_eps_curves(models) -> Path:
-  """One panel per curve attack but FGSM (single-step, far above the others), one line per
-  model."""
+  """Robust accuracy against eps, one panel per multi-step attack (PGD-20 and APGD-CE on the
+  first 1,000 images, AutoAttack and Square on their curve runs' images), one line per model."""
   panels = {}
   for attack, *spec in CURVE_ATTACKS:
-    if attack == "FGSM":
+    if attack in ("FGSM", "APGD-CE + APGD-T"):  # Far above the others / next to AutoAttack.
       continue
-    curves = {}
+    curves, sizes = {}, set()
     for key, label in models:
       if (curve := eps_curve(key, *spec)) is not None:
+        sizes.add(curve[0])
         eps = sorted(curve[1])
         curves[label] = (eps, [curve[1][e] for e in eps])
-    panels[f"robust accuracy, {attack}"] = curves
+    images = "/".join(map(str, sorted(sizes)))
+    panels[f"robust accuracy, {attack} ({images} images)"] = curves
   return plots.plot_panels(RESULTS / "plots" / "eps_curves.png", panels,
                            xlabel="eps (x 1/255, Linf)", logx=True, ylim=(-0.02, 1.0),
                            reference_lines={ylabel: {"chance": 0.1} for ylabel in panels},
-                           xticks=list(CURVE_EPS), ncols=3)
+                           xticks=list(CURVE_EPS), ncols=2)
 
 
 def main() -> None:
@@ -271,11 +278,17 @@ def main() -> None:
       "AutoAttack's robust accuracy as a share of its own correct examples.", "",
       *table_robust(models, subset), "",
       "### Robust accuracy (%) against eps (CIFAR-10 JPEG-75 copy)", "",
-      "On the first `images` test images. The AutoAttack and Square curves run on fewer "
-      "images (their costliest attacks); their 8/255 point comes from Table 2's run, on the "
-      "same first images.", "",
       f"![eps curves]({Path('..') / plot.relative_to(ROOT)})", "",
-      *table_eps_curve(models), "",
+      "First 1,000 test images:", "",
+      *table_eps_curve(models, ["FGSM", "PGD-20", "APGD-CE"]), "",
+      f"AutoAttack and Square, the costliest attacks, ran their curves on the first "
+      f"{SHORT_CURVE_IMAGES} test images only. This table puts them beside APGD-CE on the same "
+      "images (read from its 1,000-image run); their 8/255 points come from Table 2's runs, "
+      "on the same images too.", "",
+      *table_eps_curve([m for m in models if load(m[0], "autoattack_curve")
+                        or load(m[0], "square_curve")],
+                       ["APGD-CE", "APGD-CE + APGD-T", "AutoAttack", "Square (5,000 queries)"],
+                       n=SHORT_CURVE_IMAGES), "",
       "### Minimum-norm attacks (median perturbation; first 1,000 images for DeepFool, 100 for "
       "CW / EAD; OnePixel on 100)", "",
       *table_min_norm(models), "",

@@ -60,7 +60,7 @@ def test_eps_curve_table_has_a_row_per_attack_that_ran(tables, tmp_path):
   correct = [1, 1, 1, 1, 0]
   write(tmp_path, "m", "pgd", "pgd", correct, [1, 0, 1, 0, 0], num_eps=5)
   write(tmp_path, "m", "apgd_curve", "apgd", correct, [1, 0, 0, 0, 0], num_eps=5)
-  rows = tables.table_eps_curve([("m", "model m")])
+  rows = tables.table_eps_curve([("m", "model m")], ["FGSM", "PGD-20", "APGD-CE"])
   assert rows[2:] == ["| model m | PGD-20 | 5 | 40.0 | 40.0 | 40.0 | 40.0 | 40.0 |",
                       "| model m | APGD-CE | 5 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 |"]  # No FGSM.
 
@@ -75,7 +75,14 @@ def test_autoattack_curve_takes_8_255_from_the_main_run_on_its_first_images(tabl
   curve_eps = [e / 255 for e in (1, 2, 4, 16)]
   write(tmp_path, "m", "autoattack_curve", "autoattack", [1] * 4, [1, 1, 1, 1], eps=curve_eps,
         robust_accuracy_after=[stages] * 4, broken_by=[[None] * 4] * 3 + [["clean"] * 4])
-  rows = tables.table_eps_curve([("m", "model m")])
+  rows = tables.table_eps_curve([("m", "model m")], ["APGD-CE + APGD-T", "AutoAttack"])
   assert rows[2:] == [
       "| model m | APGD-CE + APGD-T | 4 | 100.0 | 100.0 | 100.0 | 50.0 | 0.0 |",
       "| model m | AutoAttack | 4 | 100.0 | 100.0 | 100.0 | 25.0 | 0.0 |"]
+
+
+def test_eps_curve_table_restricts_longer_runs_to_the_first_n_images(tables, tmp_path):
+  write(tmp_path, "m", "apgd_curve", "apgd", [1] * 4, [1, 1, 0, 0], num_eps=5)
+  rows = tables.table_eps_curve([("m", "model m")], ["APGD-CE"], n=2)
+  assert rows[2:] == ["| model m | APGD-CE | 2 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 |"]
+  assert tables.table_eps_curve([("m", "model m")], ["APGD-CE"], n=8)[2:] == []  # Too few.
