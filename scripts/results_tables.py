@@ -99,29 +99,30 @@ def table_robust(models, subset) -> list[str]:
   return rows
 
 
-# The eps-curve attacks: (label, JSON of the curve, AutoAttack stage or None, JSON that
-# holds the eps the curve run left out or None). AutoAttack and Square are the costliest
+# The eps-curve attacks: {label: (JSON of the curve, AutoAttack stage or None, JSON that
+# holds the eps the curve run left out or None)}. AutoAttack and Square are the costliest
 # attacks, so their curve runs skip 8/255 (already run) on fewer images; the 8/255 point is then
 # read from the 8/255 run, restricted to the curve's first N images so the curve stays on one
 # set of examples. "+ APGD-T" is AutoAttack's cumulative stage (APGD-CE, then APGD-T on what
 # it left), as in Table 2.
-CURVE_ATTACKS = [
-    ("FGSM", "fgsm", None, None),
-    ("PGD-20", "pgd", None, None),
-    ("APGD-CE", "apgd_curve", None, None),
-    ("APGD-CE + APGD-T", "autoattack_curve", "apgd-t", "autoattack"),
-    ("AutoAttack", "autoattack_curve", None, "autoattack"),
-    ("Square (5,000 queries)", "square_curve", None, "square"),
-]
+CURVE_ATTACKS = {
+    "FGSM": ("fgsm", None, None),
+    "PGD-20": ("pgd", None, None),
+    "APGD-CE": ("apgd_curve", None, None),
+    "APGD-CE + APGD-T": ("autoattack_curve", "apgd-t", "autoattack"),
+    "AutoAttack": ("autoattack_curve", None, "autoattack"),
+    "Square (5,000 queries)": ("square_curve", None, "square"),
+}
 CURVE_EPS = (1, 2, 4, 8, 16)  # x 1/255
 SHORT_CURVE_IMAGES = 200  # Images of the AutoAttack and Square curve runs (evaluate_model.sh).
 
 
-def robust_on_first(result: dict, eps_index: int, n: int, stage: str | None = None) -> float:
+def robust_on_first(report: dict, eps_index: int, n: int, stage: str | None = None) -> float:
   """Robust accuracy on the first n examples at one eps; for AutoAttack after `stage` (None:
   after every stage), read from its per-example `broken_by`."""
+  result = attack_result(report)
   if "broken_by" not in result:
-    return float(np.mean(result["still_robust"][eps_index][:n]))
+    return robust(report, eps_index, np.arange(n))
   stages = list(result["robust_accuracy_after"][eps_index])
   done = stages[:stages.index(stage) + 1] if stage else stages
   return float(np.mean([b not in done for b in result["broken_by"][eps_index][:n]]))
@@ -140,21 +141,19 @@ def eps_curve(model: str, curve_json: str, stage: str | None, fill_json: str | N
   for source in (load(model, fill_json) if fill_json else None, report):  # The curve run wins.
     if source is None or source["num_examples"] < n:
       continue
-    result = attack_result(source)
     for i, eps in enumerate(source["eps"]):
-      points[round(eps * 255)] = robust_on_first(result, i, n, stage)
+      points[round(eps * 255)] = robust_on_first(source, i, n, stage)
   return n, points
 
 
 def table_eps_curve(models, attacks: list[str], n: int | None = None) -> list[str]:
   """Rows (model, attack) of robust accuracy against eps for the named CURVE_ATTACKS, on each
   run's images or on the first n."""
-  specs = {label: spec for label, *spec in CURVE_ATTACKS}
   rows = ["| model | attack | images | " + " | ".join(f"{e}/255" for e in CURVE_EPS) + " |",
           "|" + " --- |" * (len(CURVE_EPS) + 3)]
   for key, label in models:
     for attack in attacks:
-      if (curve := eps_curve(key, *specs[attack], n=n)) is not None:
+      if (curve := eps_curve(key, *CURVE_ATTACKS[attack], n=n)) is not None:
         rows.append(f"| {label} | {attack} | {curve[0]} | "
                     + " | ".join(pct(curve[1].get(e)) for e in CURVE_EPS) + " |")
   return rows
@@ -235,16 +234,14 @@ def table_sweep() -> list[str]:
   return rows
 
 
-def plot_eps_curves(models) -> Path:
-  """Robust accuracy against eps, one panel per multi-step attack (PGD-20 and APGD-CE on the
-  first 1,000 images, AutoAttack and Square on their curve runs' images), one line per model."""
+def plot_eps_curves(models, attacks: list[str]) -> Path:
+  """Robust accuracy against eps, one panel per named CURVE_ATTACKS entry on its runs' images,
+  one line per model."""
   panels = {}
-  for attack, *spec in CURVE_ATTACKS:
-    if attack in ("FGSM", "APGD-CE + APGD-T"):  # Far above the others / next to AutoAttack.
-      continue
+  for attack in attacks:
     curves, sizes = {}, set()
     for key, label in models:
-      if (curve := eps_curve(key, *spec)) is not None:
+      if (curve := eps_curve(key, *CURVE_ATTACKS[attack])) is not None:
         sizes.add(curve[0])
         eps = sorted(curve[1])
         curves[label] = (eps, [curve[1][e] for e in eps])
@@ -259,7 +256,8 @@ def plot_eps_curves(models) -> Path:
 def main() -> None:
   models = [(k, l) for k, l in MODELS if (RESULTS / k).exists()]
   subset = common_subset([k for k, _ in models])
-  plot = plot_eps_curves(models)
+  # Not FGSM (far above the others) nor the APGD-T stage (next to AutoAttack's final value).
+  plot = plot_eps_curves(models, ["PGD-20", "APGD-CE", "AutoAttack", "Square (5,000 queries)"])
   block = [
       BEGIN,
       "### The beta sweep (GFA on the first 10,000 training images, 5 epochs; accuracy on the "
