@@ -23,6 +23,7 @@ from configs import cifar_deep  # noqa: E402
 from gfa_jax import checkpoints, data, evaluate, plots, train_lib, xla_flags  # noqa: E402
 
 FIRST = ("layer0",)
+DEEP = cifar_deep.get_config().gfa_layers  # The taps of every variant that sets none.
 
 # (name, overrides of configs/cifar_deep.py), in the order they run: the paper's setting
 # around its transition, then the ways out of it (CE, MSE on logits, FIRST, delayed or ramped
@@ -42,6 +43,26 @@ VARIANTS = [
     *[(f"deep_mse_w{'-'.join(map(str, w))}_b0.07", {"beta": 0.07, "gfa_layer_weights": w})
       for w in ((2.0, 0.5, 0.5), (0.5, 2.0, 0.5), (0.5, 0.5, 2.0))],
 ]
+# Run only when named in --only, for the architecture checks: a large beta at the paper's taps,
+# and the taps moved one layer deeper for networks whose input alignment is 0 by construction
+# (ResNet-20: a bias-free stem conv feeding GroupNorm).
+ON_REQUEST = [
+    ("deep_mse_b1.0", {"beta": 1.0}),
+    *[(f"deep_l123_mse_b{b}", {"beta": b, "gfa_layers": ("layer1", "layer2", "layer3")})
+      for b in (0.03, 0.1, 1.0)],
+]
+
+
+def variants_to_run(only: set[str], done: set[str]) -> list[tuple[str, dict]]:
+  """The (name, overrides) still to train, in run order: those named in `only` (from VARIANTS
+  or ON_REQUEST), or else all of VARIANTS, less the `done` ones; exits on an unknown name."""
+  unknown = only - {name for name, _ in VARIANTS + ON_REQUEST}
+  if unknown:
+    raise SystemExit(f"unknown variants {sorted(unknown)}; see VARIANTS and ON_REQUEST in "
+                     f"{__file__}")
+  wanted = only or {name for name, _ in VARIANTS}
+  return [(name, overrides) for name, overrides in VARIANTS + ON_REQUEST
+          if name in wanted and name not in done]
 
 
 def variant_config(overrides: dict, args):
@@ -49,7 +70,8 @@ def variant_config(overrides: dict, args):
   config.model.name = args.model
   config.update({"data_dir": args.data_dir, "num_train": args.num_train,
                  "num_epochs": args.epochs, "num_eval_examples": args.num_eval,
-                 "eval_every_steps": 0, "checkpoint_every_steps": 100, **overrides})
+                 "warmup_epochs": args.warmup_epochs, "eval_every_steps": 0,
+                 "checkpoint_every_steps": 100, **overrides})
   return config
 
 
@@ -59,7 +81,7 @@ def run_variant(name: str, overrides: dict, args, attack_images, attack_labels) 
   workdir = Path(args.workdir) / name
   start = time.perf_counter()
   record = {"name": name, "overrides": overrides, "model": args.model,
-            "num_train": args.num_train, "epochs": args.epochs}
+            "num_train": args.num_train, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs}
   try:
     final = train_lib.train_and_evaluate(config, workdir)
   except FloatingPointError as e:
@@ -78,8 +100,11 @@ def plot(records: list[dict], output: Path) -> None:
   for r in records:
     if "final_eval" in r and "beta" in r["overrides"]:
       families.setdefault(r["name"].rsplit("_b", 1)[0], []).append(r)
-  mean_alignment = lambda r: sum(r["final_eval"][f"train/alignment/layer{i}"] for i in range(3)) / 3
-  panels = {"test accuracy": {}, "train alignment (mean of layers 0-2)": {},
+
+  def mean_alignment(r):
+    taps = r["overrides"].get("gfa_layers", DEEP)
+    return sum(r["final_eval"][f"train/alignment/{tap}"] for tap in taps) / len(taps)
+  panels = {"test accuracy": {}, "train alignment (mean of the tapped layers)": {},
             "APGD-CE robust accuracy, 8/255": {}}
   for family, rs in families.items():
     rs = sorted((r for r in rs if "seed" not in r["name"]), key=lambda r: r["overrides"]["beta"])
@@ -101,6 +126,8 @@ def main() -> None:
   parser.add_argument("--output", default="results/beta_sweep", help="sweep.jsonl + plots")
   parser.add_argument("--num-train", type=int, default=10000, help="training images")
   parser.add_argument("--epochs", type=int, default=5, help="epochs per variant")
+  parser.add_argument("--warmup-epochs", type=float, default=0.0,
+                      help="linear learning-rate warm-up (the ViT needs some)")
   parser.add_argument("--num-eval", type=int, default=2000, help="test images for accuracy")
   parser.add_argument("--num-attack", type=int, default=200, help="test images APGD attacks")
   parser.add_argument("--model", default="small_cnn", help="gfa_jax.models.MODELS key")
@@ -113,18 +140,13 @@ def main() -> None:
   results = output / "sweep.jsonl"
   records = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
   if not args.plot:
-    only = set(filter(None, args.only.split(",")))
-    unknown = only - {name for name, _ in VARIANTS}
-    if unknown:
-      raise SystemExit(f"unknown variants {sorted(unknown)}; see VARIANTS in {__file__}")
-    done = {r["name"] for r in records}
+    pending = variants_to_run(set(filter(None, args.only.split(","))),
+                              done={r["name"] for r in records})
     # The attacked test images, loaded once for every variant (same data as training uses).
     dataset = data.load_dataset(cifar_deep.get_config().data_source, args.data_dir)
     attack_images = data.to_float(dataset.test_images[:args.num_attack])
     attack_labels = dataset.test_labels[:args.num_attack]
-    for name, overrides in VARIANTS:
-      if name in done or (only and name not in only):
-        continue
+    for name, overrides in pending:
       record = run_variant(name, overrides, args, attack_images, attack_labels)
       records.append(record)
       with results.open("a") as f:  # One complete line per finished variant.

@@ -24,11 +24,15 @@ train pgd_at configs/cifar_pgd_at.py
 train trades configs/cifar_trades.py
 
 # The beta sweep (10,000 training images, 5 epochs per variant; resumable), and its
-# ResNet-20 check (2 epochs, three variants).
+# architecture checks (2 epochs): ResNet-20 with the paper's taps, and with taps layer1-3 since
+# its layer0 cannot align; the ViT (with a short warm-up) with the paper's taps.
 python scripts/beta_sweep.py --data-dir "$DATA" --workdir runs/beta_sweep --output results/beta_sweep
 python scripts/beta_sweep.py --data-dir "$DATA" --model resnet20 --epochs 2 \
     --workdir runs/beta_sweep_resnet20 --output results/beta_sweep_resnet20 \
-    --only standard,deep_mse_b0.05,deep_mse_b0.1
+    --only standard,deep_mse_b0.05,deep_mse_b0.1,deep_l123_mse_b0.03,deep_l123_mse_b0.1,deep_l123_mse_b1.0
+python scripts/beta_sweep.py --data-dir "$DATA" --model vit --epochs 2 --warmup-epochs 0.5 \
+    --workdir runs/beta_sweep_vit --output results/beta_sweep_vit \
+    --only standard,deep_mse_b0.05,deep_mse_b0.1,deep_mse_b1.0
 
 # Every model under every attack (scripts/evaluate_model.sh lists them), then the tables.
 # The sweep's edge model (beta 0.06, seed 0) under the same protocol.

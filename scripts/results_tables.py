@@ -16,6 +16,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from configs import cifar_deep  # noqa: E402
 from gfa_jax import plots  # noqa: E402
 
 RESULTS, REPORT = ROOT / "results", ROOT / "docs" / "results.md"
@@ -115,6 +116,7 @@ CURVE_ATTACKS = {
 }
 CURVE_EPS = (1, 2, 4, 8, 16)  # x 1/255
 SHORT_CURVE_IMAGES = 200  # Images of the AutoAttack and Square curve runs (evaluate_model.sh).
+DEEP_TAPS = cifar_deep.get_config().gfa_layers  # The taps of sweep variants that set none.
 
 
 def robust_on_first(report: dict, eps_index: int, n: int, stage: str | None = None) -> float:
@@ -215,12 +217,14 @@ def table_checklist(models) -> list[str]:
   return rows
 
 
-def table_sweep() -> list[str]:
-  """One row per beta-sweep variant (scripts/beta_sweep.py), diverged runs included."""
-  path = RESULTS / "beta_sweep" / "sweep.jsonl"
+def table_sweep(sweep: str) -> list[str]:
+  """One row per variant of a beta sweep (scripts/beta_sweep.py; results/<sweep>/sweep.jsonl),
+  diverged runs included. Alignment is given at layers 0-2 and any deeper tap of the variant."""
+  path = RESULTS / sweep / "sweep.jsonl"
   if not path.exists():
     return ["(no sweep results)"]
-  rows = ["| variant | overrides | test acc | train alignment L0 / L1 / L2 | test alignment L0 / L1 / L2 "
+  rows = ["| variant | overrides | test acc | train alignment L0 / L1 / L2 (/ L3) "
+          "| test alignment L0 / L1 / L2 (/ L3) "
           "| APGD-CE acc (clean) |", "|" + " --- |" * 6]
   for r in map(json.loads, path.read_text().splitlines()):
     overrides = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
@@ -228,10 +232,21 @@ def table_sweep() -> list[str]:
       rows.append(f"| {r['name']} | {overrides} | diverged: {r['diverged'][:120]} | | | |")
       continue
     final = r["final_eval"]
-    align = lambda split: " / ".join(f"{final[f'{split}/alignment/layer{i}']:.2f}" for i in range(3))
+    taps = sorted(set(DEEP_TAPS) | set(r["overrides"].get("gfa_layers", ())))
+    align = lambda split: " / ".join(f"{final[f'{split}/alignment/{tap}']:.2f}" for tap in taps)
     rows.append(f"| {r['name']} | {overrides} | {pct(final['test/accuracy'])} | {align('train')} "
                 f"| {align('test')} | {pct(r['apgd_robust_accuracy'])} ({pct(r['apgd_clean_accuracy'])}) |")
   return rows
+
+
+def architecture_sweeps() -> list[str]:
+  """A heading and table per mini-sweep of another architecture (scripts/reproduce.sh)."""
+  lines = []
+  for sweep, model in (("beta_sweep_resnet20", "ResNet-20"), ("beta_sweep_vit", "ViT")):
+    lines += [f"### Architecture check: the {model} mini-sweep (first 10,000 training images, "
+              "2 epochs; accuracy on the first 2,000 test images, APGD-CE at 8/255 on the "
+              "first 200)", "", *table_sweep(sweep), ""]
+  return lines
 
 
 def plot_eps_curves(models, attacks: list[str]) -> Path:
@@ -263,7 +278,8 @@ def main() -> None:
       "### The beta sweep (GFA on the first 10,000 training images, 5 epochs; accuracy on the "
       "first 2,000 test images, APGD-CE at 8/255 on the first 200)", "",
       "![beta sweep](../results/beta_sweep/beta_sweep.png)", "",
-      *table_sweep(), "",
+      *table_sweep("beta_sweep"), "",
+      *architecture_sweeps(),
       "### Table 1: per-layer GFA alignment (first 1,000 train / test images)", "",
       *table_alignment(models), "",
       "### Table 2: robust accuracy (%), Linf 8/255, first 1,000 test images", "",

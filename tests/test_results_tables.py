@@ -86,3 +86,18 @@ def test_eps_curve_table_restricts_longer_runs_to_the_first_n_images(tables, tmp
   rows = tables.table_eps_curve([("m", "model m")], ["APGD-CE"], n=2)
   assert rows[2:] == ["| model m | APGD-CE | 2 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 |"]
   assert tables.table_eps_curve([("m", "model m")], ["APGD-CE"], n=8)[2:] == []  # Too few.
+
+
+def test_sweep_table_shows_deeper_taps_and_diverged_runs(tables, tmp_path):
+  final = {f"{split}/{key}": value for split in ("train", "test") for key, value in
+           [("accuracy", 0.5), *((f"alignment/layer{i}", i / 10) for i in range(4))]}
+  records = [{"name": "l123", "overrides": {"beta": 1.0, "gfa_layers": ["layer1", "layer2",
+                                                                       "layer3"]},
+              "final_eval": final, "apgd_robust_accuracy": 0.25, "apgd_clean_accuracy": 0.5},
+             {"name": "nan", "overrides": {"beta": 0.3}, "diverged": "non-finite loss"}]
+  (tmp_path / "sweep").mkdir()
+  (tmp_path / "sweep" / "sweep.jsonl").write_text("\n".join(map(json.dumps, records)))
+  rows = tables.table_sweep("sweep")
+  assert rows[2].split(" | ")[3:5] == ["0.00 / 0.10 / 0.20 / 0.30"] * 2  # L0-L2 + tapped L3.
+  assert rows[2].endswith("| 25.0 (50.0) |")
+  assert "diverged: non-finite loss" in rows[3]
