@@ -232,7 +232,7 @@ def table_sweep(sweep: str) -> list[str]:
       rows.append(f"| {r['name']} | {overrides} | diverged: {r['diverged'][:120]} | | | |")
       continue
     final = r["final_eval"]
-    taps = sorted(set(DEEP_TAPS) | set(r["overrides"].get("gfa_layers", ())))
+    taps = [*DEEP_TAPS, *(t for t in r["overrides"].get("gfa_layers", ()) if t not in DEEP_TAPS)]
     align = lambda split: " / ".join(f"{final[f'{split}/alignment/{tap}']:.2f}" for tap in taps)
     rows.append(f"| {r['name']} | {overrides} | {pct(final['test/accuracy'])} | {align('train')} "
                 f"| {align('test')} | {pct(r['apgd_robust_accuracy'])} ({pct(r['apgd_clean_accuracy'])}) |")
