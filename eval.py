@@ -12,9 +12,11 @@ import os
 from pathlib import Path
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 
-from gfa_jax import analysis, checklist, checkpoints, data, evaluate, objectives, plots, xla_flags
+from gfa_jax import (analysis, checklist, checkpoints, data, evaluate, objectives, plots,
+                     torch_import, xla_flags)
 from gfa_jax.attacks import core
 
 _WORKDIR = flags.DEFINE_string(
@@ -49,6 +51,20 @@ _BUDGET = flags.DEFINE_enum(
 _SUBSET = flags.DEFINE_string(
     "subset", None, "File of example indices (whitespace/comma separated or a JSON list): "
     "also report robust accuracy on those examples only (the paper's protocol).")
+_AA_VERSION = flags.DEFINE_enum(
+    "aa_version", "standard", ["standard", "rand", "fast", "custom"],
+    "autoattack: the version (docs/evaluation.md). 'fast' (APGD-CE + APGD-T) is not the "
+    "standard AutoAttack and is never reported as such.")
+_AA_ATTACKS = flags.DEFINE_list(
+    "aa_attacks", [], "autoattack --aa_version custom: the attacks in order, from apgd-ce, "
+    "apgd-dlr, apgd-t, fab, fab-t, square.")
+_TORCH_MODEL = flags.DEFINE_string(
+    "torch_model", None, "Evaluate a PyTorch state_dict file (.pt/.pth) instead of --workdir "
+    "(needs torch; see --arch). Data: --data_dir, else $GFA_DATA_DIR, else the embedded subset.")
+_ARCH = flags.DEFINE_enum(
+    "arch", "resnet18", ["resnet18", "preact_resnet18"],
+    "--torch_model's architecture (gfa_jax.torch_import): 'resnet18' (Kuang Liu / the "
+    "reference AutoAttack's example) or 'preact_resnet18' (RobustBench's PreActResNet18).")
 flags.mark_flag_as_required("attack")
 
 DEFAULT_EPS = {"linf": "8/255", "l2": "0.5", "l1": "12"}
@@ -98,7 +114,12 @@ def summary(report: dict) -> str:
       median = r["norms"][report["norm"]]["median"]
       extra = f"; success {100 * r['success_rate']:.1f}%, median {report['norm']} " + (
           "n/a" if median is None else f"{median:.4g}")
+    if "label" in r:
+      extra += f"; {r['label']}"
     lines.append(f"{name:>10}: robust {acc}{extra}  ({r['elapsed_seconds']:.1f} s)")
+    for eps_value, checks in zip(report["eps"], r.get("checks", [])):
+      lines += [f"{'':>12}check {c['check']} at eps {eps_value:.4g}: WARNING {c['message']}"
+                for c in checks if c["status"] == "warn"]
   if report["attack"] == evaluate.ALL:
     lines.append(f"{'worst case':>10}: robust "
                  + ", ".join(f"{100 * a:.2f}%" for a in report["robust_accuracy"]))
@@ -116,9 +137,13 @@ def run_attacks(config, apply_fn, variables, workdir: Path, step) -> None:
   eps = core.parse_eps_list(_EPS.value or DEFAULT_EPS.get(norm, "0"))
   subset = read_subset(_SUBSET.value) if _SUBSET.value else None
   images, labels, description = load_split(config, "test", _NUM_EXAMPLES.value)
+  overrides = None
+  if _ATTACK.value == "autoattack" and (_AA_VERSION.value != "standard" or _AA_ATTACKS.value):
+    overrides = {"version": _AA_VERSION.value, "attacks": tuple(_AA_ATTACKS.value)}
   report = evaluate.evaluate(
       functools.partial(apply_fn, variables), images, labels, attack=_ATTACK.value, eps=eps,
-      norm=norm, batch_size=_BATCH_SIZE.value, seed=_SEED.value, subset=subset)
+      norm=norm, batch_size=_BATCH_SIZE.value, seed=_SEED.value, subset=subset,
+      overrides=overrides)
   report.update(
       checkpoint={"path": str(workdir), "step": step}, data=description,
       eps_text=_EPS.value or DEFAULT_EPS[norm], subset_file=_SUBSET.value,
@@ -213,6 +238,13 @@ def run() -> None:
           _EPS.value or DEFAULT_EPS.get(_NORM.value, "0")), _NORM.value)
     except ValueError as e:
       raise ValueError(f"{e} Or one of the analyses {ANALYSES}.") from e
+  if _TORCH_MODEL.value:
+    if _ATTACK.value in ANALYSES:
+      raise ValueError(f"--torch_model supports the attacks, not the analyses {ANALYSES}.")
+    workdir = Path(_TORCH_MODEL.value)
+    config = ml_collections.ConfigDict({"data_source": "auto", "data_dir": ""})
+    apply_fn, variables = torch_import.load_torch_model(workdir, _ARCH.value)
+    return run_attacks(config, apply_fn, variables, workdir, None)
   workdir = Path(_WORKDIR.value)
   config = checkpoints.load_run_config(workdir)
   apply_fn, variables = checkpoints.load_model(workdir, step=_STEP.value)
@@ -236,7 +268,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
   try:
     run()
-  except (ValueError, FileNotFoundError) as e:  # bad flags, missing run or data: one message
+  except (ValueError, FileNotFoundError, ImportError) as e:  # bad flags, run, data: one message
     raise SystemExit(f"eval.py: {e}") from e
 
 

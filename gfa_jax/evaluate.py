@@ -81,7 +81,7 @@ ATTACKS: dict[str, AttackSpec] = {
     'square': AttackSpec(square, EPS_BOUNDED, ('linf', 'l2'), (('rescale_schedule', False),),
                          f'Andriushchenko et al. 2020, as run by {_AA}'),
     'autoattack': AttackSpec(autoattack, ENSEMBLE, ('linf', 'l2'), (('version', 'standard'),),
-                             f'standard version of {_AA}'),
+                             f'{_AA}; version standard unless --aa_version says otherwise'),
     'deepfool': AttackSpec(deepfool, MIN_NORM, ('linf', 'l2'), (),
                            'Moosavi-Dezfooli et al. 2016, defaults of foolbox 3'),
     'cw': AttackSpec(cw_l2, MIN_NORM, ('l2',), (),
@@ -228,7 +228,7 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
         core.check_adversarial(x_adv, x, value, norm)
         masks.append(still_robust(x_adv))
   elif spec.kind == ENSEMBLE:  # AutoAttack skips misclassified points itself
-    masks, broken_by, after = [], [], []
+    masks, broken_by, after, checks = [], [], [], []
     for value in tqdm.tqdm(eps, desc=name, disable=not progress):
       x_adv, breakdown = spec.fn(logits_fn, x, y, key=key, eps=value, norm=norm,
                                  batch_size=batch_size, progress=progress, **hparams)
@@ -236,9 +236,12 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
       masks.append(still_robust(x_adv))
       broken_by.append(breakdown['broken_by'])
       after.append(breakdown['robust_accuracy_after'])
+      checks.append(breakdown['checks'])
     result['hyperparameters'] = {**hparams, 'attacks': breakdown['hyperparameters']}
+    result['label'] = breakdown['label']
     result['broken_by'] = broken_by
     result['robust_accuracy_after'] = after
+    result['checks'] = checks  # per eps: the reference's automatic checks (docs/checklist.md)
   elif spec.kind == MIN_NORM:
     with tqdm.tqdm(total=num_batches(), desc=name, disable=not progress) as bar:
       x_adv = attack_correct(bar)

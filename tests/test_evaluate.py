@@ -107,6 +107,49 @@ def test_autoattack_matches_closed_form_with_consistent_breakdown():
   assert result['hyperparameters']['attacks']['square']['n_queries'] == 5000
 
 
+@pytest.mark.parametrize('version,attacks,sequence', [
+    ('fast', (), ['apgd-ce', 'apgd-t']),
+    ('rand', (), ['apgd-ce', 'apgd-dlr']),
+    ('custom', ('apgd-dlr', 'fab'), ['apgd-dlr', 'fab']),
+])
+def test_autoattack_versions_run_their_sequence_and_say_so(version, attacks, sequence):
+  logits_fn, x, y, clean_correct, distances = linear_problem(10, seed=1)
+  d = distances['linf']
+  eps = eps_between(d[clean_correct], count=1)[1:]
+  report = evaluate.evaluate(logits_fn, x, y, attack='autoattack', eps=eps, norm='linf',
+                             batch_size=8, progress=False,
+                             overrides={'version': version, 'attacks': attacks})
+  np.testing.assert_array_equal(report['still_robust'][0], clean_correct & (d > eps[0]))
+  result = report['attacks']['autoattack']
+  assert list(result['robust_accuracy_after'][0]) == ['clean', *sequence]
+  assert list(result['hyperparameters']['attacks']) == sequence
+  assert version == 'rand' or 'not the standard' in result['label']
+  if version == 'rand':
+    assert result['hyperparameters']['attacks']['apgd-dlr']['eot_iter'] == 20
+  checks = {c['check']: c['status'] for c in result['checks'][0]}
+  assert checks['range_output'] == 'ok' and checks['zero_gradients'] == 'ok'
+  assert ('randomized' in checks) == (version != 'rand')
+
+
+def test_autoattack_checks_warn_on_probabilities_and_zero_gradients():
+  logits_fn, x, y, _, _ = linear_problem(10, seed=1)
+  probabilities = lambda v: jax.nn.softmax(0.0 * logits_fn(v))  # constant, and sums to 1
+  report = evaluate.evaluate(probabilities, x, y, attack='autoattack', eps=[0.05], norm='linf',
+                             batch_size=8, progress=False, overrides={'version': 'fast'})
+  checks = {c['check']: c for c in report['attacks']['autoattack']['checks'][0]}
+  assert checks['range_output']['status'] == 'warn'
+  assert checks['randomized']['status'] == 'ok'
+  assert checks['dynamic']['status'] == 'not run'
+  if 'zero_gradients' in checks:  # only when some point is classified correctly
+    assert checks['zero_gradients']['status'] == 'warn'
+  with pytest.raises(ValueError, match='custom'):
+    evaluate.evaluate(logits_fn, x, y, attack='autoattack', eps=[0.05], norm='linf',
+                      progress=False, overrides={'version': 'custom', 'attacks': ('pgd',)})
+  with pytest.raises(ValueError, match='unknown'):
+    evaluate.evaluate(logits_fn, x, y, attack='autoattack', eps=[0.05], norm='linf',
+                      progress=False, overrides={'version': 'plus'})
+
+
 def test_report_schema_subset_and_json():
   logits_fn, x, y, clean_correct, _ = linear_problem(10)
   subset = [0, 3, 4, 7]

@@ -65,8 +65,25 @@ def _schedule(steps: int) -> tuple[np.ndarray, np.ndarray]:
   return is_check, window
 
 
+def _eot_value_and_grad(logits_fn, loss_fn, eot_iter: int):
+  """``f(x, key) -> (loss, logits, grad)``: with ``eot_iter`` 1 one pass of ``logits_fn(x)``;
+  else ``logits_fn(x, key_i)`` for ``eot_iter`` keys, the gradient averaged over the draws and
+  the loss and logits of the last draw, as the reference's EOT (autopgd_base.py) does."""
+  if eot_iter == 1:
+    value_and_grad = core.loss_and_grad(logits_fn, lambda logits, _: loss_fn(logits))
+    return lambda x, key: value_and_grad(x, None)
+
+  def f(x, key):
+    def draw(i):
+      return core.loss_and_grad(lambda z: logits_fn(z, jax.random.fold_in(key, i)),
+                                lambda logits, _: loss_fn(logits))(x, None)
+    losses, logits, grads = jax.lax.map(draw, jnp.arange(eot_iter))
+    return losses[-1], logits[-1], jnp.mean(grads, axis=0)
+  return f
+
+
 def _single_run(logits_fn: LogitsFn, x: jax.Array, loss_fn, fooled_fn, key: jax.Array,
-                eps: core.Eps, norm: str, steps: int, rho: float):
+                eps: core.Eps, norm: str, steps: int, rho: float, eot_iter: int = 1):
   """One APGD run of exactly `steps` iterations from a random start on the eps-sphere.
 
   loss_fn(logits) -> [B] is maximised; fooled_fn(logits) -> bool [B] says which points count as
@@ -74,10 +91,11 @@ def _single_run(logits_fn: LogitsFn, x: jax.Array, loss_fn, fooled_fn, key: jax.
   (fooling first, then highest loss), its loss, whether it fools, and the best loss after each
   iteration, [steps + 1, B] (row 0: the start point).
   """
-  value_and_grad = core.loss_and_grad(logits_fn, lambda logits, _: loss_fn(logits))
+  value_and_grad = _eot_value_and_grad(logits_fn, loss_fn, eot_iter)
   expand = lambda mask: core.batch_broadcast(mask, x)
-  x_adv = core.random_init(key, x, eps, norm, on_sphere=True)
-  loss, logits, grad = value_and_grad(x_adv, None)
+  init_key, eot_key = jax.random.split(key)
+  x_adv = core.random_init(init_key if eot_iter > 1 else key, x, eps, norm, on_sphere=True)
+  loss, logits, grad = value_and_grad(x_adv, jax.random.fold_in(eot_key, steps))
   batch = x.shape[0]
   start = dict(
       x_adv=x_adv, x_old=x_adv, grad=grad,
@@ -97,7 +115,7 @@ def _single_run(logits_fn: LogitsFn, x: jax.Array, loss_fn, fooled_fn, key: jax.
                      x, eps, norm)
     x_new = core.project(x_adv + momentum * (z - x_adv) + (1.0 - momentum) * (x_adv - s['x_old']),
                          x, eps, norm)
-    loss, logits, grad = value_and_grad(x_new, None)
+    loss, logits, grad = value_and_grad(x_new, jax.random.fold_in(eot_key, i))
 
     improved = loss > s['loss_best']
     x_best = jnp.where(expand(improved), x_new, s['x_best'])
@@ -135,18 +153,19 @@ def _single_run(logits_fn: LogitsFn, x: jax.Array, loss_fn, fooled_fn, key: jax.
 def _best_over_runs(logits_fn: LogitsFn, x: jax.Array, *, key: jax.Array, eps: core.Eps,
                     norm: str, steps: int, rho: float, num_runs: int,
                     objective: Callable[[jax.Array, jax.Array], tuple[Callable, Callable]],
-                    return_trace: bool):
+                    return_trace: bool, eot_iter: int = 1):
   """Runs APGD `num_runs` times (a lax loop: one compiled body) and keeps the best per example.
 
   objective(run_index, clean_logits) -> (loss_fn, fooled_fn) for that run (targets change between
   runs). The clean image is the first candidate: an example the model already gets wrong (or that
   already reaches its target) returns x itself.
   """
-  for name, value in (('steps', steps), ('runs', num_runs)):
+  for name, value in (('steps', steps), ('runs', num_runs), ('eot_iter', eot_iter)):
     if value < 1:
       raise ValueError(f'APGD needs {name} >= 1, got {value}.')
   x = jax.lax.stop_gradient(x)
-  clean_logits = logits_fn(x)
+  # A stochastic model (eot_iter > 1) is asked for its clean logits with a fixed key.
+  clean_logits = logits_fn(x) if eot_iter == 1 else logits_fn(x, jax.random.fold_in(key, 0x7FFFFFFF))
   _, fooled_fn = objective(jnp.asarray(0), clean_logits)
   clean_fooled = fooled_fn(clean_logits)
   batch = x.shape[0]
@@ -157,7 +176,8 @@ def _best_over_runs(logits_fn: LogitsFn, x: jax.Array, *, key: jax.Array, eps: c
     x_out, out_loss, out_fooled, trace = carry
     loss_fn, fooled_fn = objective(run, clean_logits)
     run_x, run_loss, run_fooled, run_trace = _single_run(
-        logits_fn, x, loss_fn, fooled_fn, jax.random.fold_in(key, run), eps, norm, steps, rho)
+        logits_fn, x, loss_fn, fooled_fn, jax.random.fold_in(key, run), eps, norm, steps, rho,
+        eot_iter)
     better = core.is_better(run_loss, run_fooled, out_loss, out_fooled)
     return (jnp.where(core.batch_broadcast(better, x), run_x, x_out),
             jnp.where(better, run_loss, out_loss), out_fooled | run_fooled,
@@ -175,13 +195,19 @@ def _best_over_runs(logits_fn: LogitsFn, x: jax.Array, *, key: jax.Array, eps: c
 
 def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps: core.Eps,
          norm: str = 'linf', loss: Union[str, core.LossFn] = 'ce', steps: int = 100,
-         n_restarts: int = 1, rho: float = 0.75, return_trace: bool = False):
+         n_restarts: int = 1, rho: float = 0.75, eot_iter: int = 1,
+         return_trace: bool = False):
   """Untargeted APGD (APGD-CE with loss='ce', APGD-DLR with loss='dlr'), linf or l2.
 
   Returns adversarial images [B, H, W, C] within eps and in [0, 1]: per example a point that is
   misclassified if any run found one, else the highest-loss point. With return_trace=True returns
   (x_adv, trace), trace [steps + 1, B] the best loss after each iteration (max over restarts).
   Defaults are AutoAttack's: 100 iterations, 1 restart, rho 0.75.
+
+  eot_iter > 1 (Expectation over Transformation, AutoAttack's 'rand' version: 20) is for
+  randomised models: ``logits_fn(x, key)`` then takes a PRNG key, and each step's gradient is
+  the mean over eot_iter draws. The loss and logits that decide success are the last draw's, as
+  in the reference.
   """
   core.check_images(x)
   core.check_eps(eps, norm)
@@ -189,7 +215,8 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps
   objective = lambda run, clean_logits: (lambda logits: loss_fn(logits, y),
                                          lambda logits: core.misclassified(logits, y))
   return _best_over_runs(logits_fn, x, key=key, eps=eps, norm=norm, steps=steps, rho=rho,
-                         num_runs=n_restarts, objective=objective, return_trace=return_trace)
+                         num_runs=n_restarts, objective=objective, return_trace=return_trace,
+                         eot_iter=eot_iter)
 
 
 def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps: core.Eps,
