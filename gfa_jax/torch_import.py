@@ -30,16 +30,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gfa_jax import models
+
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default.
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels, stride of the first block)
 
 
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
-  # torch pads 3x3 convolutions by 1 on every side; Flax's 'SAME' pads (0, 1) at stride 2,
-  # which shifts every window by one pixel, so the padding is explicit.
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)),
-                 use_bias=False, name=name)
+def _conv(features: int, kernel: int, stride: int, name: str) -> Callable:
+  """torch's ``Conv2d(k, stride, padding=k // 2, bias=False)`` for odd k, through
+  ``models.conv_same`` (its explicit VJP keeps input gradients fast inside the attacks' XLA
+  loops: lax's own convolution made APGD on this ResNet-18 several times slower on CPU).
+
+  Stride 2 is the stride-1 output at even positions (torch's windows start at -1 with padding
+  1, exactly the 'SAME' windows centred on even pixels); a 1x1 convolution subsamples first.
+  """
+  conv = nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=False, name=name,
+                 conv_general_dilated=models.conv_same_for_flax)
+  if stride == 1:
+    return conv
+  if kernel == 1:
+    return lambda x: conv(x[:, ::stride, ::stride, :])
+  return lambda x: conv(x)[:, ::stride, ::stride, :]
 
 
 def _bn(name: str) -> nn.BatchNorm:

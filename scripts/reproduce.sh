@@ -77,3 +77,12 @@ python eval.py --workdir results/cifar_deep_short/params.msgpack --attack checkl
 python eval.py --workdir $M --attack alignment --num_examples 1000 --output results/cifar_standard/alignment.json
 python eval.py --workdir results/cifar_deep_short/params.msgpack --attack mechanism --compare $M \
     --num_examples 100 --output results/mechanism
+
+# --- docs/validation.md (issue 14): gfa-jax beside the reference AutoAttack, per example -----
+# Needs the [crosscheck] extra. Resumable: each command skips the runs already in its JSON.
+cc() { taskset -c 0 python scripts/crosscheck_reference.py --data-dir "$DATA" "$@"; }
+cc --model resnet18 --eps 8/255 --num-examples 200 --attacks apgd-ce,apgd-t,fab-t,square --seeds 0,1
+cc --model resnet18 --eps 1/255 --num-examples 200 --attacks apgd-ce,apgd-t,fab-t,square --seeds 0,1
+cc --model results/pgd_at/params.msgpack --eps 8/255 --num-examples 1000 --attacks apgd-ce,apgd-t --seeds 0,1
+cc --model results/pgd_at/params.msgpack --eps 8/255 --num-examples 200 --attacks fab-t,square --seeds 0,1
+python scripts/crosscheck_reference.py --tables
