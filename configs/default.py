@@ -42,6 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
   # mean_l w_l * (1 - alignment_l); (1.0, 0.5, 0.25) weighs the input twice as much as layer1.
   config.gfa_layer_weights = ()
   config.gfa_eps = 1e-12  # Floor of the cosine's denominator.
+  # Readings of the paper (gfa_jax.penalty): exact | detached (dL/dh a constant, as PyTorch's
+  # autograd.grad without create_graph); align | anti (alpha*MSE - beta*(1 - cos) read
+  # literally: cosines pushed to -1); mean | sum of the layers' terms.
+  config.gfa_gradient = "exact"
+  config.gfa_direction = "align"
+  config.gfa_reduction = "mean"
   # Inner attack of pgd_at / trades / gradalign (Linf, in [0, 1] pixel units).
   config.adversary = ml_collections.ConfigDict()
   config.adversary.eps = 8 / 255  # Radius of the Linf ball.
@@ -51,11 +57,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.adversary.gradalign_lambda = 0.2  # GradAlign weight for eps 8/255 (their paper).
 
   # --- Optimisation ----------------------------------------------------------------------
-  config.optimizer = "adam"  # adam | sgd (Nesterov momentum 0.9).
+  config.optimizer = "adam"  # adam | sgd (momentum 0.9).
+  config.nesterov = False  # SGD only: Nesterov momentum instead of heavy-ball (PyTorch's default).
   config.learning_rate = 1e-3  # Peak learning rate.
   config.schedule = "cosine"  # constant | cosine (decay to 0 after warm-up).
   config.warmup_epochs = 0.0  # Linear warm-up length in epochs.
-  config.weight_decay = 0.0  # Decoupled weight decay (AdamW / SGD + decay).
+  # AdamW: decoupled weight decay; SGD: L2 added to the gradient (PyTorch's weight_decay).
+  config.weight_decay = 0.0
   config.grad_clip_norm = 0.0  # Clip gradients to this global norm (0: off).
   config.batch_size = 128  # Global batch, split over all devices (must divide evenly).
   config.num_epochs = 30  # Training length.

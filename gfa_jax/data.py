@@ -127,7 +127,7 @@ def _read_release(folder: Path, read_file, suffix: str, layout: str) -> ImageDat
                          "download or prepare it again")
     parts = [read_file(path) for path in paths]
     splits += [np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])]
-  return ImageDataset(*splits, description=f"CIFAR-10 ({layout}, {folder})")
+  return ImageDataset(*splits, description=f"CIFAR-10 ({layout}, {Path(folder).name})")
 
 
 def _read_tfds(folder: Path) -> ImageDataset:
@@ -142,7 +142,7 @@ def _read_tfds(folder: Path) -> ImageDataset:
     examples = [source[i] for i in range(len(source))]
     splits += [np.stack([e["image"] for e in examples]),
                np.array([e["label"] for e in examples], np.int32)]
-  return ImageDataset(*splits, description=f"CIFAR-10 (TFDS, {folder})")
+  return ImageDataset(*splits, description=f"CIFAR-10 (TFDS, {Path(folder).name})")
 
 
 def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -160,6 +160,8 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module,
         model.apply, params, batch["image"], batch["label"], task_loss,
         layers=tuple(config.gfa_layers), alpha=config.alpha, beta=beta,
         eps=config.gfa_eps, layer_weights=layer_weights,
+        gradient=config.get("gfa_gradient", "exact"), direction=config.get("gfa_direction", "align"),
+        reduction=config.get("gfa_reduction", "mean"),
     )
     metrics = {"task_loss": aux["task_loss"], "penalty": aux["penalty"], "beta": beta,
                "accuracy": accuracy(aux["logits"], batch["label"])}

@@ -6,6 +6,18 @@ For a tapped layer input ``h`` (per sample, flattened) and the batch task loss `
     alignment = mean over the batch of cos         per layer
     penalty = mean over layers of w * (1 - alignment)     (w = 1 unless per-layer weights)
 
+Three readings of the paper are options (``gfa_penalty`` / ``gfa_objective`` keywords, and
+``config.gfa_gradient`` / ``gfa_direction`` / ``gfa_reduction`` in training):
+
+- ``gradient='exact'`` (default) differentiates through ``dL/dh`` (double backprop);
+  ``'detached'`` stops its gradient, as PyTorch's ``autograd.grad(loss, h, retain_graph=True)``
+  without ``create_graph=True`` does, so the penalty trains the parameters only through ``h``.
+- ``direction='align'`` (default) adds ``1 - cos``; ``'anti'`` is the paper's formula read
+  literally, ``alpha * MSE - beta * (1 - cos)``: the penalty is ``-(1 - cos)``, which pushes the
+  cosine towards -1.
+- ``reduction='mean'`` (default) averages the layers' terms; ``'sum'`` adds them (the paper's
+  critical-path description sums).
+
 ``dL/dh`` comes from one ``jax.vjp`` of the user's loss function with respect to zero-valued
 "taps" added to the layer inputs (Flax ``perturb``); differentiating the penalty then runs a
 second backward pass (double backprop), all inside whatever ``jit`` the caller uses.
@@ -55,6 +67,11 @@ def per_sample_cosine(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Arr
   return dot / jnp.maximum(safe_norm(a) * safe_norm(b), eps)
 
 
+GRADIENTS = ("exact", "detached")
+DIRECTIONS = ("align", "anti")
+REDUCTIONS = ("mean", "sum")
+
+
 def gfa_penalty(
     loss_fn: Callable[[PyTree], tuple[jax.Array, PyTree]],
     taps: PyTree,
@@ -62,6 +79,9 @@ def gfa_penalty(
     eps: float = 1e-12,
     has_aux: bool = False,
     layer_weights: Mapping[str, float] | None = None,
+    gradient: str = "exact",
+    direction: str = "align",
+    reduction: str = "mean",
 ) -> tuple[jax.Array, dict[str, Any]]:
   """The GFA penalty ``mean_l w_l (1 - alignment_l)`` and its ingredients.
 
@@ -77,13 +97,25 @@ def gfa_penalty(
     layer_weights: ``{tap name: w}`` for a dict of taps, a per-layer beta relative to the
       caller's: each layer's ``1 - alignment`` is multiplied by its weight (1 if not named)
       before the mean over layers, so all-ones weights give the plain penalty.
+    gradient: ``'exact'`` or ``'detached'`` (``dL/dh`` treated as a constant; module docstring).
+    direction: ``'align'`` (penalty ``1 - cos``) or ``'anti'`` (``-(1 - cos)``, the literal
+      formula).
+    reduction: ``'mean'`` or ``'sum'`` over the tapped layers.
 
   Returns:
-    ``(penalty, aux)``: the scalar penalty, and ``aux = {'task_loss': scalar,
+    ``(penalty, aux)``: the scalar penalty (signed: negative for ``direction='anti'``), and ``aux = {'task_loss': scalar,
     'alignment': tree like taps of per-layer batch-mean cosines, 'cosines': the same with the
     per-sample cosines [B]}``. The task loss comes from the same forward pass, so callers need
     not run the model twice.
   """
+  for name, value, allowed in (("gradient", gradient, GRADIENTS),
+                               ("direction", direction, DIRECTIONS),
+                               ("reduction", reduction, REDUCTIONS)):
+    if value not in allowed:
+      raise ValueError(f"gfa_penalty {name}={value!r} is not one of {allowed}.")
+  if not eps > 0:
+    # eps = 0 turns the cosine of a zero vector into 0/0 = NaN.
+    raise ValueError(f"gfa_penalty eps must be > 0 (the cosine's denominator floor), got {eps}.")
   task_loss, vjp_fn, features = jax.vjp(loss_fn, taps, has_aux=True)
   extra = None
   if has_aux:
@@ -95,11 +127,19 @@ def gfa_penalty(
         f"{jax.tree.structure(features)} for taps {jax.tree.structure(taps)}. Sow every "
         "tapped layer input (gfa_jax.tap does both) and select the same names."
     )
+  for (path, g), h in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(features)):
+    if g.shape != h.shape:
+      raise ValueError(f"tap {jax.tree_util.keystr(path)} has shape {g.shape} but the layer "
+                       f"input it taps has shape {h.shape}; make the taps with zero_taps.")
+  if gradient == "detached":
+    grads = jax.lax.stop_gradient(grads)
   cosines = jax.tree.map(lambda g, h: per_sample_cosine(g, h, eps), grads, features)
   alignment = jax.tree.map(jnp.mean, cosines)
   weights = layer_weight_tree(alignment, layer_weights)
   terms = jax.tree.leaves(jax.tree.map(lambda w, a: w * (1.0 - a), weights, alignment))
-  penalty = sum(terms) / len(terms)
+  penalty = sum(terms) if reduction == "sum" else sum(terms) / len(terms)
+  if direction == "anti":
+    penalty = -penalty
   aux = {"task_loss": task_loss, "alignment": alignment, "cosines": cosines}
   if has_aux:
     aux["extra"] = extra
@@ -193,6 +233,9 @@ def gfa_objective(
     beta: float | jax.Array = 1.0,
     eps: float = 1e-12,
     layer_weights: Mapping[str, float] | None = None,
+    gradient: str = "exact",
+    direction: str = "align",
+    reduction: str = "mean",
 ) -> tuple[jax.Array, dict[str, Any]]:
   """``alpha * task_loss + beta * penalty`` for a Flax model, in one call.
 
@@ -204,6 +247,7 @@ def gfa_objective(
     task_loss: ``(logits, y) -> scalar`` batch loss.
     layers: names of the tapped layer inputs (e.g. ``('layer0',)`` for FIRST).
     layer_weights: per-layer beta multipliers, ``{name: w}`` (see ``gfa_penalty``).
+    gradient, direction, reduction: the paper's readings (see ``gfa_penalty``).
 
   Returns:
     ``(objective, aux)`` with ``aux`` from ``gfa_penalty`` plus ``'penalty'`` and ``'logits'``.
@@ -214,7 +258,8 @@ def gfa_objective(
     logits, state = apply_fn({"params": params, TAPS: taps}, x, mutable=[FEATURES])
     return task_loss(logits, y), (select(state[FEATURES], layers), logits)
 
-  penalty, aux = gfa_penalty(loss_fn, taps, eps=eps, has_aux=True, layer_weights=layer_weights)
+  penalty, aux = gfa_penalty(loss_fn, taps, eps=eps, has_aux=True, layer_weights=layer_weights,
+                             gradient=gradient, direction=direction, reduction=reduction)
   objective = alpha * aux["task_loss"] + beta * penalty
   logits = aux.pop("extra")
   return objective, {**aux, "penalty": penalty, "logits": logits}

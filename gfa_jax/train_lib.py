@@ -40,7 +40,9 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   total_steps = config.num_epochs * steps_per_epoch
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
   if config.schedule == "constant":
-    schedule = optax.linear_schedule(0.0, config.learning_rate, max(warmup_steps, 1))
+    # Without warm-up a constant rate from step 0 (a 1-step linear ramp would make it 0 there).
+    schedule = (optax.linear_schedule(0.0, config.learning_rate, warmup_steps) if warmup_steps
+                else optax.constant_schedule(config.learning_rate))
   elif config.schedule == "cosine":
     schedule = optax.warmup_cosine_decay_schedule(
         0.0 if warmup_steps else config.learning_rate, config.learning_rate,
@@ -51,7 +53,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
     tx = optax.adamw(schedule, weight_decay=config.weight_decay)
   elif config.optimizer == "sgd":
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(schedule, momentum=0.9, nesterov=True))
+                     optax.sgd(schedule, momentum=0.9, nesterov=config.get("nesterov", False)))
   else:
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
   if config.grad_clip_norm:

@@ -30,5 +30,22 @@ def test_only_selects_on_request_variants_and_skips_done_ones(sweep):
 
 
 def test_unknown_variant_names_the_lists(sweep):
-  with pytest.raises(SystemExit, match="unknown variants .'deep_b9'.*ON_REQUEST"):
+  with pytest.raises(SystemExit, match="unknown variants .'deep_b9'. in group round1.*ON_REQUEST"):
     sweep.variants_to_run({"deep_b9"}, done=set())
+
+
+def test_round2_covers_each_reading_with_five_betas_and_builds_valid_configs(sweep):
+  import argparse
+  args = argparse.Namespace(model="small_cnn", data_dir="", num_train=64, epochs=1, num_eval=64,
+                            warmup_epochs=0.0)
+  pending = sweep.variants_to_run(set(), done=set(), group="round2")
+  assert len({name for name, _ in pending}) == len(pending) == len(sweep.ROUND2)
+  for family in ("deep_mse_detached", "deep_mse_anti", "mlp_deep_mse", "sgd_deep_mse"):
+    assert sum(name.rsplit("_b", 1)[0] == family for name, _ in pending) >= 5, family
+  configs = {name: sweep.variant_config(overrides, args) for name, overrides in pending}
+  assert configs["mlp_deep_mse_b0.1"].model.name == "mlp"
+  assert configs["deep_mse_detached_b1.0"].gfa_gradient == "detached"
+  assert configs["deep_mse_anti_b0.1"].gfa_direction == "anti"
+  assert configs["sgd_deep_mse_b0.1"].optimizer == "sgd"
+  assert configs["sgd_deep_mse_b0.1"].weight_decay == 5e-4
+  assert "model" not in dict(pending)["mlp_standard"] or configs["mlp_standard"].model.name == "mlp"

@@ -1,5 +1,6 @@
 """Each objective builds, differentiates, and reduces to its parts where it should."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +125,26 @@ def test_constant_penalty_layers_finds_scale_invariant_taps(tiny_config, name, c
   images = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
   assert objectives.constant_penalty_layers(
       tiny_config, model, params, images, jnp.arange(4)) == constant
+
+
+def test_detached_first_trains_like_the_task_loss_alone(setup):
+  """config.gfa_gradient='detached' reaches the penalty: on FIRST (the input, a constant) the
+  penalty has no parameter gradient, so the step is the task loss's."""
+  config, model, params, batch = setup
+  config.beta, config.gfa_layers, config.gfa_gradient = 0.7, ("layer0",), "detached"
+  grad = lambda c: jax.grad(lambda p: objectives.make_objective(c, model)(p, batch, None)[0])(params)
+  detached = grad(config)
+  config.objective = "standard"
+  chex.assert_trees_all_close(detached, grad(config), rtol=1e-5, atol=1e-7)
+  config.objective, config.gfa_gradient = "gfa", "exact"
+  assert not all(np.allclose(a, b, atol=1e-7) for a, b in
+                 zip(jax.tree.leaves(grad(config)), jax.tree.leaves(detached)))
+
+
+def test_anti_direction_and_sum_reach_the_objective(setup):
+  config, model, params, batch = setup
+  config.beta = 0.5
+  align = objectives.make_objective(config, model)(params, batch, None)[1]
+  config.gfa_direction, config.gfa_reduction = "anti", "sum"
+  anti_sum = objectives.make_objective(config, model)(params, batch, None)[1]
+  np.testing.assert_allclose(anti_sum["penalty"], -3 * align["penalty"], rtol=1e-5)

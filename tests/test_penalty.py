@@ -172,3 +172,95 @@ def test_readme_example_runs():
   exec(compile(example, "README.md", "exec"), namespace)
   chex.assert_tree_all_finite(namespace["grads"])
   assert float(jnp.abs(namespace["grads"]["conv1"]["kernel"]).sum()) > 0
+
+
+# --- The paper's readings: detached gradient, anti-alignment, sum over layers ---------------
+
+
+def _two_layer_linear(w1, w2, x, taps):
+  """h = x W1 (tapped), logits = h W2, L = mean squared logits; returns (L, {'h': h})."""
+  h = x @ w1 + taps["h"]
+  return jnp.mean(jnp.sum((h @ w2) ** 2, axis=-1)), {"h": h}
+
+
+def test_detached_gradient_trains_only_through_the_features():
+  """Detached: d(1 - cos(g, h))/dW with g = dL/dh held constant, derived by hand."""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  w1, w2 = jax.random.normal(k1, (5, 4)), jax.random.normal(k2, (4, 3))
+  x = jax.random.normal(k3, (6, 5))
+  taps = {"h": jnp.zeros((6, 4))}
+
+  def penalty(w1, w2, gradient):
+    return gfa_penalty(lambda t: _two_layer_linear(w1, w2, x, t), taps, gradient=gradient)[0]
+
+  dw1, dw2 = jax.grad(penalty, argnums=(0, 1))(w1, w2, "detached")
+  # By hand: g_i = dL/dh_i is a constant; d(-cos_i)/dh_i = -(g_i/(|g||h|) - cos_i h_i/|h|^2),
+  # averaged over the batch, then through h = x W1. W2 enters only through g: no gradient.
+  h = x @ w1
+  g = jax.grad(lambda h: jnp.mean(jnp.sum((h @ w2) ** 2, axis=-1)))(h)
+  gn, hn = jnp.linalg.norm(g, axis=1, keepdims=True), jnp.linalg.norm(h, axis=1, keepdims=True)
+  cos = jnp.sum(g * h, axis=1, keepdims=True) / (gn * hn)
+  dh = -(g / (gn * hn) - cos * h / hn**2) / x.shape[0]
+  chex.assert_trees_all_close(dw1, x.T @ dh, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(dw2, jnp.zeros_like(w2))
+  # The exact gradient differs: it also moves W2 (through g) and W1 through g's dependence on h.
+  ew1, ew2 = jax.grad(penalty, argnums=(0, 1))(w1, w2, "exact")
+  assert float(jnp.abs(ew2).max()) > 1e-3
+  assert float(jnp.abs(ew1 - dw1).max()) > 1e-4
+  # The value is the same: only the gradient is detached.
+  np.testing.assert_allclose(penalty(w1, w2, "exact"), penalty(w1, w2, "detached"), rtol=1e-6)
+
+
+def test_detached_first_has_no_parameter_gradient():
+  """FIRST taps the input, which no parameter produces: a detached penalty trains nothing."""
+  model, params, x, y = setup()
+  ce = mse_loss
+
+  def penalty(params, gradient):
+    return gfa_objective(model.apply, params, x, y, ce, layers=("layer0",), alpha=0.0,
+                         gradient=gradient)[0]
+
+  detached = jax.grad(penalty)(params, "detached")
+  chex.assert_trees_all_close(detached, jax.tree.map(jnp.zeros_like, detached))
+  exact = jax.grad(penalty)(params, "exact")
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(exact)) > 1e-4
+
+
+def test_anti_direction_is_the_literal_formula_and_sum_adds_the_layers():
+  model, params, x, y = setup()
+  ce = mse_loss
+  layers = ("layer0", "layer1")
+  run = lambda **kw: gfa_objective(model.apply, params, x, y, ce, layers=layers, alpha=1.0,
+                                   beta=0.5, **kw)
+  align, aux = run()
+  anti, anti_aux = run(direction="anti")
+  summed, sum_aux = run(reduction="sum")
+  misalignment = [1.0 - aux["alignment"][name] for name in layers]
+  # alpha * L - beta * (1 - cos): the penalty is the negated mean misalignment.
+  np.testing.assert_allclose(anti_aux["penalty"], -np.mean(misalignment), rtol=1e-6)
+  np.testing.assert_allclose(anti, aux["task_loss"] - 0.5 * np.mean(misalignment), rtol=1e-6)
+  np.testing.assert_allclose(sum_aux["penalty"], np.sum(misalignment), rtol=1e-6)
+  np.testing.assert_allclose(align, aux["task_loss"] + 0.5 * np.mean(misalignment), rtol=1e-6)
+  # Minimising the anti penalty lowers the cosine: one gradient step on the features' weights.
+  grad = jax.grad(lambda p: gfa_objective(model.apply, p, x, y, ce, layers=("layer1",),
+                                          alpha=0.0, direction="anti")[0])(params)
+  stepped = jax.tree.map(lambda p, g: p - 0.1 * g, params, grad)
+  before = gfa_objective(model.apply, params, x, y, ce, layers=("layer1",))[1]["alignment"]
+  after = gfa_objective(model.apply, stepped, x, y, ce, layers=("layer1",))[1]["alignment"]
+  assert float(after["layer1"]) < float(before["layer1"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"gradient": "stop"}, "gradient='stop'"), ({"direction": "-1"}, "direction='-1'"),
+    ({"reduction": "max"}, "reduction='max'"), ({"eps": 0.0}, "eps must be > 0")])
+def test_unknown_readings_and_zero_eps_are_clear_errors(kwargs, match):
+  taps = {"h": jnp.zeros((2, 3))}
+  loss_fn = lambda t: (jnp.sum((jnp.ones((2, 3)) + t["h"]) ** 2), {"h": jnp.ones((2, 3))})
+  with pytest.raises(ValueError, match=match):
+    gfa_penalty(loss_fn, taps, **kwargs)
+
+
+def test_a_tap_of_the_wrong_shape_names_the_layer():
+  loss_fn = lambda t: (jnp.sum(t["layer7"]), {"layer7": jnp.ones((2, 4))})
+  with pytest.raises(ValueError, match=r"tap \['layer7'\] has shape \(2, 3\)"):
+    gfa_penalty(loss_fn, {"layer7": jnp.zeros((2, 3))})

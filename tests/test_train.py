@@ -5,7 +5,9 @@ import textwrap
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gfa_jax import checkpoints, train_lib
@@ -125,3 +127,20 @@ def test_unknown_config_key_on_the_command_line_is_rejected(tmp_path):
        "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "bta" in result.stderr
+
+
+def test_sgd_is_heavy_ball_momentum_with_coupled_weight_decay(tiny_config):
+  """optimizer=sgd is PyTorch's SGD(momentum=0.9, weight_decay=wd): v = 0.9 v + g + wd p,
+  p -= lr v (Nesterov only with config.nesterov)."""
+  tiny_config.optimizer, tiny_config.learning_rate = "sgd", 0.1
+  tiny_config.weight_decay, tiny_config.schedule = 0.01, "constant"
+  tx = train_lib.make_optimizer(tiny_config, steps_per_epoch=10)
+  p, g = {"w": jnp.asarray([1.0, -2.0])}, {"w": jnp.asarray([0.5, 0.25])}
+  state = tx.init(p)
+  v = jnp.zeros(2)
+  for _ in range(3):
+    updates, state = tx.update(g, state, p)
+    v = 0.9 * v + g["w"] + 0.01 * p["w"]
+    expected = p["w"] - 0.1 * v
+    p = optax.apply_updates(p, updates)
+    np.testing.assert_allclose(p["w"], expected, rtol=1e-6)
