@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Data ------------------------------------------------------------------------------
   # 'auto' (CIFAR-10 from data_dir / $GFA_DATA_DIR if set, else the embedded subset),
-  # 'embedded', 'cifar10', 'cifar10_bin', 'cifar10_py' or 'tfds'.
+  # 'embedded', 'cifar10', 'cifar10_bin', 'cifar10_py', 'tfds' or 'fashion_mnist' (IDX files;
+  # configs/fashion_mnist_mlp.py).
   config.data_source = "auto"
   config.data_dir = ""  # Folder holding cifar-10-batches-bin/-py or a TFDS copy.
   config.crop_padding = 4  # Random-crop augmentation: pad by this many pixels (0: off).

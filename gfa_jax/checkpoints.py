@@ -20,9 +20,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from gfa_jax import models
+from gfa_jax import data, models
 
-IMAGE_SHAPE = (32, 32, 3)
+IMAGE_SHAPE = data.image_shape("cifar10")  # What every CIFAR-10 model is initialised with.
 
 
 def write_atomically(path: str | Path, data: bytes) -> None:
@@ -114,8 +114,9 @@ def model_from_config(model_config: ml_collections.ConfigDict | dict):
   return models.create_model(model_config.pop("name"), **model_config)
 
 
-def abstract_params(model) -> Any:
-  return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), IMAGE_SHAPE))
+def abstract_params(model, image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> Any:
+  """Shapes and dtypes of the model's parameters for images of `image_shape`, no FLOPs."""
+  return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_shape))
 
 
 def export_params(path: str | Path, config: ml_collections.ConfigDict, params: Any,
@@ -141,19 +142,23 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[Callable, dic
   path = Path(path)
   if path.is_file():
     payload = _read_params_file(path)
-    model = model_from_config(payload["config"].model)
-    expected = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(model))
+    config = payload["config"]
+    model = model_from_config(config.model)
+    shape = data.image_shape(config.get("data_source", "auto"))
+    expected = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(model, shape))
     found = jax.tree.map(lambda a: (a.shape, a.dtype), payload["params"])
     if found != expected:
       raise ValueError(f"{path}: its parameters {found} do not match the model its config "
                        f"names ({expected}); re-export it with export_params.")
     return model.apply, {"params": jax.tree.map(jax.numpy.asarray, payload["params"])}
-  model = model_from_config(load_run_config(path).model)
+  config = load_run_config(path)
+  model = model_from_config(config.model)
   manager = checkpoint_manager(path)
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(
         f"no checkpoint {'' if step is None else f'at step {step} '}in {path}/checkpoints "
         f"(available: {list(manager.all_steps())}).")
-  restored = restore(manager, step, abstract_params(model))
+  restored = restore(manager, step, abstract_params(
+      model, data.image_shape(config.get("data_source", "auto"))))
   return model.apply, {"params": restored["params"]}

@@ -1,4 +1,5 @@
-"""CIFAR-10 readers, the embedded mini set, a deterministic batch order and augmentation.
+"""CIFAR-10 (and Fashion-MNIST) readers, the embedded mini set, a deterministic batch order and
+augmentation.
 
 Everything is loaded into memory once as uint8 NHWC arrays (CIFAR-10 is 180 MB); batches are
 then gathered by index. The batch order is a pure function of (seed, step), so the train
@@ -11,12 +12,17 @@ Sources (`load_dataset(source, data_dir)`):
   tfds         a prepared TFDS copy `cifar10/<version>/`, read with `tfds.data_source`.
   cifar10      the first of cifar10_bin, cifar10_py, tfds found in `data_dir`.
   auto         cifar10 when a data directory is given (argument or $GFA_DATA_DIR), else embedded.
+  fashion_mnist  the four IDX files of Fashion-MNIST (the paper's MLP setting; gzip or not):
+               train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
+               t10k-labels-idx1-ubyte, in `data_dir`, `data_dir/fashion-mnist/` or
+               torchvision's `data_dir/FashionMNIST/raw/`; 28x28x1 images.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import io
 import os
 import pickle
@@ -28,7 +34,8 @@ import numpy as np
 from PIL import Image
 
 DATA_DIR_ENV = "GFA_DATA_DIR"
-SOURCES = ("auto", "embedded", "cifar10", "cifar10_bin", "cifar10_py", "tfds")
+SOURCES = ("auto", "embedded", "cifar10", "cifar10_bin", "cifar10_py", "tfds", "fashion_mnist")
+IMAGE_SHAPES = {"fashion_mnist": (28, 28, 1)}  # Every other source: CIFAR-10's (32, 32, 3).
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
                "dog", "frog", "horse", "ship", "truck")
 EMBEDDED_PATH = Path(__file__).parent / "assets" / "cifar10_subset.npz"
@@ -176,6 +183,77 @@ _FOLDERS = {
 }
 
 
+def image_shape(source: str) -> tuple[int, int, int]:
+  """(H, W, C) of the images `source` yields: what a model for it is initialised with."""
+  return IMAGE_SHAPES.get(source, (32, 32, 3))
+
+
+# Fashion-MNIST ------------------------------------------------------------------------------
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_FOLDERS = (".", "fashion-mnist", "FashionMNIST/raw")
+
+
+def read_idx(path: Path) -> np.ndarray:
+  """One IDX file (LeCun's MNIST format, gzip-compressed or not) as a uint8 array.
+
+  The header is two zero bytes, a type byte (0x08: unsigned byte, the only one these data
+  sets use), the number of dimensions and each dimension as a big-endian int32.
+  """
+  raw = path.read_bytes()
+  if raw[:2] == b"\x1f\x8b":
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+      raise ValueError(f"{path}: a damaged gzip file ({e}); download it again") from e
+  if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+    raise ValueError(f"{path}: not an IDX file of unsigned bytes (header {raw[:4].hex()}, "
+                     "expected 0000 08 <ndim>); download it again")
+  ndim = raw[3]
+  dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4)) if (
+      len(raw) >= 4 + 4 * ndim) else ()
+  expected = 4 + 4 * ndim + int(np.prod(dims))
+  if len(dims) != ndim or len(raw) != expected:
+    raise ValueError(f"{path}: {len(raw)} bytes where the header {dims} promises {expected}; "
+                     "the file is truncated, download it again")
+  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fashion_file(folder: Path, name: str) -> Path | None:
+  for candidate in (folder / name, folder / f"{name}.gz"):
+    if candidate.is_file():
+      return candidate
+  return None
+
+
+def _read_fashion_mnist(folder: Path) -> ImageDataset:
+  """The four IDX files in `folder` -> uint8 [N, 28, 28, 1] images, int32 labels."""
+  splits = []
+  for split, names in FASHION_FILES.items():
+    paths = [_fashion_file(folder, name) for name in names]
+    missing = [name for name, path in zip(names, paths) if path is None]
+    if missing:
+      raise ValueError(f"{folder} has no {missing} (nor .gz): an incomplete Fashion-MNIST "
+                       "copy, download the four IDX files again")
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or labels.ndim != 1:
+      raise ValueError(f"{paths[0]} / {paths[1]}: shapes {images.shape} / {labels.shape}, "
+                       "expected [N, 28, 28] images and [N] labels")
+    images, labels = _checked(paths[1], images, labels)
+    splits += [np.ascontiguousarray(images[..., None]), labels]
+  return ImageDataset(*splits, description=f"Fashion-MNIST (IDX files, {folder.name or '.'})")
+
+
+def _find_fashion_mnist(data_dir: Path) -> tuple[Path | None, list[str]]:
+  places = []
+  for sub in FASHION_FOLDERS:
+    folder = data_dir / sub
+    if _fashion_file(folder, FASHION_FILES["train"][0]):
+      return folder, places
+    places.append(f"{folder}  (Fashion-MNIST IDX files, e.g. {FASHION_FILES['train'][0]}.gz)")
+  return None, places
+
+
 def _not_found_message(places: list[str]) -> str:
   looked = "".join(f"\n  {p}" for p in places) or (
       f"\n  nowhere: no data directory given (argument, --config.data_dir, ${DATA_DIR_ENV})")
@@ -206,6 +284,14 @@ def load_dataset(source: str = "auto", data_dir: str | None = None) -> ImageData
   if source == "embedded":
     return _read_embedded()
   places = []
+  if source == "fashion_mnist" and data_dir:
+    folder, places = _find_fashion_mnist(Path(data_dir).expanduser())
+    if folder is not None:
+      return _read_fashion_mnist(folder)
+    raise DataNotFoundError("Fashion-MNIST not found. Looked for:" + "".join(
+        f"\n  {p}" for p in places) + "\nPut the four IDX files (from "
+        "https://github.com/zalandoresearch/fashion-mnist) in DIR and pass "
+        f"--config.data_dir=DIR or set {DATA_DIR_ENV}=DIR.")
   if data_dir:
     data_dir = Path(data_dir).expanduser()
     for name in _FOLDERS if source == "cifar10" else [source]:

@@ -117,6 +117,14 @@ def conv_same_for_flax(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_d
 
 
 def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+  """(x - mean) / std per channel; one value applies to every channel. Refuses a channel
+  count the statistics were not made for (3-channel CIFAR statistics on grey images would
+  broadcast into three copies of each pixel)."""
+  for stats in (mean, std):
+    if len(stats) not in (1, x.shape[-1]):
+      raise ValueError(f"normalisation statistics {tuple(stats)} are for {len(stats)} "
+                       f"channels, the images have {x.shape[-1]}; set the model's mean and std "
+                       f"(--config.model.mean / std) to {x.shape[-1]} values or one.")
   return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
 
 
@@ -157,8 +165,8 @@ class MLP(nn.Module):
 
   num_classes: int = 10
   hidden: Sequence[int] = (512, 256, 128)
-  mean: Sequence[float] = (0.5, 0.5, 0.5)
-  std: Sequence[float] = (0.5, 0.5, 0.5)
+  mean: Sequence[float] = (0.5,)  # One value for every channel: CIFAR-10 and Fashion-MNIST.
+  std: Sequence[float] = (0.5,)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

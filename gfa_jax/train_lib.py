@@ -189,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   tx = make_optimizer(config, steps_per_epoch)
   key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(key)
-  params = models.init_params(model, init_key, checkpoints.IMAGE_SHAPE)
+  params = models.init_params(model, init_key, train_images.shape[1:])
   state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
   _check_config_matches(workdir, config)
