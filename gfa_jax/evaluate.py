@@ -96,7 +96,7 @@ ATTACKS: dict[str, AttackSpec] = {
 }
 ALL = 'all'
 # Arguments that are inputs or bookkeeping, not hyper-parameters of the attack.
-_NOT_HPARAMS = ('key', 'eps', 'norm', 'return_trace', 'batch_size', 'progress')
+_NOT_HPARAMS = ('key', 'eps', 'norm', 'return_trace', 'batch_size', 'progress', 'first_target')
 
 
 def attack_names() -> list[str]:
@@ -209,9 +209,13 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
   def attack_correct(bar, eps_value=None, examples_per_batch=batch_size):
     x_adv = x.copy()
     if len(todo):
-      x_adv[todo] = core.run_in_batches(spec.fn, logits_fn, x[todo], y[todo], key=key,
-                                   batch_size=examples_per_batch, eps=eps_value,
-                                   hparams=call_hparams, progress=bar)
+      # Eps-bounded APGD-T: one target at a time on the points still robust (the reference's
+      # loop). FAB-T's minimum norm needs every target, so it keeps them all in one call.
+      run = (core.run_per_target if spec.kind == EPS_BOUNDED and
+             core.splits_per_target(spec.fn, call_hparams) else core.run_in_batches)
+      x_adv[todo] = run(spec.fn, logits_fn, x[todo], y[todo], key=key,
+                        batch_size=examples_per_batch, eps=eps_value, hparams=call_hparams,
+                        progress=bar)
     return x_adv
 
   def num_batches(examples_per_batch=batch_size):

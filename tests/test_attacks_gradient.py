@@ -331,3 +331,45 @@ def test_apgd_t_rejects_more_targets_than_classes():
   logits_fn, _ = two_sided_model(num_classes=4)
   with pytest.raises(ValueError, match='num_targets'):
     apgd_t(logits_fn, images(2), jnp.array([0, 1]), key=jax.random.PRNGKey(0), eps=0.03)
+
+
+def test_first_target_attacks_the_class_of_that_rank():
+  """first_target=t (traced or not) runs the same iterates as naming the (2+t)-th class."""
+  logits_fn = wiggly_model(num_classes=5)
+  x = images(6)
+  y = jnp.argmax(logits_fn(x), axis=-1)
+  ranked = jnp.argsort(logits_fn(x), axis=-1)
+  for t in (0, 2):
+    _, by_rank = apgd_t(logits_fn, x, y, key=jax.random.key(0), eps=0.05, steps=8,
+                        num_targets=1, first_target=jnp.asarray(t), return_trace=True)
+    _, by_class = apgd_t(logits_fn, x, y, key=jax.random.key(0), eps=0.05, steps=8,
+                         y_target=ranked[:, -2 - t], return_trace=True)
+    chex.assert_trees_all_close(by_rank, by_class)
+
+
+def test_run_per_target_attacks_only_the_points_still_robust():
+  """After a target fools a point, later targets do not see it (the reference's loop), and the
+  result is as strong as all targets on every point."""
+  logits_fn = wiggly_model(num_classes=5)
+  x = np.asarray(images(64, seed=3))
+  y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), axis=-1))
+  rows = []
+
+  def counting(x):
+    jax.debug.callback(lambda n: rows.append(int(n)), x.shape[0])
+    return logits_fn(x)
+
+  hparams = (('norm', 'linf'), ('steps', 10), ('num_targets', 4))
+  key = jax.random.key(1)
+  assert core.splits_per_target(apgd_t, hparams)
+  x_adv = core.run_per_target(apgd_t, counting, x, y, key=key, batch_size=64, eps=0.05,
+                              hparams=hparams)
+  per_target, rows[:] = sum(rows), []
+  x_all = core.run_in_batches(apgd_t, counting, x, y, key=key, batch_size=64, eps=0.05,
+                              hparams=hparams)
+  all_targets = sum(rows)
+  robust = lambda xa: float(np.mean(np.argmax(logits_fn(jnp.asarray(xa)), -1) == y))
+  assert 0.0 < robust(x_adv) < 0.6  # Some targets fool, some points survive the first.
+  assert per_target < 0.75 * all_targets
+  assert abs(robust(x_adv) - robust(x_all)) <= 3 / 64
+  core.check_adversarial(x_adv, x, 0.05, 'linf')

@@ -15,11 +15,12 @@ Differences from the reference, both deliberate:
   * the reference compares the first iterate's loss with an uninitialised 0 when counting
     successful steps for the first checkpoint; we compare it with the start point's loss, as
     the paper's condition (1) reads.
-  * runs are batched under jit, so restarts (and targets) attack every example, not only those
-    still robust; the best point per example is kept across runs (a point that fools the model
-    beats one that does not, then higher loss), and an example never fooled returns its
-    highest-loss point instead of the clean image. Remaining runs are skipped once the whole
-    batch is fooled.
+  * inside one call, runs are batched under jit, so restarts (and targets) attack every example,
+    not only those still robust; the best point per example is kept across runs (a point that
+    fools the model beats one that does not, then higher loss), and an example never fooled
+    returns its highest-loss point instead of the clean image. Remaining runs are skipped once
+    the whole batch is fooled. Evaluation and AutoAttack instead call APGD-T once per target
+    through `core.run_per_target`, each on the points still robust, as the reference does.
 """
 
 from __future__ import annotations
@@ -221,26 +222,30 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps
 
 def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps: core.Eps,
            norm: str = 'linf', steps: int = 100, n_restarts: int = 1, num_targets: int = 9,
-           y_target: Optional[jax.Array] = None, rho: float = 0.75, return_trace: bool = False):
+           y_target: Optional[jax.Array] = None, rho: float = 0.75, return_trace: bool = False,
+           first_target: Union[int, jax.Array] = 0):
   """Targeted APGD on AutoAttack's targeted DLR loss (APGD-T), linf or l2. Needs >= 4 classes.
 
   Without y_target (AutoAttack): runs against each of the `num_targets` classes with the highest
   clean logits other than the top one (the 2nd, 3rd, ... largest), n_restarts runs each; success
   is any misclassification. With y_target [B]: attacks that class only and success means being
   classified as y_target. Returns x_adv like `apgd`; with return_trace=True also the best
-  targeted-DLR loss after each iteration, [steps + 1, B], max over all runs.
+  targeted-DLR loss after each iteration, [steps + 1, B], max over all runs. `first_target`
+  (may be traced) starts at the (2 + first_target)-th largest logit instead: `core.run_per_target`
+  runs one target a call, each on the points still robust, as the reference does.
   """
   core.check_images(x)
   core.check_eps(eps, norm)
   if y_target is None:
     num_classes = jax.eval_shape(logits_fn, x).shape[-1]
-    if not 1 <= num_targets <= num_classes - 1:
-      raise ValueError(f'num_targets must be in [1, {num_classes - 1}] for a {num_classes}-class '
-                       f'model, got {num_targets}.')
+    last = num_targets + (first_target if isinstance(first_target, int) else 0)
+    if not 1 <= num_targets <= last <= num_classes - 1:
+      raise ValueError(f'num_targets (+ first_target) must be in [1, {num_classes - 1}] for a '
+                       f'{num_classes}-class model, got {num_targets} (+ {first_target}).')
 
     def objective(run, clean_logits):
       ranked = jnp.argsort(clean_logits, axis=-1)  # ascending: the top class is last
-      target = jnp.take(ranked, num_classes - 2 - run // n_restarts, axis=-1)
+      target = jnp.take(ranked, num_classes - 2 - first_target - run // n_restarts, axis=-1)
       return (lambda logits: core.targeted_dlr_loss(logits, y, target),
               lambda logits: core.misclassified(logits, y))
     num_runs = num_targets * n_restarts

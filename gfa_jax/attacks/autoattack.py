@@ -13,7 +13,9 @@ before each attack, and a point's adversarial example is replaced only by one th
 model, so the result is the per-point worst case over the sequence. The first step removes the
 points the model misclassifies without any attack.
 
-Each attack runs through `core.run_in_batches` (one compile per attack, model and batch shape).
+Each attack runs through `core.run_in_batches` (one compile per attack, model and batch shape);
+APGD-T and FAB-T through `core.run_per_target`, one target at a time on the points no earlier
+target fooled, as the reference's `perturb` does.
 
 Versions (the reference's `version=`): `standard` (above); `rand`, for randomised defences,
 APGD-CE then APGD-DLR, 1 restart, EOT over 20 draws; `custom`, any sequence of the attacks in
@@ -32,6 +34,7 @@ whichever transformations built it, so it is reported as not run.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Sequence
 
@@ -225,11 +228,13 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
       fn = logits_fn
       if dict(hparams).get('eot_iter', 1) > 1:
         fn = _IgnoreKey(logits_fn)
+      call_hparams = (('norm', norm),) + hparams
+      # APGD-T and FAB-T: one target at a time on the points still robust, as the reference.
+      run = (core.run_per_target if core.splits_per_target(attack, call_hparams)
+             else functools.partial(core.run_in_batches, bucket=True))
       with bar:
-        candidates = core.run_in_batches(
-            attack, fn, x[todo], y[todo], key=jax.random.fold_in(key, index),
-            batch_size=batch_size, eps=eps, hparams=(('norm', norm),) + hparams, progress=bar,
-            bucket=True)
+        candidates = run(attack, fn, x[todo], y[todo], key=jax.random.fold_in(key, index),
+                         batch_size=batch_size, eps=eps, hparams=call_hparams, progress=bar)
       fooled = core.predict(logits_fn, candidates, batch_size) != y[todo]
       x_adv[todo[fooled]] = candidates[fooled]
       robust[todo[fooled]] = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fractions
 import functools
+import inspect
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -363,11 +364,55 @@ def _predict_batch(x, *, logits_fn):
 
 
 @functools.partial(jax.jit, static_argnames=('attack', 'logits_fn', 'hparams'))
-def _attack_batch(x, y, key, eps, *, attack, logits_fn, hparams):
-  kwargs = dict(hparams)
+def _attack_batch(x, y, key, eps, traced, *, attack, logits_fn, hparams):
+  kwargs = {**dict(hparams), **traced}
   if eps is not None:
     kwargs['eps'] = eps
   return attack(logits_fn, x, y, key=key, **kwargs)
+
+
+def splits_per_target(attack: Callable, hparams: Sequence[tuple]) -> bool:
+  """Whether `run_per_target` should run this attack: a targeted attack over several targets
+  (APGD-T, FAB-T: a `first_target` argument and num_targets > 1 in `hparams`)."""
+  hp = dict(hparams)
+  return ('first_target' in inspect.signature(attack).parameters and hp.get('num_targets', 1) > 1
+          and hp.get('targeted', True))
+
+
+def run_per_target(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
+                   key: jax.Array, batch_size: int, eps: Optional[float] = None,
+                   hparams: Sequence[tuple] = (), progress: Optional[tqdm.tqdm] = None,
+                   bucket: bool = True) -> np.ndarray:
+  """A multi-target attack one target at a time, each on the points no earlier target fooled.
+
+  The reference's APGD-T and FAB-T loop over targets on the host and attack only the points
+  still robust (`perturb`, `ind_to_fool = acc.nonzero()`); batching all targets under jit
+  instead attacks every point with every target, 3x the work on a model that most targets
+  break. Target t runs with key fold_in(key, t) and `first_target=t` as a traced scalar (one
+  compile for all targets; `bucket` pads shrinking sets to powers of two). Returns numpy x_adv
+  [N, ...]: the fooling example of the first target that fooled a point, else the last
+  target's example. `x` must hold only points to attack (correct clean).
+  """
+  hp = dict(hparams)
+  num_targets = hp.pop('num_targets')
+  hp['num_targets'] = 1
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y, np.int32)
+  x_adv = x.copy()
+  todo = np.arange(len(x))
+  for target in range(num_targets):
+    if not len(todo):
+      break
+    candidates = run_in_batches(attack, logits_fn, x[todo], y[todo],
+                                key=jax.random.fold_in(key, target), batch_size=batch_size,
+                                eps=eps, hparams=tuple(hp.items()), bucket=bucket,
+                                traced={'first_target': target})
+    x_adv[todo] = candidates
+    fooled = predict(logits_fn, candidates, batch_size) != y[todo]
+    todo = todo[~fooled]
+  if progress is not None:  # The bars count batches of the whole set.
+    progress.update(len(_batches(len(x), batch_size)))
+  return x_adv
 
 
 def _batches(n: int, batch_size: int, bucket: bool = False):
@@ -402,20 +447,23 @@ def predict(logits_fn: LogitsFn, x: np.ndarray, batch_size: int) -> np.ndarray:
 def run_in_batches(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
                    key: jax.Array, batch_size: int, eps: Optional[float] = None,
                    hparams: Sequence[tuple] = (), progress: Optional[tqdm.tqdm] = None,
-                   bucket: bool = False) -> np.ndarray:
+                   bucket: bool = False, traced: Optional[dict] = None) -> np.ndarray:
   """Runs `attack(logits_fn, x, y, key=..., [eps=...], **hparams)` over batches; numpy [N, ...].
 
   Batch i gets the key fold_in(key, i). `hparams` is a tuple of (name, value) pairs (hashable:
-  it keys the compilation cache together with the attack and logits_fn). `progress`, a tqdm bar,
-  advances by one per batch; `bucket` pads fewer than batch_size rows to a power of two.
+  it keys the compilation cache together with the attack and logits_fn); `traced` holds int
+  keyword arguments passed as traced scalars, so changing them compiles nothing new. `progress`,
+  a tqdm bar, advances by one per batch; `bucket` pads fewer than batch_size rows to a power of
+  two.
   """
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.int32)
   eps = None if eps is None else jnp.asarray(eps, jnp.float32)
+  traced = {k: jnp.asarray(v, jnp.int32) for k, v in (traced or {}).items()}
   out = []
   for i, (a, b, size) in enumerate(_batches(len(x), batch_size, bucket)):
     x_adv = _attack_batch(_pad(x[a:b], size), _pad(y[a:b], size), jax.random.fold_in(key, i),
-                          eps, attack=attack, logits_fn=logits_fn, hparams=tuple(hparams))
+                          eps, traced, attack=attack, logits_fn=logits_fn, hparams=tuple(hparams))
     out.append(np.asarray(x_adv)[:b - a])
     if progress is not None:
       progress.update(1)

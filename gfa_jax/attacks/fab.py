@@ -11,7 +11,7 @@ theirs: 100 iterations, alpha_max 0.1, eta 1.05, beta 0.9, 9 target classes for 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +75,8 @@ def project_onto_hyperplane_in_box(t: jax.Array, w: jax.Array, b: jax.Array,
 def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
         key: jax.Array, norm: str = 'linf', eps: Optional[core.Eps] = None, steps: int = 100,
         n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-        targeted: bool = False, num_targets: int = 9) -> jax.Array:
+        targeted: bool = False, num_targets: int = 9,
+        first_target: Union[int, jax.Array] = 0) -> jax.Array:
   """FAB in linf or l2; returns adversarial images [B, H, W, C] in [0, 1].
 
   Args:
@@ -99,6 +100,8 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
       (one backward pass a step). Success is misclassification in both, as in the reference.
     num_targets: target classes for FAB-T (reference: 9); all other classes if the model has
       fewer than num_targets + 1.
+    first_target: FAB-T starts at the (2 + first_target)-th largest clean logit (may be traced):
+      `core.run_per_target` runs one target a call, each on the points still robust.
 
   Returns, per example, the fooling iterate of smallest norm over all runs; x itself where none
   was found (or none within eps) and where x is already misclassified.
@@ -172,7 +175,8 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
     best_norm, best_adv = best
     restart = run_index % n_restarts
     if targeted:
-      target = jax.lax.dynamic_index_in_dim(ranked_classes, 1 + run_index // n_restarts, axis=1)
+      target = jax.lax.dynamic_index_in_dim(
+          ranked_classes, 1 + first_target + run_index // n_restarts, axis=1)
       classes = target  # [B, 1]
     else:
       classes = all_classes
