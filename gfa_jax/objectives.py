@@ -40,6 +40,17 @@ Objective = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Arr
 TaskLoss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+# Config fields added after the first release, with the value a config without them means
+# (configs/default.py sets the same): older run configs resume, older checkpoints load.
+ADDED_FIELDS = {"gfa_gradient": "exact", "gfa_direction": "align", "gfa_reduction": "mean",
+                "nesterov": False}
+
+
+def field(config: ml_collections.ConfigDict, name: str):
+  """config.name, or its ADDED_FIELDS default where the config predates the field."""
+  return config.get(name, ADDED_FIELDS[name])
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Batch-mean softmax cross-entropy."""
   log_probs = jax.nn.log_softmax(logits)
@@ -160,8 +171,8 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module,
         model.apply, params, batch["image"], batch["label"], task_loss,
         layers=tuple(config.gfa_layers), alpha=config.alpha, beta=beta,
         eps=config.gfa_eps, layer_weights=layer_weights,
-        gradient=config.get("gfa_gradient", "exact"), direction=config.get("gfa_direction", "align"),
-        reduction=config.get("gfa_reduction", "mean"),
+        gradient=field(config, "gfa_gradient"), direction=field(config, "gfa_direction"),
+        reduction=field(config, "gfa_reduction"),
     )
     metrics = {"task_loss": aux["task_loss"], "penalty": aux["penalty"], "beta": beta,
                "accuracy": accuracy(aux["logits"], batch["label"])}

@@ -53,7 +53,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
     tx = optax.adamw(schedule, weight_decay=config.weight_decay)
   elif config.optimizer == "sgd":
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(schedule, momentum=0.9, nesterov=config.get("nesterov", False)))
+                     optax.sgd(schedule, momentum=0.9, nesterov=objectives.field(config, "nesterov")))
   else:
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
   if config.grad_clip_norm:
@@ -156,7 +156,10 @@ def _check_config_matches(workdir: Path, config: ml_collections.ConfigDict) -> N
     return
   old = checkpoints.load_run_config(workdir).to_dict()
   new = json.loads(config.to_json_best_effort())
-  differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  # Where the data lives is not part of the run (a committed run resumes on another machine),
+  # and a field added to the config since the run started matches if it keeps its default.
+  same = lambda k: old.get(k, objectives.ADDED_FIELDS.get(k)) == new.get(k) or k == "data_dir"
+  differing = sorted(k for k in set(old) | set(new) if not same(k))
   if differing:
     raise ValueError(
         f"{workdir} holds a run with a different config (fields {differing}); resume it with "

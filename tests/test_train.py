@@ -144,3 +144,23 @@ def test_sgd_is_heavy_ball_momentum_with_coupled_weight_decay(tiny_config):
     expected = p["w"] - 0.1 * v
     p = optax.apply_updates(p, updates)
     np.testing.assert_allclose(p["w"], expected, rtol=1e-6)
+
+
+def test_a_run_resumes_on_another_machine_and_from_before_new_fields(tiny_config, tmp_path):
+  """data_dir is where the data lives, not part of the run; a config written before a field
+  existed matches a config that keeps that field's default."""
+  workdir = tmp_path / "run"
+  tiny_config.num_epochs = 1
+  train_lib.train_and_evaluate(tiny_config, workdir)
+  saved = json.loads((workdir / "config.json").read_text())
+  del saved["gfa_gradient"], saved["nesterov"]
+  saved["data_dir"] = "/elsewhere"
+  (workdir / "config.json").write_text(json.dumps(saved))
+  tiny_config.num_epochs = 2
+  with pytest.raises(ValueError, match="num_epochs"):
+    train_lib.train_and_evaluate(tiny_config, workdir)
+  tiny_config.num_epochs = 1
+  train_lib.train_and_evaluate(tiny_config, workdir)  # resumes: nothing differs
+  tiny_config.gfa_gradient = "detached"
+  with pytest.raises(ValueError, match="gfa_gradient"):
+    train_lib.train_and_evaluate(tiny_config, workdir)
