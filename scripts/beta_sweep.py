@@ -64,6 +64,17 @@ ROUND2 = [
     # The critical-path sum over layers instead of the mean (beta / 3 matches the mean's scale).
     *[(f"deep_mse_sum_b{b}", {"beta": b, "gfa_reduction": "sum"})
       for b in (0.01, 0.02, 0.03, 0.05)],
+    # Refinements where the first grid's outcome changed, and seeds at the edges: detached
+    # never aligned up to beta 10 (does it at all?); anti collapsed between 0.1 and 0.3; the
+    # MLP between 0.03 and 0.1; SGD degraded from 0.06 to 0.3; sum's edge is 0.02.
+    *[(f"deep_mse_detached_b{b}", {"beta": b, "gfa_gradient": "detached"}) for b in (30.0, 100.0)],
+    *[(f"deep_mse_anti_b{b}", {"beta": b, "gfa_direction": "anti"}) for b in (0.15, 0.2)],
+    *[(f"mlp_deep_mse_b{b}", {"model": "mlp", "beta": b}) for b in (0.05, 0.07)],
+    *[(f"sgd_deep_mse_b{b}", {**SGD, "beta": b}) for b in (0.15, 0.2)],
+    ("deep_mse_anti_b0.2_seed1", {"beta": 0.2, "gfa_direction": "anti", "seed": 1}),
+    ("mlp_deep_mse_b0.07_seed1", {"model": "mlp", "beta": 0.07, "seed": 1}),
+    ("deep_mse_sum_b0.02_seed1", {"beta": 0.02, "gfa_reduction": "sum", "seed": 1}),
+    ("deep_mse_detached_b1.0_seed1", {"beta": 1.0, "gfa_gradient": "detached", "seed": 1}),
 ]
 GROUPS = {"round1": VARIANTS, "round2": ROUND2}
 
