@@ -81,8 +81,22 @@ python eval.py --workdir results/cifar_deep_short/params.msgpack --attack mechan
 # --- docs/validation.md (issue 14): gfa-jax beside the reference AutoAttack, per example -----
 # Needs the [crosscheck] extra. Resumable: each command skips the runs already in its JSON.
 cc() { taskset -c 0 python scripts/crosscheck_reference.py --data-dir "$DATA" "$@"; }
-cc --model resnet18 --eps 8/255 --num-examples 200 --attacks apgd-ce,apgd-t,fab-t,square --seeds 0,1
-cc --model resnet18 --eps 1/255 --num-examples 200 --attacks apgd-ce,apgd-t,fab-t,square --seeds 0,1
-cc --model results/pgd_at/params.msgpack --eps 8/255 --num-examples 1000 --attacks apgd-ce,apgd-t --seeds 0,1
-cc --model results/pgd_at/params.msgpack --eps 8/255 --num-examples 200 --attacks fab-t,square --seeds 0,1
+P=results/pgd_at/params.msgpack
+cc --model $P --eps 8/255 --num-examples 1000 --attacks apgd-ce,apgd-t --seeds 0
+cc --model resnet18 --eps 1/255 --num-examples 200 --attacks apgd-ce,apgd-t --seeds 0
+cc --model $P --eps 8/255 --num-examples 1000 --attacks apgd-ce --seeds 1
+for m in standard_ce standard_mse gfa_first gfa_deep gfa_deep_ce gfa_deep_edge trades gradalign; do
+  cc --model results/$m/params.msgpack --eps 8/255 --num-examples 1000 --attacks apgd-ce --seeds 0
+done
+cc --model $P --eps 8/255 --num-examples 200 --attacks square,fab-t,autoattack --seeds 0
+cc --model resnet18 --norm l2 --eps 0.25 --num-examples 200 --attacks apgd-ce --seeds 0
+cc --model resnet18 --eps 2/255 --num-examples 200 --attacks apgd-ce --seeds 0
+cc --model resnet18 --eps 1/255 --num-examples 200 --attacks square,fab-t --seeds 0
+cc --model $P --norm l2 --eps 0.5 --num-examples 1000 --attacks apgd-ce,apgd-t --seeds 0
+cc --model resnet18 --eps 1/255 --num-examples 200 --attacks apgd-ce --seeds 1
+cc --model resnet18 --eps 8/255 --num-examples 200 --attacks autoattack --seeds 0
+cc --model $P --eps 8/255 --num-examples 1000 --attacks apgd-t --seeds 1
+for m in trades gradalign gfa_deep_edge standard_mse; do
+  cc --model results/$m/params.msgpack --eps 8/255 --num-examples 200 --attacks autoattack --seeds 0
+done
 python scripts/crosscheck_reference.py --tables
