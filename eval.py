@@ -6,7 +6,6 @@ test split of the data set the run was trained on, in order. The JSON written to
 documented in docs/evaluation.md.
 """
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -141,7 +140,7 @@ def run_attacks(config, apply_fn, variables, workdir: Path, step) -> None:
   if _ATTACK.value == "autoattack" and (_AA_VERSION.value != "standard" or _AA_ATTACKS.value):
     overrides = {"version": _AA_VERSION.value, "attacks": tuple(_AA_ATTACKS.value)}
   report = evaluate.evaluate(
-      functools.partial(apply_fn, variables), images, labels, attack=_ATTACK.value, eps=eps,
+      core.bind(apply_fn, variables), images, labels, attack=_ATTACK.value, eps=eps,
       norm=norm, batch_size=_BATCH_SIZE.value, seed=_SEED.value, subset=subset,
       overrides=overrides)
   report.update(

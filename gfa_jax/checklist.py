@@ -526,7 +526,7 @@ def check_determinism(apply_fn: Callable, variables: Any, x) -> dict:
   """Check 8 on a batch x: forward passes eager twice and jit once must agree (randomness
   would need EOT), and the first half of the batch alone must give the same logits."""
   x = np.asarray(x, np.float32)
-  logits_fn = functools.partial(apply_fn, variables)
+  logits_fn = core.bind(apply_fn, variables)
   passes = [np.asarray(apply_fn(variables, x)), np.asarray(apply_fn(variables, x)),
             np.asarray(jax.jit(logits_fn)(x))]
   scale = max(float(np.abs(passes[0]).max()), 1e-30)
@@ -610,7 +610,7 @@ def run_checklist(apply_fn: Callable, variables: Any, x, y, *, key: jax.Array,
   """
   start = time.perf_counter()
   x, y, budget_value = _check_inputs(x, y, eps, norm, budget)
-  logits_fn = functools.partial(apply_fn, variables)
+  logits_fn = core.bind(apply_fn, variables)
   clean_correct = core.predict(logits_fn, x, batch_size) == y
   if not clean_correct.any():
     raise ValueError('the model classifies none of the examples correctly: there is nothing to '

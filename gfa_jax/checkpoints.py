@@ -9,6 +9,7 @@ take either.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -110,7 +111,16 @@ def restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: A
 
 
 def model_from_config(model_config: ml_collections.ConfigDict | dict):
-  model_config = dict(model_config)
+  """The model a config's ``model`` section names; equal sections give the *same* instance,
+  so its ``apply`` is one function and attacks bound to it (``core.bind``) compile once for
+  every checkpoint of that architecture."""
+  return _model_from_json(json.dumps(dict(model_config), sort_keys=True, default=list))
+
+
+@functools.lru_cache(maxsize=None)
+def _model_from_json(text: str):
+  model_config = json.loads(text)
+  model_config = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()}
   return models.create_model(model_config.pop("name"), **model_config)
 
 

@@ -11,7 +11,6 @@ diverges (non-finite loss) is recorded as such, not dropped. `--plot` redraws th
 """
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import cifar_deep  # noqa: E402
 from gfa_jax import checkpoints, data, evaluate, plots, train_lib, xla_flags  # noqa: E402
+from gfa_jax.attacks import core  # noqa: E402
 
 FIRST = ("layer0",)
 DEEP = cifar_deep.get_config().gfa_layers  # The taps of every variant that sets none.
@@ -126,7 +126,7 @@ def run_variant(name: str, overrides: dict, args, attack_images, attack_labels) 
   except FloatingPointError as e:
     return {**record, "diverged": str(e), "seconds": time.perf_counter() - start}
   apply_fn, variables = checkpoints.load_model(workdir)
-  report = evaluate.evaluate(functools.partial(apply_fn, variables), attack_images, attack_labels,
+  report = evaluate.evaluate(core.bind(apply_fn, variables), attack_images, attack_labels,
                              attack="apgd", eps=[8 / 255], progress=False)
   return {**record, "final_eval": final, "apgd_clean_accuracy": report["clean_accuracy"],
           "apgd_robust_accuracy": report["robust_accuracy"][0],

@@ -23,7 +23,6 @@ to one thread per core it may use).
 """
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -100,11 +99,9 @@ def robust_mask(predict, x_adv, x, y, clean_correct, eps, norm):
 
 def run_ours(name, apply_fn, variables, x, y, eps, norm, seed, batch_size):
   """(robust mask [N], seconds, AutoAttack checks or None) of our attack `name`."""
-  import jax
-
   from gfa_jax import evaluate
   from gfa_jax.attacks import core
-  logits_fn = functools.partial(apply_fn, variables)
+  logits_fn = core.bind(apply_fn, variables)
   start = time.perf_counter()
   clean = core.predict(logits_fn, x, batch_size) == y
   result = evaluate.run_attack(ATTACKS[name], logits_fn, x, y, eps=[eps], norm=norm,

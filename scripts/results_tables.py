@@ -279,6 +279,10 @@ def main() -> None:
       "first 2,000 test images, APGD-CE at 8/255 on the first 200)", "",
       "![beta sweep](../results/beta_sweep/beta_sweep.png)", "",
       *table_sweep("beta_sweep"), "",
+      "### Second round: detached gradient, literal (anti-aligning) formula, MLP, SGD, sum over "
+      "layers (same protocol; the MLP on CIFAR-10 stands in for the paper's Fashion-MNIST)", "",
+      "![beta sweep, round 2](../results/beta_sweep_round2/beta_sweep.png)", "",
+      *table_sweep("beta_sweep_round2"), "",
       *architecture_sweeps(),
       "### Table 1: per-layer GFA alignment (first 1,000 train / test images)", "",
       *table_alignment(models), "",

@@ -227,7 +227,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
                       disable=not progress, leave=False)
       fn = logits_fn
       if dict(hparams).get('eot_iter', 1) > 1:
-        fn = _IgnoreKey(logits_fn)
+        fn = jax.tree_util.Partial(_ignore_key, core._as_pytree(logits_fn))
       call_hparams = (('norm', norm),) + hparams
       # APGD-T and FAB-T: one target at a time on the points still robust, as the reference.
       run = (core.run_per_target if core.splits_per_target(attack, call_hparams)
@@ -248,19 +248,8 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
   return x_adv, breakdown
 
 
-class _IgnoreKey:
-  """``f(x, key) = logits_fn(x)``: a deterministic model asked for EOT draws. Hashable by the
-  wrapped function, so the jit cache keys on the model, not on this wrapper's identity."""
-
-  def __init__(self, logits_fn: LogitsFn):
-    self.logits_fn = logits_fn
-
-  def __call__(self, x, key=None):
-    del key
-    return self.logits_fn(x)
-
-  def __hash__(self):
-    return hash((_IgnoreKey, self.logits_fn))
-
-  def __eq__(self, other):
-    return isinstance(other, _IgnoreKey) and other.logits_fn == self.logits_fn
+def _ignore_key(logits_fn: LogitsFn, x, key=None):
+  """``f(x, key) = logits_fn(x)``: a deterministic model asked for EOT draws (wrapped in a
+  Partial over ``logits_fn``, so a bound model's weights stay traced)."""
+  del key
+  return logits_fn(x)

@@ -358,13 +358,32 @@ def parse_eps_list(text: str) -> list[float]:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn',))
-def _predict_batch(x, *, logits_fn):
+def bind(apply_fn: Callable, variables) -> jax.tree_util.Partial:
+  """``logits_fn(x) = apply_fn(variables, x)`` with the variables as a traced argument.
+
+  Attacks and predictions are compiled per function *and* per value of whatever a static
+  function closes over: a ``functools.partial(apply_fn, variables)`` compiles again for every
+  model and keeps each model's weights alive in the jit cache. A ``jax.tree_util.Partial`` is
+  a pytree whose leaves (the weights) are traced, so a second model of the same architecture
+  (the same ``apply_fn``, e.g. ``checkpoints.model_from_config`` of an equal config) reuses
+  every compiled attack.
+  """
+  return jax.tree_util.Partial(apply_fn, variables)
+
+
+def _as_pytree(logits_fn: Callable) -> jax.tree_util.Partial:
+  """Any callable as a pytree argument of a jitted function: a ``bind``-made Partial as it is
+  (its weights traced), any other function as a leafless Partial (static, as before)."""
+  return logits_fn if isinstance(logits_fn, jax.tree_util.Partial) else jax.tree_util.Partial(logits_fn)
+
+
+@jax.jit
+def _predict_batch(x, logits_fn):
   return jnp.argmax(logits_fn(x), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=('attack', 'logits_fn', 'hparams'))
-def _attack_batch(x, y, key, eps, traced, *, attack, logits_fn, hparams):
+@functools.partial(jax.jit, static_argnames=('attack', 'hparams'))
+def _attack_batch(x, y, key, eps, traced, logits_fn, *, attack, hparams):
   kwargs = {**dict(hparams), **traced}
   if eps is not None:
     kwargs['eps'] = eps
@@ -446,7 +465,7 @@ def _pad(a: np.ndarray, size: int) -> np.ndarray:
 def predict(logits_fn: LogitsFn, x: np.ndarray, batch_size: int) -> np.ndarray:
   """Predicted classes [N] (numpy) of images x [N, H, W, C], in jit-compiled batches."""
   x = np.asarray(x, np.float32)
-  out = [np.asarray(_predict_batch(_pad(x[a:b], size), logits_fn=logits_fn))[:b - a]
+  out = [np.asarray(_predict_batch(_pad(x[a:b], size), _as_pytree(logits_fn)))[:b - a]
          for a, b, size in _batches(len(x), batch_size, bucket=True)]
   return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
@@ -470,7 +489,7 @@ def run_in_batches(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.n
   out = []
   for i, (a, b, size) in enumerate(_batches(len(x), batch_size, bucket)):
     x_adv = _attack_batch(_pad(x[a:b], size), _pad(y[a:b], size), jax.random.fold_in(key, i),
-                          eps, traced, attack=attack, logits_fn=logits_fn, hparams=tuple(hparams))
+                          eps, traced, _as_pytree(logits_fn), attack=attack, hparams=tuple(hparams))
     out.append(np.asarray(x_adv)[:b - a])
     if progress is not None:
       progress.update(1)
