@@ -12,10 +12,10 @@ from pathlib import Path
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 
-from gfa_jax import (analysis, checklist, checkpoints, data, evaluate, objectives, plots,
-                     torch_import, xla_flags)
+from gfa_jax import (analysis, checklist, checkpoints, cli, data, evaluate, objectives,
+                     plots, torch_import, xla_flags)
 from gfa_jax.attacks import core
 
 _WORKDIR = flags.DEFINE_string(
@@ -261,15 +261,11 @@ def run() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv
   xla_flags.use_fast_cpu_convolutions()  # Before the first computation reads $XLA_FLAGS.
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
-  try:
-    run()
-  except (ValueError, FileNotFoundError, ImportError) as e:  # bad flags, run, data: one message
-    raise SystemExit(f"eval.py: {e}") from e
+  run()  # Bad flags, run, data: one line and exit 2 (gfa_jax.cli).
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,10 +6,10 @@ Overrides: `--config.beta=0.5 --config.data_dir=/data`. `--workdir` defaults to
 
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from gfa_jax import train_lib, xla_flags
+from gfa_jax import cli, train_lib, xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/quickstart.py", "Training config file.", lock_config=True)
@@ -17,17 +17,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (default: runs/<conf
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv
   xla_flags.use_fast_cpu_convolutions()  # Before the first computation reads $XLA_FLAGS.
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   config_name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
   workdir = _WORKDIR.value or str(Path("runs") / config_name)
-  try:
-    train_lib.train_and_evaluate(_CONFIG.value, workdir)
-  except FloatingPointError as e:
-    raise SystemExit(f"Training stopped: {e}") from e
+  train_lib.train_and_evaluate(_CONFIG.value, workdir)  # Bad input: one line (gfa_jax.cli).
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,7 +10,9 @@ checkpoint reproduces an uninterrupted run exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +26,7 @@ import tqdm
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gfa_jax import checkpoints, data, models, objectives
+from gfa_jax import checkpoints, data, models, objectives, validation
 from gfa_jax.penalty import gfa_objective
 
 # Keys of metrics.jsonl whose value must be finite for training to go on.
@@ -146,7 +148,15 @@ def _write_metrics(path: Path, record: dict) -> None:
 def _drop_metrics_after(path: Path, step: int) -> None:
   """On resume, forget metrics a killed run logged after its last checkpoint."""
   if path.exists():
-    lines = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= step]
+    lines = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # A SIGKILL during an append leaves a partial last line.
+        warnings.warn(f"{path}: dropping unreadable line {number} ({line[:40]!r})", stacklevel=3)
+        continue
+      if record.get("step", 0) <= step:
+        lines.append(line)
     checkpoints.write_atomically(path, "".join(l + "\n" for l in lines).encode())
 
 
@@ -175,7 +185,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   non-finite; the last checkpoint (always from a finite state) stays intact.
   """
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  # Everything that can be wrong with the request is found before the workdir is touched.
+  validation.validate_config(config)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir {workdir} is a file; pass a folder (new or a run's) instead")
   dataset = data.load_dataset(config.data_source, config.data_dir or None)
   train_images, train_labels = dataset.train_images, dataset.train_labels
   if config.num_train:
@@ -196,14 +209,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
   _check_config_matches(workdir, config)
+  with workdir_lock(workdir):
+    return _train(config, workdir, dataset, train_images, train_labels, test_images,
+                  test_labels, mesh, steps_per_epoch, total_steps, model, params, state,
+                  step_key)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+  """Holds ``workdir/.lock`` (the holder's PID) while a trainer writes there: a second trainer
+  on the same folder is refused at once, naming the first. A lock whose process is gone (a
+  killed run) is taken over. Released on any exit."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  lock = workdir / ".lock"
+  for _ in range(2):
+    try:
+      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      break
+    except FileExistsError:
+      try:
+        pid = int(lock.read_text() or 0)
+      except (OSError, ValueError):
+        pid = 0
+      if pid and pid != os.getpid() and _alive(pid):
+        raise ValueError(f"{workdir} is in use by another trainer (PID {pid}); wait for it, "
+                         "stop it, or pass another --workdir") from None
+      lock.unlink(missing_ok=True)  # Stale: its process is gone.
+  else:
+    raise ValueError(f"could not take the lock {lock}; delete it if no trainer runs there")
+  try:
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    yield
+  finally:
+    lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _restore_latest_intact(manager, state, workdir: Path):
+  """(step, state) of the newest checkpoint that restores; a damaged newer one (truncated by a
+  full disk, a half-copied folder) is skipped with a warning instead of stopping the run."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = checkpoints.restore(manager, step, state.params, state.opt_state)
+    except ValueError as e:
+      warnings.warn(f"skipping the damaged checkpoint {workdir}/checkpoints/{step}: {e}",
+                    stacklevel=3)
+      continue
+    return step, state.replace(step=step, params=restored["params"],
+                               opt_state=restored["opt_state"])
+  if manager.all_steps():
+    raise ValueError(f"no checkpoint in {workdir}/checkpoints restores (all damaged); delete "
+                     "that folder to start again")
+  return 0, state
+
+
+def _train(config, workdir, dataset, train_images, train_labels, test_images, test_labels,
+           mesh, steps_per_epoch, total_steps, model, params, state, step_key) -> dict:
   checkpoints.save_config(workdir, config)
   manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.max_to_keep)
   metrics_path = workdir / "metrics.jsonl"
-  start_step = manager.latest_step() or 0
-  if start_step:
-    restored = checkpoints.restore(manager, start_step, state.params, state.opt_state)
-    state = state.replace(step=start_step, params=restored["params"],
-                          opt_state=restored["opt_state"])
+  start_step, state = _restore_latest_intact(manager, state, workdir)
   _drop_metrics_after(metrics_path, start_step)
   state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
@@ -263,6 +338,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       record = run_eval(done)
       progress.write(_format_eval(record))
     if done % config.checkpoint_every_steps == 0 or done == total_steps:
+      if not all(np.isfinite(p).all() for p in jax.tree.leaves(jax.device_get(state.params))):
+        progress.close()
+        raise FloatingPointError(
+            f"the parameters became non-finite by step {done} (the loss was finite at the "
+            f"old ones); not saved. The last good checkpoint is step {manager.latest_step()} "
+            f"in {workdir}; lower the learning rate, or set grad_clip_norm")
       manager.save(done, args=checkpoints.ocp.args.Composite(
           params=checkpoints.ocp.args.StandardSave(state.params),
           opt_state=checkpoints.ocp.args.StandardSave(state.opt_state)), force=True)

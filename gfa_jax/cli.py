@@ -1,0 +1,56 @@
+"""One error path for the command lines (train.py, eval.py).
+
+Every expected failure (a bad flag or config value, missing or corrupt data or checkpoint,
+training that turned non-finite) prints one line, ``error: <what> — <how to fix>``, and exits
+with status 2; a traceback means a bug (``--verbose`` shows it for expected failures too).
+Unattended sweeps of hundreds of jobs then fail at once, legibly, in their logs.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from absl import app, flags
+
+# Failures that come from what the user asked for, not from a bug here.
+EXPECTED = (ValueError, FileNotFoundError, FloatingPointError, ImportError, KeyError)
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an expected error too.")
+
+
+def one_line(error: BaseException) -> str:
+  """The error's message on one line, as ``<what> — <how to fix>``: a message of the form
+  "what; fix" gets the dash, one that has neither is returned as it is."""
+  text = " ".join(str(error).strip().strip('"').split()) or type(error).__name__
+  if isinstance(error, KeyError):
+    text = f"missing key {text}"
+  if " — " not in text and "; " in text:
+    text = text.replace("; ", " — ", 1)
+  return text
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{one_line(e)} — see {argv[0]} --helpfull for the flags and their values")
+  return []  # Not reached.
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """``absl.app.run(main)`` with flag errors and EXPECTED exceptions as one line, exit 2."""
+  def wrapped(argv):
+    if len(argv) > 1:
+      fail(f"unexpected arguments {argv[1:]} — every option is a --flag (see --helpfull)")
+    try:
+      main(argv)
+    except EXPECTED as e:
+      if _VERBOSE.value:
+        raise
+      fail(one_line(e))
+  app.run(wrapped, flags_parser=_parse_flags)

@@ -1,0 +1,79 @@
+"""The whole training config checked before anything is written, loaded or compiled.
+
+A typo must not cost a compile, leave a workdir that refuses the corrected command, or train
+to the end with a meaningless setting (a negative learning rate trains "fine"). Each problem
+raises one ValueError naming the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+
+from gfa_jax import data, models, objectives, penalty
+
+OBJECTIVES = ("standard", "gfa", "pgd_at", "trades", "gradalign")
+CHOICES = {
+    "objective": OBJECTIVES, "task_loss": ("mse", "ce"), "mse_outputs": ("softmax", "logits"),
+    "optimizer": ("adam", "sgd"), "schedule": ("constant", "cosine"),
+    "data_source": data.SOURCES, "gfa_gradient": penalty.GRADIENTS,
+    "gfa_direction": penalty.DIRECTIONS, "gfa_reduction": penalty.REDUCTIONS,
+}
+POSITIVE_INTS = ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
+                 "checkpoint_every_steps", "max_to_keep")
+NON_NEGATIVE_INTS = ("eval_every_steps", "num_train", "num_eval_examples",
+                     "num_train_eval_examples", "crop_padding", "seed")
+NON_NEGATIVE_FLOATS = ("beta", "alpha", "weight_decay", "grad_clip_norm", "warmup_epochs",
+                       "beta_ramp_start_epochs", "beta_ramp_epochs")
+
+
+def _bad(field: str, value, fix: str) -> ValueError:
+  return ValueError(f"config.{field}={value!r} is invalid; {fix} (--config.{field}=...)")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for the first invalid field of a training config; returns None."""
+  for field, allowed in CHOICES.items():
+    value = objectives.field(config, field) if field in objectives.ADDED_FIELDS else config.get(field)
+    if value not in allowed:
+      raise _bad(field, value, f"choose one of {list(allowed)}")
+  for field in POSITIVE_INTS + NON_NEGATIVE_INTS:
+    value = config.get(field)
+    low = 1 if field in POSITIVE_INTS else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise _bad(field, value, f"use an integer >= {low}")
+  for field in NON_NEGATIVE_FLOATS + ("learning_rate", "gfa_eps"):
+    value = config.get(field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise _bad(field, value, "use a finite number")
+    if value < 0:
+      raise _bad(field, value, "use a number >= 0")
+  for field in ("learning_rate", "gfa_eps"):
+    if not config.get(field) > 0:
+      raise _bad(field, config.get(field), "use a number > 0")
+  adv = config.adversary
+  if not (math.isfinite(adv.eps) and 0 <= adv.eps <= 1):
+    raise _bad("adversary.eps", adv.eps, "use a Linf radius in [0, 1] (pixel units, e.g. 8/255)")
+  if not (isinstance(adv.steps, int) and adv.steps >= 1):
+    raise _bad("adversary.steps", adv.steps, "use an integer >= 1")
+  model_config = dict(config.model)
+  name = model_config.pop("name", None)
+  model = models.create_model(name, **model_config)  # Names unknown models and fields.
+  if config.objective == "gfa":
+    taps = _tap_names(model, data.image_shape(config.data_source))
+    unknown = [t for t in config.gfa_layers if t not in taps]
+    if unknown or not config.gfa_layers:
+      raise _bad("gfa_layers", tuple(config.gfa_layers),
+                 f"tap at least one of this model's layer inputs {taps} (unknown: {unknown})")
+    objectives.gfa_layer_weights(config)  # One weight >= 0 per layer, or ().
+
+
+def _tap_names(model, image_shape) -> list[str]:
+  """The names of the layer inputs a model exposes to GFA (no FLOPs: shapes only)."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jax.numpy.float32)
+  params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_shape))
+  _, state = jax.eval_shape(
+      lambda p, x: model.apply(p, x, mutable=[penalty.FEATURES]), {"params": params}, x)
+  return sorted(state.get(penalty.FEATURES, {}))
