@@ -124,6 +124,8 @@ def summary(report: dict) -> str:
                  + ", ".join(f"{100 * a:.2f}%" for a in report["robust_accuracy"]))
   for name, reason in report["skipped"].items():
     lines.append(f"{name:>10}: skipped ({reason})")
+  if report.get("degenerate"):
+    lines.append(f"WARNING: this model is {report['degenerate']}")
   return "\n".join(lines)
 
 

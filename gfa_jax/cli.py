@@ -14,14 +14,16 @@ from typing import Callable
 from absl import app, flags
 
 # Failures that come from what the user asked for, not from a bug here.
-EXPECTED = (ValueError, FileNotFoundError, FloatingPointError, ImportError, KeyError)
+# OSError: missing files, and ml_collections' lazily loaded --config file.
+EXPECTED = (ValueError, OSError, FloatingPointError, ImportError, KeyError)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an expected error too.")
 
 
 def one_line(error: BaseException) -> str:
   """The error's message on one line, as ``<what> — <how to fix>``: a message of the form
   "what; fix" gets the dash, one that has neither is returned as it is."""
-  text = " ".join(str(error).strip().strip('"').split()) or type(error).__name__
+  text = str(error).replace("\\n", " ").replace("\\'", "'").strip().strip("'\"")
+  text = " ".join(text.split()) or type(error).__name__
   if isinstance(error, KeyError):
     text = f"missing key {text}"
   if " — " not in text and "; " in text:
@@ -37,7 +39,9 @@ def fail(message: str) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
+  # ml_collections' config flags raise OSError (missing config file) and AttributeError
+  # (unknown field) from inside the parser.
+  except (flags.Error, OSError, AttributeError, ValueError) as e:
     fail(f"{one_line(e)} — see {argv[0]} --helpfull for the flags and their values")
   return []  # Not reached.
 

@@ -312,7 +312,15 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
   subset = _check_subset(subset, len(x))
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
-  clean_correct = core.predict(logits_fn, x, batch_size) == y
+  first = np.asarray(jax.jit(logits_fn)(x[:batch_size])) if len(x) else np.zeros((0, 1))
+  if not np.isfinite(first).all():
+    # argmax of NaN logits is class 0: a NaN model would be scored like a constant classifier.
+    raise ValueError(f'the model outputs non-finite logits on {int((~np.isfinite(first)).any(-1).sum())}'
+                     f' of the first {len(first)} clean images; it is broken (diverged '
+                     'training?) — evaluate an earlier checkpoint (--step) or retrain')
+  predictions = core.predict(logits_fn, x, batch_size)
+  clean_correct = predictions == y
+  degenerate = degenerate_model(predictions, y, num_classes=first.shape[-1])
 
   results, skipped = {}, {}
   if attack == ALL:
@@ -347,6 +355,7 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
       'attacks': results,
       'skipped': skipped,
       'subset': None,
+      'degenerate': degenerate,
   }
   if subset is not None:
     for r in results.values():
@@ -358,6 +367,24 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
                                                         subset)}
   report['elapsed_seconds'] = time.perf_counter() - start
   return report
+
+
+def degenerate_model(predictions: np.ndarray, labels: np.ndarray, num_classes: int,
+                     share: float = 0.9) -> Optional[str]:
+  """A sentence when the model is collapsed (one class for >= `share` of the inputs, or clean
+  accuracy at chance), else None: its robust accuracy is then its clean accuracy and means
+  nothing, and reports must say so instead of scoring it."""
+  if not len(predictions):
+    return None
+  counts = np.bincount(predictions, minlength=num_classes)
+  top = int(counts.argmax())
+  top_share = counts[top] / len(predictions)
+  accuracy = float(np.mean(predictions == labels))
+  if top_share >= share or (len(labels) >= 100 and accuracy <= 1.2 / num_classes):
+    return (f'collapsed: predicts class {top} for {100 * top_share:.0f} % of inputs (clean '
+            f'accuracy {100 * accuracy:.1f} %, chance {100 / num_classes:.0f} %); robust accuracy '
+            'equals clean accuracy and means nothing (docs/results.md, "collapse")')
+  return None
 
 
 def _subset_mean(masks: np.ndarray, subset: np.ndarray):

@@ -44,6 +44,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     low = 1 if field in POSITIVE_INTS else 0
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise _bad(field, value, f"use an integer >= {low}")
+  for field in ("learning_rate", "gfa_eps"):
+    value = config.get(field)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+      raise _bad(field, value, "use a number > 0")
   for field in NON_NEGATIVE_FLOATS + ("learning_rate", "gfa_eps"):
     value = config.get(field)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

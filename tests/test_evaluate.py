@@ -9,6 +9,7 @@ import sys
 
 import chex
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -338,3 +339,15 @@ def test_a_second_model_of_the_same_architecture_compiles_nothing_new():
   assert (attack_core._attack_batch._cache_size(), attack_core._predict_batch._cache_size()) == sizes
   assert checkpoints.model_from_config(config) is checkpoints.model_from_config(dict(config))
   assert 0.0 <= report["robust_accuracy"][0] <= report["clean_accuracy"]
+
+
+def test_nan_models_are_refused_and_collapsed_models_named():
+  x = np.random.default_rng(0).uniform(size=(120, 4, 4, 1)).astype(np.float32)
+  y = np.arange(120) % 10
+  nan_model = lambda x: jnp.full((x.shape[0], 10), jnp.nan)
+  with pytest.raises(ValueError, match="non-finite logits on 120 of the first 120"):
+    evaluate.evaluate(nan_model, x, y, attack="fgsm", eps=[0.03], progress=False)
+  constant = lambda x: jnp.zeros((x.shape[0], 10)).at[:, 3].set(1.0) + 0.0 * x.sum()
+  report = evaluate.evaluate(constant, x, y, attack="fgsm", eps=[0.03], progress=False)
+  assert report["degenerate"].startswith("collapsed: predicts class 3 for 100 % of inputs")
+  assert evaluate.degenerate_model(y, y, 10) is None

@@ -1,0 +1,72 @@
+"""Bad input through the command lines: one line `error: ...`, exit 2, no traceback, and no
+file written or changed (issue 16). Each case runs train.py / eval.py in a fresh process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = "results/pgd_at/params.msgpack"
+TRAIN = [sys.executable, "train.py", "--config", "configs/tiny.py"]
+EVAL = [sys.executable, "eval.py", "--workdir", PARAMS, "--num_examples", "8"]
+
+CASES = {
+    # train.py: config values, checked before the workdir exists.
+    "unknown tap": TRAIN + ["--config.gfa_layers=('layer0','layer9')"],
+    "unknown task loss": TRAIN + ["--config.task_loss=hinge"],
+    "unknown objective": TRAIN + ["--config.objective=magic"],
+    "zero checkpoint period": TRAIN + ["--config.checkpoint_every_steps=0"],
+    "zero log period": TRAIN + ["--config.log_every_steps=0"],
+    "negative learning rate": TRAIN + ["--config.learning_rate=-0.1"],
+    "zero learning rate": TRAIN + ["--config.learning_rate=0.0"],
+    "zero batch": TRAIN + ["--config.batch_size=0"],
+    "zero epochs": TRAIN + ["--config.num_epochs=0"],
+    "zero gfa eps": TRAIN + ["--config.gfa_eps=0.0"],
+    "unknown gradient reading": TRAIN + ["--config.gfa_gradient=stopped"],
+    "unknown direction": TRAIN + ["--config.gfa_direction=down"],
+    "unknown optimizer": TRAIN + ["--config.optimizer=lbfgs"],
+    "unknown schedule": TRAIN + ["--config.schedule=step"],
+    "unknown data source": TRAIN + ["--config.data_source=imagenet"],
+    "unknown model": TRAIN + ["--config.model.name=resnet1000"],
+    "wrong layer weights": TRAIN + ["--config.gfa_layer_weights=(1.0,)"],
+    "negative beta": TRAIN + ["--config.beta=-1.0"],
+    "data folder without data": TRAIN + ["--config.data_source=cifar10", "--config.data_dir=/nonexistent"],
+    "unknown config key": TRAIN + ["--config.betta=0.1"],
+    "non-number": TRAIN + ["--config.learning_rate=fast"],
+    "missing config file": [sys.executable, "train.py", "--config", "configs/nope.py"],
+    "stray argument": TRAIN + ["extra"],
+    # eval.py: flags checked before any attack runs.
+    "no attack": EVAL,
+    "unknown attack": EVAL + ["--attack", "pgdd"],
+    "unknown norm": EVAL + ["--attack", "pgd", "--norm", "l3"],
+    "bad eps": EVAL + ["--attack", "pgd", "--eps", "8/0"],
+    "negative eps": EVAL + ["--attack", "pgd", "--eps", "-0.1"],
+    "norm not supported": EVAL + ["--attack", "cw", "--norm", "linf"],
+    "missing checkpoint": [sys.executable, "eval.py", "--workdir", "nowhere/params.msgpack",
+                           "--attack", "fgsm"],
+    "zero examples": EVAL + ["--attack", "fgsm", "--num_examples", "0"],
+    "missing torch model": [sys.executable, "eval.py", "--torch_model", "nowhere.pt",
+                            "--attack", "fgsm"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path):
+  workdir = tmp_path / "run"
+  argv = CASES[name]
+  if argv[1] == "train.py":
+    argv = argv + ["--workdir", str(workdir)]
+  else:
+    argv = argv + ["--output", str(tmp_path / "out.json")]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  env.pop("GFA_DATA_DIR", None)
+  result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert len(errors) == 1 and len(errors[0]) > 30, result.stderr[-2000:]
+  assert not workdir.exists() and not (tmp_path / "out.json").exists()
+  assert not list(tmp_path.glob("*.tmp"))
