@@ -47,6 +47,7 @@ for spec in "${RUNS[@]}"; do
   # shellcheck disable=SC2086
   python train.py --config "$config" --workdir "$run" --config.data_dir="$DATA" \
       --config.num_epochs=30 --config.checkpoint_every_steps=390 $overrides
+  mkdir -p "$out"
   python scripts/export_params.py "$run" "$out/params.msgpack"
   cp "$run/metrics.jsonl" "$out/metrics.jsonl"
 done
