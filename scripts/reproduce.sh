@@ -78,6 +78,13 @@ python eval.py --workdir $M --attack alignment --num_examples 1000 --output resu
 python eval.py --workdir results/cifar_deep_short/params.msgpack --attack mechanism --compare $M \
     --num_examples 100 --output results/mechanism
 
+# --- docs/results.md, second round (issue 15): the paper's other readings (resumable) --------
+python scripts/beta_sweep.py --data-dir "$DATA" --workdir runs/round2 \
+    --output results/beta_sweep_round2 --group round2
+# The 30-epoch runs on the full training set (resumable across sessions; `snapshot` first
+# when a session ends): standard (MSE), GFA detached beta 1, PGD-AT.
+taskset -c 1 bash scripts/converged.sh
+
 # --- docs/validation.md (issue 14): gfa-jax beside the reference AutoAttack, per example -----
 # Needs the [crosscheck] extra. Resumable: each command skips the runs already in its JSON.
 cc() { taskset -c 0 python scripts/crosscheck_reference.py --data-dir "$DATA" "$@"; }
