@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -258,12 +259,29 @@ def _alive(pid: int) -> bool:
 def _restore_latest_intact(manager, state, workdir: Path):
   """(step, state) of the newest checkpoint that restores; a damaged newer one (truncated by a
   full disk, a half-copied folder) is skipped with a warning instead of stopping the run."""
-  for step in sorted(manager.all_steps(), reverse=True):
+  folder = workdir / "checkpoints"
+
+  def set_aside(step, why):
+    # Out of the manager's folder: a later save of that step must not collide with it.
+    target = workdir / "damaged_checkpoints" / str(step)
+    target.parent.mkdir(exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    (folder / str(step)).rename(target)
+    warnings.warn(f"skipping the damaged checkpoint {folder}/{step} ({why}); moved it to "
+                  f"{target}", stacklevel=4)
+
+  listed = set(manager.all_steps())
+  on_disk = {int(d.name) for d in folder.iterdir() if d.name.isdigit()} if folder.is_dir() else set()
+  for step in sorted(on_disk - listed):  # Orbax no longer reads it as a checkpoint.
+    set_aside(step, "unreadable metadata")
+  if on_disk - listed:
+    manager.reload()
+  for step in sorted(listed, reverse=True):
     try:
       restored = checkpoints.restore(manager, step, state.params, state.opt_state)
     except ValueError as e:
-      warnings.warn(f"skipping the damaged checkpoint {workdir}/checkpoints/{step}: {e}",
-                    stacklevel=3)
+      set_aside(step, str(e)[:200])
+      manager.reload()
       continue
     return step, state.replace(step=step, params=restored["params"],
                                opt_state=restored["opt_state"])

@@ -1,6 +1,7 @@
 """Training: the GFA effect, resume after SIGKILL, data parallelism, NaN guard, bad input."""
 
 import json
+import subprocess
 import textwrap
 
 import chex
@@ -164,3 +165,50 @@ def test_a_run_resumes_on_another_machine_and_from_before_new_fields(tiny_config
   tiny_config.gfa_gradient = "detached"
   with pytest.raises(ValueError, match="gfa_gradient"):
     train_lib.train_and_evaluate(tiny_config, workdir)
+
+
+def test_nan_parameters_are_never_saved(tiny_config, tmp_path):
+  """Issue 16, finding 1: lr 1e38 gives finite loss and gradient at step 1 but NaN parameters;
+  no checkpoint may hold them."""
+  tiny_config.update({"optimizer": "sgd", "learning_rate": 1e38, "checkpoint_every_steps": 1})
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    train_lib.train_and_evaluate(tiny_config, tmp_path / "run")
+  steps = checkpoints.checkpoint_manager(tmp_path / "run").all_steps()
+  for step in steps:
+    _, variables = checkpoints.load_model(tmp_path / "run", step=step)
+    chex.assert_tree_all_finite(variables)
+
+
+def test_a_second_trainer_is_refused_and_a_stale_lock_taken_over(tiny_config, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = subprocess.Popen(["sleep", "30"])
+  try:
+    (workdir / ".lock").write_text(str(holder.pid))
+    with pytest.raises(ValueError, match=f"in use by another trainer \\(PID {holder.pid}\\)"):
+      train_lib.train_and_evaluate(tiny_config, workdir)
+  finally:
+    holder.kill()
+    holder.wait()
+  tiny_config.num_epochs = 1
+  train_lib.train_and_evaluate(tiny_config, workdir)  # the holder is gone: stale lock
+  assert not (workdir / ".lock").exists()
+
+
+def test_resume_survives_a_partial_metrics_line_and_a_damaged_checkpoint(tiny_config, tmp_path):
+  workdir = tmp_path / "run"
+  tiny_config.num_epochs = 1
+  train_lib.train_and_evaluate(tiny_config, workdir)
+  manager = checkpoints.checkpoint_manager(workdir)
+  latest, older = sorted(manager.all_steps())[-1], sorted(manager.all_steps())[-2]
+  for f in (workdir / "checkpoints" / str(latest)).rglob("*"):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated copy
+  with (workdir / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 99, "kind": "tr')  # what SIGKILL during an append leaves
+  with pytest.warns(UserWarning, match="damaged checkpoint"):
+    final = train_lib.train_and_evaluate(tiny_config, workdir)
+  assert np.isfinite(final["test/accuracy"])
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines if '"train"' in l][-1] == latest  # retrained
+  assert older < latest
