@@ -77,10 +77,13 @@ def read_subset(path: str) -> list[int]:
   except json.JSONDecodeError:
     lines = [line.split("#", 1)[0] for line in text.splitlines()]
     values = " ".join(lines).replace(",", " ").split()
-  try:
-    return [int(v) for v in values]
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"--subset {path}: expected integer example indices ({e}).") from e
+  ints = []
+  for v in values if isinstance(values, list) else [values]:
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.isdigit())):
+      raise ValueError(f"--subset {path}: {v!r} is not an example index; write integers >= 0 "
+                       "(a JSON list or whitespace/comma separated)")
+    ints.append(int(v))
+  return ints
 
 
 def load_split(config, split: str, num_examples: int):
@@ -145,6 +148,7 @@ def run_attacks(config, apply_fn, variables, workdir: Path, step) -> None:
       core.bind(apply_fn, variables), images, labels, attack=_ATTACK.value, eps=eps,
       norm=norm, batch_size=_BATCH_SIZE.value, seed=_SEED.value, subset=subset,
       overrides=overrides)
+  print(f"data: {description}")
   report.update(
       checkpoint={"path": str(workdir), "step": step}, data=description,
       eps_text=_EPS.value or DEFAULT_EPS[norm], subset_file=_SUBSET.value,
@@ -232,7 +236,23 @@ def run_mechanism(config, apply_fn, variables, workdir: Path) -> None:
 ANALYSES = ("checklist", "alignment", "mechanism")
 
 
+def check_flags() -> None:
+  """Flag combinations that would fail (or mislead) only after the work: refused first."""
+  if _OUTPUT.value and _ATTACK.value not in ("checklist", "mechanism") and Path(_OUTPUT.value).is_dir():
+    raise ValueError(f"--output {_OUTPUT.value} is a folder; give the JSON file to write "
+                     f"(e.g. {Path(_OUTPUT.value) / 'result.json'})")
+  if _STEP.value is not None and Path(_WORKDIR.value).is_file() and not _TORCH_MODEL.value:
+    raise ValueError(f"--step {_STEP.value} needs a training workdir, but {_WORKDIR.value} is a "
+                     "params-only file holding one step; drop --step or pass the workdir")
+  if _BATCH_SIZE.value < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {_BATCH_SIZE.value}; images per model call")
+  if _NUM_EXAMPLES.value < 1:
+    raise ValueError(f"--num_examples must be >= 1, got {_NUM_EXAMPLES.value}; the first N test "
+                     "examples are evaluated")
+
+
 def run() -> None:
+  check_flags()
   if _ATTACK.value not in ANALYSES:  # Fail on bad flags before loading anything.
     try:
       evaluate.validate(_ATTACK.value, core.parse_eps_list(

@@ -200,6 +200,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   mesh = make_mesh()
   check_divisible(config.batch_size, mesh)
+  # Evaluation batches (the last one may be partial) must split over the devices too; found
+  # here, not at the first evaluation after training steps.
+  for n in (len(test_images), min(config.num_train_eval_examples, len(train_images))):
+    for size in {min(config.eval_batch_size, n), n % config.eval_batch_size} - {0}:
+      check_divisible(size, mesh, "eval_batch_size")
   steps_per_epoch = data.steps_per_epoch(len(train_images), config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
   model = checkpoints.model_from_config(config.model)

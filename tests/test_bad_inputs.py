@@ -52,6 +52,8 @@ CASES = {
                                      "--aa_attacks", "apgd-ce,bogus"],
     "subset of words": EVAL + ["--attack", "fgsm", "--subset", "README.md"],
     "checklist with a curve": EVAL + ["--attack", "checklist", "--eps", "1/255,2/255"],
+    "output is a folder": EVAL + ["--attack", "fgsm", "--output", "results"],
+    "step on a params-only file": EVAL + ["--attack", "fgsm", "--step", "3"],
     "empty eps entry": EVAL + ["--attack", "fgsm", "--eps", "1/255,,2/255"],
     "no attack": EVAL,
     "unknown attack": EVAL + ["--attack", "pgdd"],
@@ -74,7 +76,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path):
   if argv[1] == "train.py":
     argv = argv + ["--workdir", str(workdir)]
   else:
-    argv = argv + ["--output", str(tmp_path / "out.json")]
+    argv = argv + ([] if "--output" in argv else ["--output", str(tmp_path / "out.json")])
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
   env.pop("GFA_DATA_DIR", None)
   result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
