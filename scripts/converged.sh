@@ -27,6 +27,8 @@ snapshot() {  # the latest complete checkpoint step of each run, config and metr
     [[ -n $step ]] || continue
     rm -rf "$out/checkpoints.tmp" && mkdir -p "$out/checkpoints.tmp"
     cp -r "$run/checkpoints/$step" "$out/checkpoints.tmp/$step"
+    # Orbax's commit markers name the absolute folder; the marker's presence is what counts.
+    find "$out/checkpoints.tmp" -name commit_success.txt -exec sh -c 'echo "Checkpoint successfully committed." > "$1"' _ {} \;
     rm -rf "$out/checkpoints" && mv "$out/checkpoints.tmp" "$out/checkpoints"
     cp "$run/metrics.jsonl" "$out/"
     # No machine path in committed files: data_dir is passed again on resume (it never has to match).
