@@ -43,6 +43,9 @@ DATA=${GFA_DATA_DIR:?set GFA_DATA_DIR to the folder holding cifar-10-batches-bin
 for spec in "${RUNS[@]}"; do
   read -r name config overrides <<<"$spec"
   run=runs/converged/$name out=results/converged/$name
+  if [[ -f $out/params.msgpack && ! -d $run ]]; then  # finished in an earlier session
+    echo "$name: done ($out/params.msgpack)"; continue
+  fi
   if [[ ! -d $run && -d $out/checkpoints ]]; then  # resume from the committed snapshot
     mkdir -p "$run" && cp -r "$out/checkpoints" "$run/" && cp "$out/config.json" "$out/metrics.jsonl" "$run/"
   fi
