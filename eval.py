@@ -91,9 +91,7 @@ def load_split(config, split: str, num_examples: int):
   examples of `split` of the data set the run was trained on (--data_dir, else $GFA_DATA_DIR,
   else the run's own data_dir)."""
   data_dir = _DATA_DIR.value or os.environ.get(data.DATA_DIR_ENV) or config.data_dir or None
-  dataset = data.load_dataset(config.data_source, data_dir)
-  if num_examples < 1:
-    raise ValueError(f"--num_examples must be >= 1, got {num_examples}.")
+  dataset = data.load_dataset(config.data_source, data_dir)  # num_examples: check_flags
   images, labels = getattr(dataset, f"{split}_images"), getattr(dataset, f"{split}_labels")
   if num_examples > len(labels):
     logging.warning("%s has only %d %s examples; evaluating all of them instead of %d.",

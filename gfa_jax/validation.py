@@ -75,9 +75,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _tap_names(model, image_shape) -> list[str]:
-  """The names of the layer inputs a model exposes to GFA (no FLOPs: shapes only)."""
-  x = jax.ShapeDtypeStruct((1, *image_shape), jax.numpy.float32)
+  """The names of the layer inputs a model exposes to GFA (``penalty.zero_taps``' keys)."""
   params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_shape))
-  _, state = jax.eval_shape(
-      lambda p, x: model.apply(p, x, mutable=[penalty.FEATURES]), {"params": params}, x)
-  return sorted(state.get(penalty.FEATURES, {}))
+  x = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
+  return sorted(penalty.zero_taps(model.apply, {"params": params}, x))
