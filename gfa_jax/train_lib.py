@@ -11,6 +11,7 @@ checkpoint reproduces an uninterrupted run exactly.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -223,42 +224,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 @contextlib.contextmanager
 def workdir_lock(workdir: Path):
-  """Holds ``workdir/.lock`` (the holder's PID) while a trainer writes there: a second trainer
-  on the same folder is refused at once, naming the first. A lock whose process is gone (a
-  killed run) is taken over. Released on any exit."""
+  """Holds an exclusive `flock` on ``workdir/.lock`` (which names the holder's PID) while a
+  trainer writes there: a second trainer on the same folder is refused at once, naming the
+  first. The kernel drops the lock when its process ends however it ends (SIGKILL included),
+  so a killed run leaves nothing to clean up; there is no PID check that two starters could
+  race through. Released, and the file removed, on any exit."""
   workdir.mkdir(parents=True, exist_ok=True)
-  lock = workdir / ".lock"
-  for _ in range(2):
+  path = workdir / ".lock"
+  while True:
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+      os.close(fd)
+      raise ValueError(f"{workdir} is in use by another trainer (PID {holder}); wait for it, "
+                       "stop it, or pass another --workdir") from None
+    # The holder we waited on may have removed the file after we opened it: our lock is then
+    # on an orphan inode, and a third trainer could lock the new file. Only the file that is
+    # still at `path` counts.
+    try:
+      same = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
       break
-    except FileExistsError:
-      try:
-        pid = int(lock.read_text() or 0)
-      except (OSError, ValueError):
-        pid = 0
-      if pid and pid != os.getpid() and _alive(pid):
-        raise ValueError(f"{workdir} is in use by another trainer (PID {pid}); wait for it, "
-                         "stop it, or pass another --workdir") from None
-      lock.unlink(missing_ok=True)  # Stale: its process is gone.
-  else:
-    raise ValueError(f"could not take the lock {lock}; delete it if no trainer runs there")
-  try:
-    os.write(fd, str(os.getpid()).encode())
     os.close(fd)
+  try:
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
     yield
   finally:
-    lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+    path.unlink(missing_ok=True)  # Before the unlock, so a waiter never locks a removed file.
+    os.close(fd)
 
 
 def _restore_latest_intact(manager, state, workdir: Path):

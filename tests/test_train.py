@@ -1,7 +1,9 @@
 """Training: the GFA effect, resume after SIGKILL, data parallelism, NaN guard, bad input."""
 
 import json
+import os
 import subprocess
+import sys
 import textwrap
 
 import chex
@@ -12,7 +14,7 @@ import optax
 import pytest
 
 from gfa_jax import checkpoints, train_lib
-from tests.conftest import run_python
+from tests.conftest import REPO, run_python
 
 
 def read_metrics(workdir, kind):
@@ -179,19 +181,49 @@ def test_nan_parameters_are_never_saved(tiny_config, tmp_path):
     chex.assert_tree_all_finite(variables)
 
 
-def test_a_second_trainer_is_refused_and_a_stale_lock_taken_over(tiny_config, tmp_path):
+def test_a_second_trainer_is_refused_and_a_killed_holder_leaves_no_lock(tiny_config, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
-  holder = subprocess.Popen(["sleep", "30"])
+  holder = subprocess.Popen(  # holds the lock the way a trainer does, then is SIGKILLed
+      [sys.executable, "-c", textwrap.dedent(f"""
+          import sys, time
+          sys.path.insert(0, {str(REPO)!r})
+          from pathlib import Path
+          from gfa_jax import train_lib
+          with train_lib.workdir_lock(Path({str(workdir)!r})):
+            print("locked", flush=True)
+            time.sleep(60)
+          """)], stdout=subprocess.PIPE, text=True)
   try:
-    (workdir / ".lock").write_text(str(holder.pid))
+    assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(ValueError, match=f"in use by another trainer \\(PID {holder.pid}\\)"):
       train_lib.train_and_evaluate(tiny_config, workdir)
+    assert not (workdir / "config.json").exists()  # refused before anything was written
   finally:
     holder.kill()
     holder.wait()
   tiny_config.num_epochs = 1
-  train_lib.train_and_evaluate(tiny_config, workdir)  # the holder is gone: stale lock
+  train_lib.train_and_evaluate(tiny_config, workdir)  # the kernel dropped the killed lock
+  assert not (workdir / ".lock").exists()
+
+
+def test_two_trainers_started_together_one_runs_one_is_refused(tmp_path):
+  """The race of the issue: two real train.py processes on one workdir at the same moment."""
+  workdir = tmp_path / "run"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+         "--config.num_epochs=3"]
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+  codes = sorted(code for code, _ in results)
+  assert codes == [0, 2], results
+  refused = next(err for code, err in results if code == 2)
+  error_lines = [line for line in refused.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1 and "in use by another trainer (PID" in error_lines[0], refused
+  assert "Traceback" not in refused
+  steps = [r["step"] for r in read_metrics(workdir, "train")]
+  assert steps == sorted(set(steps)) and steps[-1] == 3 * 8  # each step logged once, in order
   assert not (workdir / ".lock").exists()
 
 
