@@ -14,7 +14,7 @@ import jax
 import ml_collections
 from absl import flags, logging
 
-from gfa_jax import (analysis, checklist, checkpoints, cli, data, evaluate, objectives,
+from gfa_jax import (analysis, batching, checklist, checkpoints, cli, data, evaluate, objectives,
                      plots, torch_import, xla_flags)
 from gfa_jax.attacks import core
 
@@ -143,7 +143,7 @@ def run_attacks(config, apply_fn, variables, workdir: Path, step) -> None:
   if _ATTACK.value == "autoattack" and (_AA_VERSION.value != "standard" or _AA_ATTACKS.value):
     overrides = {"version": _AA_VERSION.value, "attacks": tuple(_AA_ATTACKS.value)}
   report = evaluate.evaluate(
-      core.bind(apply_fn, variables), images, labels, attack=_ATTACK.value, eps=eps,
+      batching.bind(apply_fn, variables), images, labels, attack=_ATTACK.value, eps=eps,
       norm=norm, batch_size=_BATCH_SIZE.value, seed=_SEED.value, subset=subset,
       overrides=overrides)
   print(f"data: {description}")

@@ -24,6 +24,7 @@ measurements of the mechanism, not a threat model (``checklist`` evaluates threa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gfa_jax import plots
-from gfa_jax.attacks import core
+from gfa_jax import batching, plots
+from gfa_jax.numerics import check_batch, is_better, misclassified, resolve_loss
 from gfa_jax.penalty import FEATURES, TAPS, gfa_objective, safe_norm, zero_taps
 
 ApplyFn = Callable[..., Any]
@@ -87,7 +88,7 @@ def _with_tap(taps: dict, name: str, delta_flat: jax.Array) -> dict:
 
 
 def _resolve(loss: LossArg) -> tuple[Callable, str]:
-  fn = core.resolve_loss(loss)
+  fn = resolve_loss(loss)
   return fn, loss if isinstance(loss, str) else getattr(loss, '__name__', 'custom')
 
 
@@ -100,25 +101,6 @@ def _check_layers(apply_fn: ApplyFn, variables: Any, x: jax.Array,
   missing = [name for name in layers if name not in available]
   if missing:
     raise ValueError(f'unknown layers {missing}; this model taps {available}.')
-
-
-def _check_batch(x, y) -> tuple[np.ndarray, np.ndarray]:
-  core.check_images(x)
-  x = np.asarray(x, np.float32)
-  y = np.asarray(y)
-  if not np.issubdtype(y.dtype, np.integer) or y.shape != x.shape[:1]:
-    raise ValueError(f'labels must be integers of shape [{len(x)}], got {y.dtype} {y.shape}.')
-  return x, y.astype(np.int32)
-
-
-def _map_batches(fn: Callable, x: np.ndarray, y: np.ndarray, batch_size: int) -> Any:
-  """Applies fn(x_batch, y_batch, start index) -> pytree of [b, ...] arrays to consecutive
-  batches and concatenates the results."""
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
-  outs = [jax.device_get(fn(x[a:a + batch_size], y[a:a + batch_size], a))
-          for a in range(0, len(x), batch_size)]
-  return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
 
 
 def _stats(values: np.ndarray) -> dict[str, float | None]:
@@ -153,14 +135,14 @@ def _subspace_pgd(f_delta: Callable, shape: tuple, r: jax.Array, radius: jax.Arr
       loss, logits = f_delta(delta)
       return jnp.sum(loss), (loss, logits)
     (_, (loss, logits)), grad = jax.value_and_grad(total, has_aux=True)(delta)
-    return loss, core.misclassified(logits, y), grad
+    return loss, misclassified(logits, y), grad
 
   step = (2.5 * radius / steps)[:, None]
 
   def body(_, carry):
     delta, best_loss, best_fooled = carry
     loss, fooled, grad = loss_and_grad(delta)
-    better = core.is_better(loss, fooled, best_loss, best_fooled)
+    better = is_better(loss, fooled, best_loss, best_fooled)
     best_loss = jnp.where(better, loss, best_loss)
     best_fooled = best_fooled | fooled
     direction, _ = _unit(project(grad))
@@ -172,7 +154,7 @@ def _subspace_pgd(f_delta: Callable, shape: tuple, r: jax.Array, radius: jax.Arr
   start = (jnp.zeros(shape), jnp.full((batch,), -jnp.inf), jnp.zeros((batch,), bool))
   delta, best_loss, best_fooled = jax.lax.fori_loop(0, steps, body, start)
   loss, fooled, _ = loss_and_grad(delta)
-  better = core.is_better(loss, fooled, best_loss, best_fooled)
+  better = is_better(loss, fooled, best_loss, best_fooled)
   return jnp.where(better, loss, best_loss), best_fooled | fooled
 
 
@@ -184,7 +166,7 @@ def _radial_tangential_batch(apply_fn, variables, x, y, *, layers, loss_fn, rela
   f = _loss_of_taps(apply_fn, variables, x, y, loss_fn)
   loss0, vjp_fn, (features, logits) = jax.vjp(f, taps, has_aux=True)
   (grads,) = vjp_fn(jnp.ones_like(loss0))
-  out = {'loss': loss0, 'correct': ~core.misclassified(logits, y), 'layers': {}}
+  out = {'loss': loss0, 'correct': ~misclassified(logits, y), 'layers': {}}
   for name in layers:
     h, g = _flat(features[name]), _flat(grads[name])
     r, t, d_r, d_t, h_norm = _radial_tangential_basis(h, g)
@@ -242,7 +224,7 @@ def radial_tangential(apply_fn: ApplyFn, variables: Any, x, y, *,
   {subspace: {'success_rate', 'loss_increase'}} plus 'radius'; and the settings. With
   `return_per_example`, 'per_example' holds the raw arrays (numpy, not JSON).
   """
-  x, y = _check_batch(x, y)
+  x, y = check_batch(x, y)
   _check_layers(apply_fn, variables, x, (*layers, *([pgd_layer] if pgd_layer else [])))
   if pgd_steps < 1:
     raise ValueError(f'pgd_steps must be >= 1, got {pgd_steps}.')
@@ -253,7 +235,7 @@ def radial_tangential(apply_fn: ApplyFn, variables: Any, x, y, *,
       apply_fn, v, xb, yb, layers=tuple(layers), loss_fn=loss_fn,
       relative_steps=tuple(relative_steps), pgd_layer=pgd_layer, pgd_radius=pgd_radius,
       pgd_steps=pgd_steps))
-  raw = _map_batches(lambda xb, yb, _: batch_fn(variables, xb, yb), x, y, batch_size)
+  raw = batching.map_batches(functools.partial(batch_fn, variables), [x, y], batch_size)
   result: dict[str, Any] = {
       'loss': loss_name, 'num_examples': int(len(x)),
       'clean_accuracy': float(raw['correct'].mean()),
@@ -337,7 +319,7 @@ def loss_landscape(apply_fn: ApplyFn, variables: Any, x, y, *, key: jax.Array,
   gradient has no tangential part (their v is 0, the plane degenerates to a line). With
   `png_path`, also draws it through ``plots.plot_landscapes`` under `label`.
   """
-  x, y = _check_batch(x, y)
+  x, y = check_batch(x, y)
   _check_layers(apply_fn, variables, x, (layer,))
   if num < 3 or extent <= 0:
     raise ValueError(f'need num >= 3 grid points and extent > 0, got num={num}, '
@@ -347,9 +329,8 @@ def loss_landscape(apply_fn: ApplyFn, variables: Any, x, y, *, key: jax.Array,
   batch_fn = jax.jit(lambda v, xb, yb, k: _landscape_batch(
       apply_fn, v, xb, yb, k, layer=layer, loss_fn=loss_fn, coordinates=coordinates,
       random_planes=random_planes))
-  raw = _map_batches(
-      lambda xb, yb, start: batch_fn(variables, xb, yb, jax.random.fold_in(key, start)),
-      x, y, batch_size)
+  # Batch i draws its random planes from fold_in(key, i).
+  raw = batching.map_batches(functools.partial(batch_fn, variables), [x, y], batch_size, key=key)
   axes = {'radial_tangential': ['radial r = h/||h||',
                                 'tangential t (gradient part orthogonal to h)']}
   axes.update({f'random_{k}': [f'random direction u{2 * k + 1}', f'random direction u{2 * k + 2}']
@@ -380,29 +361,26 @@ def alignment_table(apply_fn: ApplyFn, variables: Any,
 
   The cosines come from ``gfa_objective`` (hence ``gfa_penalty``), the code GFA training runs,
   with `task_loss` the run's batch loss ``(logits, y) -> scalar``. Per image the cosine does not
-  depend on the other images of its batch (the loss is a sum over images), so batches are
-  combined by an example-weighted mean. `layers`: tap names, default every tapped layer input.
+  depend on the other images of its batch (the loss is a mean over images, and a cosine does
+  not see the 1/B), so the table is the mean over all images of their cosines. `layers`: tap names, default every tapped layer input.
 
   Returns ``{split: {layer: mean cosine}}`` (plain floats, JSON-ready).
   """
   if not splits:
     raise ValueError('splits is empty: pass e.g. {"train": (x, y), "test": (x, y)}.')
-  splits = {name: _check_batch(x, y) for name, (x, y) in splits.items()}
+  splits = {name: check_batch(x, y) for name, (x, y) in splits.items()}
   x_any = next(iter(splits.values()))[0]
   layers = tuple(sorted(zero_taps(apply_fn, variables, x_any[:1])) if layers is None else layers)
   _check_layers(apply_fn, variables, x_any, layers)
+  # Per-image cosines: padded rows of the last batch are dropped before the mean (the padding
+  # only rescales the batch loss, which a cosine does not see).
   batch_fn = jax.jit(lambda p, xb, yb: gfa_objective(
-      apply_fn, p, xb, yb, task_loss, layers=layers)[1]['alignment'])
+      apply_fn, p, xb, yb, task_loss, layers=layers)[1]['cosines'])
   params = variables['params']
   table = {}
   for split, (x, y) in splits.items():
-    totals = {name: 0.0 for name in layers}
-    for a in range(0, len(x), batch_size):
-      alignment = jax.device_get(batch_fn(params, x[a:a + batch_size], y[a:a + batch_size]))
-      count = len(x[a:a + batch_size])
-      for name in layers:
-        totals[name] += float(alignment[name]) * count
-    table[split] = {name: totals[name] / len(x) for name in layers}
+    cosines = batching.map_batches(functools.partial(batch_fn, params), [x, y], batch_size)
+    table[split] = {name: float(np.mean(cosines[name])) for name in layers}
   return table
 
 

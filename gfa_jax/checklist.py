@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gfa_jax import evaluate, plots
+from gfa_jax import batching, evaluate, plots
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd
 from gfa_jax.attacks.pgd import pgd
@@ -192,7 +192,7 @@ def _still_robust(setup: _Setup, x_adv_todo: np.ndarray, eps: float) -> np.ndarr
   x_adv = setup.x.copy()
   x_adv[setup.todo] = x_adv_todo
   core.check_adversarial(x_adv, setup.x, eps, setup.norm)
-  return setup.clean_correct & (core.predict(setup.logits_fn, x_adv, setup.batch_size) == setup.y)
+  return setup.clean_correct & (batching.predict(setup.logits_fn, x_adv, setup.batch_size) == setup.y)
 
 
 def _batched(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int,
@@ -526,7 +526,7 @@ def check_determinism(apply_fn: Callable, variables: Any, x) -> dict:
   """Check 8 on a batch x: forward passes eager twice and jit once must agree (randomness
   would need EOT), and the first half of the batch alone must give the same logits."""
   x = np.asarray(x, np.float32)
-  logits_fn = core.bind(apply_fn, variables)
+  logits_fn = batching.bind(apply_fn, variables)
   passes = [np.asarray(apply_fn(variables, x)), np.asarray(apply_fn(variables, x)),
             np.asarray(jax.jit(logits_fn)(x))]
   scale = max(float(np.abs(passes[0]).max()), 1e-30)
@@ -610,8 +610,8 @@ def run_checklist(apply_fn: Callable, variables: Any, x, y, *, key: jax.Array,
   """
   start = time.perf_counter()
   x, y, budget_value = _check_inputs(x, y, eps, norm, budget)
-  logits_fn = core.bind(apply_fn, variables)
-  clean_correct = core.predict(logits_fn, x, batch_size) == y
+  logits_fn = batching.bind(apply_fn, variables)
+  clean_correct = batching.predict(logits_fn, x, batch_size) == y
   if not clean_correct.any():
     raise ValueError('the model classifies none of the examples correctly: there is nothing to '
                      'attack. Check the checkpoint, the labels and the data set.')
@@ -651,7 +651,7 @@ def run_checklist(apply_fn: Callable, variables: Any, x, y, *, key: jax.Array,
           apgd_ce(b.sweep_apgd_steps, e)[0] for e in sweep])}
   at_eps.update({name: m[index] for name, m in sweep_masks.items()})
   grey = np.full((1, *x.shape[1:]), 0.5, np.float32)
-  grey_class = int(core.predict(logits_fn, grey, 1)[0])
+  grey_class = int(batching.predict(logits_fn, grey, 1)[0])
   grey_bound = float((clean_correct & (y == grey_class)).mean())
   lap('eps_sweep')
 

@@ -28,7 +28,8 @@ import jax
 import numpy as np
 import tqdm
 
-from gfa_jax import plots
+from gfa_jax import batching, plots
+from gfa_jax.numerics import check_batch
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
 from gfa_jax.attacks.autoattack import autoattack
@@ -222,7 +223,7 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
     return -(-len(todo) // max(1, min(examples_per_batch, len(todo))))
 
   def still_robust(x_eval):
-    return clean_correct & (core.predict(logits_fn, x_eval, batch_size) == y)
+    return clean_correct & (batching.predict(logits_fn, x_eval, batch_size) == y)
 
   if spec.kind == EPS_BOUNDED:
     masks = []
@@ -250,7 +251,7 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
     with tqdm.tqdm(total=num_batches(), desc=name, disable=not progress) as bar:
       x_adv = attack_correct(bar)
     norms = {p: core.check_adversarial(x_adv, x, np.inf, p) for p in LP_NORMS}
-    success = clean_correct & (core.predict(logits_fn, x_adv, batch_size) != y)
+    success = clean_correct & (batching.predict(logits_fn, x_adv, batch_size) != y)
     needed = np.where(success, norms[norm], np.inf)
     masks = []
     for value in eps:
@@ -303,12 +304,7 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
   names = validate(attack, eps, norm)
   if overrides and attack == ALL:
     raise ValueError('overrides apply to a single attack, not to "all".')
-  core.check_images(images)
-  x = np.asarray(images, np.float32)
-  y = np.asarray(labels)
-  if not np.issubdtype(y.dtype, np.integer) or y.shape != x.shape[:1]:
-    raise ValueError(f'labels must be integers of shape [{len(x)}], got {y.dtype} {y.shape}.')
-  y = y.astype(np.int32)
+  x, y = check_batch(images, labels)
   subset = _check_subset(subset, len(x))
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
@@ -318,7 +314,7 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
     raise ValueError(f'the model outputs non-finite logits on {int((~np.isfinite(first)).any(-1).sum())}'
                      f' of the first {len(first)} clean images; it is broken (diverged '
                      'training?) — evaluate an earlier checkpoint (--step) or retrain')
-  predictions = core.predict(logits_fn, x, batch_size)
+  predictions = batching.predict(logits_fn, x, batch_size)
   clean_correct = predictions == y
   degenerate = degenerate_model(predictions, y, num_classes=first.shape[-1])
 

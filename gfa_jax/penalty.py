@@ -37,22 +37,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gfa_jax.numerics import safe_norm
+
 PyTree = Any
 FEATURES = "intermediates"  # Flax collection that holds the tapped layer inputs (sow).
 TAPS = "perturbations"  # Flax collection of zero arrays added to them (perturb).
-
-
-def safe_norm(v: jax.Array, axis: int = -1) -> jax.Array:
-  """Euclidean norm along ``axis`` whose gradient is 0 (not NaN) at v = 0.
-
-  ``jnp.linalg.norm`` differentiates to ``v / ||v||`` = 0/0 at zero; adding eps after the sqrt
-  does not help because d sqrt(s)/ds is infinite at s = 0 and 0 * inf = NaN. GFA training
-  drives whole feature maps and gradients to zero (dead ReLUs, black images), so the square
-  root is taken of a value that is never 0 on the differentiated branch.
-  """
-  squared = jnp.sum(v * v, axis=axis)
-  positive = squared > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
 
 
 def per_sample_cosine(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Array:

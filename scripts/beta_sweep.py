@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import cifar_deep  # noqa: E402
-from gfa_jax import checkpoints, data, evaluate, plots, train_lib, xla_flags  # noqa: E402
+from gfa_jax import batching, checkpoints, data, evaluate, plots, train_lib, xla_flags  # noqa: E402
 from gfa_jax.attacks import core  # noqa: E402
 
 FIRST = ("layer0",)
@@ -126,7 +126,7 @@ def run_variant(name: str, overrides: dict, args, attack_images, attack_labels) 
   except FloatingPointError as e:
     return {**record, "diverged": str(e), "seconds": time.perf_counter() - start}
   apply_fn, variables = checkpoints.load_model(workdir)
-  report = evaluate.evaluate(core.bind(apply_fn, variables), attack_images, attack_labels,
+  report = evaluate.evaluate(batching.bind(apply_fn, variables), attack_images, attack_labels,
                              attack="apgd", eps=[8 / 255], progress=False)
   return {**record, "final_eval": final, "apgd_clean_accuracy": report["clean_accuracy"],
           "apgd_robust_accuracy": report["robust_accuracy"][0],

@@ -99,11 +99,11 @@ def robust_mask(predict, x_adv, x, y, clean_correct, eps, norm):
 
 def run_ours(name, apply_fn, variables, x, y, eps, norm, seed, batch_size):
   """(robust mask [N], seconds, AutoAttack checks or None) of our attack `name`."""
-  from gfa_jax import evaluate
+  from gfa_jax import batching, evaluate
   from gfa_jax.attacks import core
-  logits_fn = core.bind(apply_fn, variables)
+  logits_fn = batching.bind(apply_fn, variables)
   start = time.perf_counter()
-  clean = core.predict(logits_fn, x, batch_size) == y
+  clean = batching.predict(logits_fn, x, batch_size) == y
   result = evaluate.run_attack(ATTACKS[name], logits_fn, x, y, eps=[eps], norm=norm,
                                clean_correct=clean, batch_size=batch_size, seed=seed,
                                progress=False)

@@ -179,14 +179,3 @@ def test_parse_eps():
       core.parse_eps(bad)
   with pytest.raises(ValueError, match='empty'):
     core.parse_eps_list('1/255,,2/255')
-
-
-def test_bucketed_batches_pad_only_the_remainder_to_a_power_of_two():
-  from gfa_jax.attacks.core import _batches
-  assert _batches(280, 250, bucket=True) == [(0, 250, 250), (250, 280, 32)]
-  assert _batches(500, 250, bucket=True) == [(0, 250, 250), (250, 500, 250)]
-  assert _batches(3, 250, bucket=True) == [(0, 3, 4)]
-  assert _batches(200, 250, bucket=True) == [(0, 200, 250)]  # capped at batch_size
-  assert _batches(280, 250) == [(0, 250, 250), (250, 280, 250)]
-  covered = [i for a, b, size in _batches(1001, 64, bucket=True) for i in range(a, b)]
-  assert covered == list(range(1001))

@@ -22,7 +22,7 @@ from pyautoattack.fab_pt import FABAttack_PT  # noqa: E402
 from pyautoattack.square import SquareAttack  # noqa: E402
 
 from benchmarks import torch_peer  # noqa: E402
-from gfa_jax import checkpoints, data, evaluate  # noqa: E402
+from gfa_jax import batching, checkpoints, data, evaluate  # noqa: E402
 from gfa_jax.attacks import autoattack, core  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ CASES = {
 def test_robust_masks_agree_with_the_reference(setup, name):
   logits_fn, net, x, y = setup
   ours_name, overrides, make_reference = CASES[name]
-  clean = core.predict(logits_fn, x, N) == y
+  clean = batching.predict(logits_fn, x, N) == y
   ours = np.asarray(evaluate.run_attack(
       ours_name, logits_fn, x, y, eps=[EPS], norm="linf", clean_correct=clean, batch_size=N,
       seed=0, overrides=overrides, progress=False)["still_robust"][0])

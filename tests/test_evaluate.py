@@ -321,6 +321,7 @@ def test_a_second_model_of_the_same_architecture_compiles_nothing_new():
   """Weights are traced (core.bind), never baked into the compiled attack: evaluating another
   checkpoint of the same architecture reuses every compiled program."""
   from gfa_jax import checkpoints
+  from gfa_jax import batching
   from gfa_jax.attacks import core as attack_core
   config = {"name": "mlp", "hidden": (8,)}
   x = np.random.default_rng(0).uniform(size=(6, 32, 32, 3)).astype(np.float32)
@@ -328,15 +329,15 @@ def test_a_second_model_of_the_same_architecture_compiles_nothing_new():
   def run(seed):
     model = checkpoints.model_from_config(config)
     params = models.init_params(model, jax.random.key(seed), checkpoints.IMAGE_SHAPE)
-    logits_fn = attack_core.bind(model.apply, {"params": params})
-    y = attack_core.predict(logits_fn, x, 8)  # all correct: every point is attacked
+    logits_fn = batching.bind(model.apply, {"params": params})
+    y = batching.predict(logits_fn, x, 8)  # all correct: every point is attacked
     return evaluate.evaluate(logits_fn, x, y, attack="apgd", eps=[8 / 255], batch_size=8,
                              progress=False)
 
   assert run(0)["clean_accuracy"] == 1.0
-  sizes = attack_core._attack_batch._cache_size(), attack_core._predict_batch._cache_size()
+  sizes = attack_core._attack_batch._cache_size(), batching._predict_batch._cache_size()
   report = run(1)
-  assert (attack_core._attack_batch._cache_size(), attack_core._predict_batch._cache_size()) == sizes
+  assert (attack_core._attack_batch._cache_size(), batching._predict_batch._cache_size()) == sizes
   assert checkpoints.model_from_config(config) is checkpoints.model_from_config(dict(config))
   assert 0.0 <= report["robust_accuracy"][0] <= report["clean_accuracy"]
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from gfa_jax import batching
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
 from gfa_jax.attacks.fab import fab
@@ -213,7 +214,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
                  'jit-compiled forward pass cannot hide autograd calls from the attack.'})
   checks.append(check_n_classes(clean_logits.shape[-1], [s[0] for s in steps],
                                 {s[0]: s[2] for s in steps}))
-  robust = core.predict(logits_fn, x, batch_size) == y
+  robust = batching.predict(logits_fn, x, batch_size) == y
   if robust.any():
     todo = np.flatnonzero(robust)[:batch_size]
     checks.append(check_zero_gradients(logits_fn, x[todo], y[todo]))
@@ -227,7 +228,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
                       disable=not progress, leave=False)
       fn = logits_fn
       if dict(hparams).get('eot_iter', 1) > 1:
-        fn = jax.tree_util.Partial(_ignore_key, core._as_pytree(logits_fn))
+        fn = jax.tree_util.Partial(_ignore_key, batching.as_pytree(logits_fn))
       call_hparams = (('norm', norm),) + hparams
       # APGD-T and FAB-T: one target at a time on the points still robust, as the reference.
       run = (core.run_per_target if core.splits_per_target(attack, call_hparams)
@@ -235,7 +236,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
       with bar:
         candidates = run(attack, fn, x[todo], y[todo], key=jax.random.fold_in(key, index),
                          batch_size=batch_size, eps=eps, hparams=call_hparams, progress=bar)
-      fooled = core.predict(logits_fn, candidates, batch_size) != y[todo]
+      fooled = batching.predict(logits_fn, candidates, batch_size) != y[todo]
       x_adv[todo[fooled]] = candidates[fooled]
       robust[todo[fooled]] = False
       broken_by[todo[fooled]] = name

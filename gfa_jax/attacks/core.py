@@ -1,8 +1,9 @@
-"""Plumbing shared by every attack: losses, norms, projections, starts and input checks.
+"""Plumbing shared by every attack: norms, projections, starts, eps checks, batched runners.
 
-Conventions (see ATTACKS_API.md): images are float32 NHWC in [0, 1], labels int32 [B], a model is
-a pure `logits_fn(x) -> logits [B, K]`. Every loss here returns one value per example [B] that an
-attack MAXIMISES, so attacks can pick the best iterate per example by comparing losses.
+Conventions (docs/design.md, "Attacks"): images are float32 NHWC in [0, 1], labels int32 [B], a
+model is a pure `logits_fn(x) -> logits [B, K]`. Every loss (gfa_jax.numerics, re-exported here
+for the attacks) returns one value per example [B] that an attack MAXIMISES, so attacks can
+pick the best iterate per example by comparing losses.
 """
 
 from __future__ import annotations
@@ -18,133 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-LogitsFn = Callable[[jax.Array], jax.Array]
+from gfa_jax import batching
+# The shared numerics (losses, input checks), under the names the attacks use.
+from gfa_jax.numerics import (LOSSES, LogitsFn, LossFn, check_images, dlr_loss, is_better,
+                              loss_and_grad, margin_loss, misclassified, resolve_loss, safe_norm,
+                              targeted_dlr_loss)
+from gfa_jax.numerics import cross_entropy as ce_loss
 
 NORMS = ('linf', 'l2')
 # l1 is supported by the geometry helpers (projection, norms) for the L1 attacks (EAD), but no
 # gradient attack here steps in l1, so it is not in NORMS.
 _GEOMETRY_NORMS = ('linf', 'l2', 'l1')
 
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 Eps = Union[float, jax.Array]
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses (per example, to be maximised).
-# ----------------------------------------------------------------------------------------------
-
-
-def _true_logit(logits: jax.Array, y: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(logits, y[:, None].astype(jnp.int32), axis=-1)[:, 0]
-
-
-def _max_other_logit(logits: jax.Array, y: jax.Array) -> jax.Array:
-  """max_{i != y} z_i, per example."""
-  is_true = jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.bool_)
-  return jnp.max(jnp.where(is_true, -jnp.inf, logits), axis=-1)
-
-
-def _require_classes(logits: jax.Array, minimum: int, name: str) -> None:
-  if logits.shape[-1] < minimum:
-    raise ValueError(
-        f'{name} needs at least {minimum} classes (it divides by a gap between sorted logits), '
-        f'got logits of shape {logits.shape}. Use loss="ce" or "margin" for fewer classes.')
-
-
-def ce_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
-  """Softmax cross-entropy of integer labels, [B] float32."""
-  logits = logits.astype(jnp.float32)
-  return -_true_logit(jax.nn.log_softmax(logits, axis=-1), y)
-
-
-def dlr_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
-  """AutoAttack's Difference of Logits Ratio, [B]: -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3).
-
-  Invariant to shifting and scaling the logits, so it is not fooled by a model that merely
-  saturates its softmax (Croce & Hein 2020, eq. 5). Needs at least 3 classes.
-  """
-  _require_classes(logits, 3, 'dlr_loss')
-  logits = logits.astype(jnp.float32)
-  z_sorted = jnp.sort(logits, axis=-1)  # ascending: [..., pi3, pi2, pi1]
-  scale = z_sorted[:, -1] - z_sorted[:, -3] + 1e-12
-  return -(_true_logit(logits, y) - _max_other_logit(logits, y)) / scale
-
-
-def targeted_dlr_loss(logits: jax.Array, y: jax.Array, y_target: jax.Array) -> jax.Array:
-  """AutoAttack's targeted DLR, [B]: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2).
-
-  Needs at least 4 classes.
-  """
-  _require_classes(logits, 4, 'targeted_dlr_loss')
-  logits = logits.astype(jnp.float32)
-  z_sorted = jnp.sort(logits, axis=-1)
-  scale = z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12
-  return -(_true_logit(logits, y) - _true_logit(logits, y_target)) / scale
-
-
-def margin_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
-  """max_{i != y} z_i - z_y, [B]: positive exactly when the example is misclassified."""
-  logits = logits.astype(jnp.float32)
-  return _max_other_logit(logits, y) - _true_logit(logits, y)
-
-
-LOSSES: dict[str, LossFn] = {'ce': ce_loss, 'dlr': dlr_loss, 'margin': margin_loss}
-
-
-def resolve_loss(loss: Union[str, LossFn]) -> LossFn:
-  """Returns the loss function for a name in LOSSES, or `loss` itself if it is callable."""
-  if callable(loss):
-    return loss
-  if loss not in LOSSES:
-    raise ValueError(f'Unknown loss {loss!r}: use one of {sorted(LOSSES)} or a callable '
-                     '(logits, y) -> per-example loss [B].')
-  return LOSSES[loss]
-
-
-def loss_and_grad(logits_fn: Callable[[jax.Array], jax.Array], loss_fn: LossFn,
-                  ) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
-  """Returns `f(x, y) -> (loss [B], logits [B, K], grad of loss wrt x [B, H, W, C])`.
-
-  One backward pass gives every example's own gradient because examples do not interact (models
-  are in inference mode), so the gradient of the batch sum is the stack of per-example ones.
-  """
-  def total_loss(x, y):
-    logits = logits_fn(x)
-    loss = loss_fn(logits, y)
-    return jnp.sum(loss), (loss, logits)
-
-  def f(x, y):
-    (_, (loss, logits)), grad = jax.value_and_grad(total_loss, has_aux=True)(x, y)
-    return loss, logits, grad
-
-  return f
-
-
-# ----------------------------------------------------------------------------------------------
-# Keeping the best point per example.
-# ----------------------------------------------------------------------------------------------
-
-
-def is_better(loss: jax.Array, fooled: jax.Array, best_loss: jax.Array,
-              best_fooled: jax.Array) -> jax.Array:
-  """Per-example: is (fooled, loss) better than (best_fooled, best_loss)?
-
-  A point that fools the model beats one that does not, whatever their losses; among points with
-  the same outcome the higher loss wins. Ranking by loss alone could trade a misclassified point
-  for a correctly classified one: with more than two classes, CE can be higher at the latter.
-  """
-  return (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
-
-
-def misclassified(logits: jax.Array, y: jax.Array) -> jax.Array:
-  """Per-example bool [B]: argmax(logits) != y, or all False when y is not integer labels.
-
-  With a callable loss y may be something else (e.g. TRADES' clean probabilities); then the best
-  iterate is ranked by loss only.
-  """
-  if jnp.issubdtype(y.dtype, jnp.integer) and y.shape == logits.shape[:1]:
-    return jnp.argmax(logits, axis=-1) != y
-  return jnp.zeros(logits.shape[:1], jnp.bool_)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,9 +60,7 @@ def lp_norm(v: jax.Array, norm: str) -> jax.Array:
     return jnp.max(jnp.abs(flat), axis=1)
   if norm == 'l1':
     return jnp.sum(jnp.abs(flat), axis=1)
-  sq = jnp.sum(flat * flat, axis=1)
-  positive = sq > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+  return safe_norm(flat, axis=1)
 
 
 def _project_l1_ball(delta: jax.Array, eps: jax.Array) -> jax.Array:
@@ -259,27 +144,6 @@ def _is_traced(a) -> bool:
   return isinstance(a, jax.core.Tracer)
 
 
-def check_images(x: jax.Array) -> None:
-  """Raises ValueError unless x is a float 4-D NHWC batch with values in [0, 1].
-
-  The range is only checked for concrete arrays (inside jit values are unknown); shapes and
-  dtypes are always checked.
-  """
-  if not hasattr(x, 'ndim') or x.ndim != 4:
-    raise ValueError(f'Images must be a 4-D NHWC array [B, H, W, C], got shape '
-                     f'{getattr(x, "shape", type(x))}. Add a batch axis with x[None] if needed.')
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f'Images must be floating point in [0, 1], got dtype {x.dtype}. '
-                     'Convert uint8 images with x.astype(np.float32) / 255.')
-  if _is_traced(x):
-    return
-  values = np.asarray(x)  # on the host: jnp ops would be staged if a caller is tracing
-  lo, hi = float(values.min()), float(values.max())
-  if not (0.0 <= lo and hi <= 1.0):
-    raise ValueError(f'Images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]. Attacks '
-                     'take unnormalised images; put any normalisation inside the model.')
-
-
 def check_eps(eps: Eps, norm: str, allowed_norms: Sequence[str] = NORMS) -> None:
   """Raises ValueError if norm is not in allowed_norms, eps < 0, or (linf) eps > 1."""
   _check_norm(norm, allowed_norms)
@@ -354,32 +218,8 @@ def parse_eps_list(text: str) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Batched host-side execution (attacks over arrays of any length).
+# Attacks over arrays of any length (batching and padding: gfa_jax.batching).
 # ----------------------------------------------------------------------------------------------
-
-
-def bind(apply_fn: Callable, variables) -> jax.tree_util.Partial:
-  """``logits_fn(x) = apply_fn(variables, x)`` with the variables as a traced argument.
-
-  Attacks and predictions are compiled per function *and* per value of whatever a static
-  function closes over: a ``functools.partial(apply_fn, variables)`` compiles again for every
-  model and keeps each model's weights alive in the jit cache. A ``jax.tree_util.Partial`` is
-  a pytree whose leaves (the weights) are traced, so a second model of the same architecture
-  (the same ``apply_fn``, e.g. ``checkpoints.model_from_config`` of an equal config) reuses
-  every compiled attack.
-  """
-  return jax.tree_util.Partial(apply_fn, variables)
-
-
-def _as_pytree(logits_fn: Callable) -> jax.tree_util.Partial:
-  """Any callable as a pytree argument of a jitted function: a ``bind``-made Partial as it is
-  (its weights traced), any other function as a leafless Partial (static, as before)."""
-  return logits_fn if isinstance(logits_fn, jax.tree_util.Partial) else jax.tree_util.Partial(logits_fn)
-
-
-@jax.jit
-def _predict_batch(x, logits_fn):
-  return jnp.argmax(logits_fn(x), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=('attack', 'hparams'))
@@ -427,47 +267,11 @@ def run_per_target(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.n
                                 eps=eps, hparams=tuple(hp.items()), bucket=bucket,
                                 traced={'first_target': target})
     x_adv[todo] = candidates
-    fooled = predict(logits_fn, candidates, batch_size) != y[todo]
+    fooled = batching.predict(logits_fn, candidates, batch_size) != y[todo]
     todo = todo[~fooled]
   if progress is not None:  # The bars count batches of the whole set.
-    progress.update(len(_batches(len(x), batch_size)))
+    progress.update(batching.num_batches(len(x), batch_size))
   return x_adv
-
-
-def _batches(n: int, batch_size: int, bucket: bool = False):
-  """(start, stop, padded size) of each batch.
-
-  Without `bucket` every batch is padded to the same size (one compile). With `bucket`, full
-  batches of batch_size, then the remainder padded up to a power of two, so that calls on
-  varying numbers of rows (AutoAttack's and APGD-T's shrinking robust sets) reuse at most
-  log2(batch_size) + 1 compiled shapes while padding less than half of the last batch (280
-  points at batch 250 are 250 + 32 rows, not 2 x 250).
-  """
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
-  size = min(batch_size, n)
-  if not bucket:
-    return [(start, min(start + size, n), size) for start in range(0, n, size)]
-  batches = [(start, start + batch_size, batch_size) for start in range(0, n - batch_size + 1, batch_size)]
-  rest = n - len(batches) * batch_size
-  if rest:
-    padded = min(batch_size, 1 << max(rest - 1, 0).bit_length())
-    batches.append((n - rest, n, padded))
-  return batches
-
-
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-  """Pads the first axis to `size` by repeating the last row (padded rows are discarded)."""
-  missing = size - a.shape[0]
-  return a if missing == 0 else np.concatenate([a, np.repeat(a[-1:], missing, axis=0)])
-
-
-def predict(logits_fn: LogitsFn, x: np.ndarray, batch_size: int) -> np.ndarray:
-  """Predicted classes [N] (numpy) of images x [N, H, W, C], in jit-compiled batches."""
-  x = np.asarray(x, np.float32)
-  out = [np.asarray(_predict_batch(_pad(x[a:b], size), _as_pytree(logits_fn)))[:b - a]
-         for a, b, size in _batches(len(x), batch_size, bucket=True)]
-  return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
 
 def run_in_batches(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
@@ -482,15 +286,13 @@ def run_in_batches(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.n
   a tqdm bar, advances by one per batch; `bucket` pads fewer than batch_size rows to a power of
   two.
   """
-  x = np.asarray(x, np.float32)
-  y = np.asarray(y, np.int32)
   eps = None if eps is None else jnp.asarray(eps, jnp.float32)
   traced = {k: jnp.asarray(v, jnp.int32) for k, v in (traced or {}).items()}
-  out = []
-  for i, (a, b, size) in enumerate(_batches(len(x), batch_size, bucket)):
-    x_adv = _attack_batch(_pad(x[a:b], size), _pad(y[a:b], size), jax.random.fold_in(key, i),
-                          eps, traced, _as_pytree(logits_fn), attack=attack, hparams=tuple(hparams))
-    out.append(np.asarray(x_adv)[:b - a])
-    if progress is not None:
-      progress.update(1)
-  return np.concatenate(out) if out else np.zeros_like(x)
+  model, hparams = batching.as_pytree(logits_fn), tuple(hparams)
+
+  def run(xb, yb, key_b):
+    return _attack_batch(xb, yb, key_b, eps, traced, model, attack=attack, hparams=hparams)
+
+  out = batching.map_batches(run, [np.asarray(x, np.float32), np.asarray(y, np.int32)],
+                             batch_size, key=key, bucket=bucket, progress=progress)
+  return np.zeros_like(np.asarray(x, np.float32)) if out is None else out

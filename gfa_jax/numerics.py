@@ -1,0 +1,174 @@
+"""The numerics every part of gfa-jax shares: zero-safe norms, per-example losses, input checks.
+
+One definition each, used by the penalty, the objectives, the attacks and the analyses, so a
+fix (a NaN gradient at zero, a label check) lands everywhere at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LogitsFn = Callable[[jax.Array], jax.Array]  # images in [0, 1] [B, H, W, C] -> logits [B, K]
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (logits, y) -> per-example loss [B]
+
+
+def safe_norm(v: jax.Array, axis: int = -1) -> jax.Array:
+  """Euclidean norm along ``axis`` whose gradient is 0 (not NaN) at v = 0.
+
+  ``jnp.linalg.norm`` differentiates to ``v / ||v||`` = 0/0 at zero; adding eps after the sqrt
+  does not help because d sqrt(s)/ds is infinite at s = 0 and 0 * inf = NaN. GFA training
+  drives whole feature maps and gradients to zero (dead ReLUs, black images), and attacks
+  start at zero perturbations, so the square root is taken of a value that is never 0 on the
+  differentiated branch.
+  """
+  squared = jnp.sum(v * v, axis=axis)
+  positive = squared > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def true_logit(logits: jax.Array, y: jax.Array) -> jax.Array:
+  """z_y per example, [B]."""
+  return jnp.take_along_axis(logits, y[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+  """Softmax cross-entropy of integer labels, per example [B] float32 (training takes the
+  batch mean, attacks maximise it per example)."""
+  logits = logits.astype(jnp.float32)
+  return -true_logit(jax.nn.log_softmax(logits, axis=-1), y)
+
+
+def _max_other_logit(logits: jax.Array, y: jax.Array) -> jax.Array:
+  """max_{i != y} z_i, per example."""
+  is_true = jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.bool_)
+  return jnp.max(jnp.where(is_true, -jnp.inf, logits), axis=-1)
+
+
+def _require_classes(logits: jax.Array, minimum: int, name: str) -> None:
+  if logits.shape[-1] < minimum:
+    raise ValueError(
+        f'{name} needs at least {minimum} classes (it divides by a gap between sorted logits), '
+        f'got logits of shape {logits.shape}. Use loss="ce" or "margin" for fewer classes.')
+
+
+def dlr_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
+  """AutoAttack's Difference of Logits Ratio, [B]: -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3).
+
+  Invariant to shifting and scaling the logits, so it is not fooled by a model that merely
+  saturates its softmax (Croce & Hein 2020, eq. 5). Needs at least 3 classes.
+  """
+  _require_classes(logits, 3, 'dlr_loss')
+  logits = logits.astype(jnp.float32)
+  z_sorted = jnp.sort(logits, axis=-1)  # ascending: [..., pi3, pi2, pi1]
+  scale = z_sorted[:, -1] - z_sorted[:, -3] + 1e-12
+  return -(true_logit(logits, y) - _max_other_logit(logits, y)) / scale
+
+
+def targeted_dlr_loss(logits: jax.Array, y: jax.Array, y_target: jax.Array) -> jax.Array:
+  """AutoAttack's targeted DLR, [B]: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2).
+
+  Needs at least 4 classes.
+  """
+  _require_classes(logits, 4, 'targeted_dlr_loss')
+  logits = logits.astype(jnp.float32)
+  z_sorted = jnp.sort(logits, axis=-1)
+  scale = z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12
+  return -(true_logit(logits, y) - true_logit(logits, y_target)) / scale
+
+
+def margin_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
+  """max_{i != y} z_i - z_y, [B]: positive exactly when the example is misclassified."""
+  logits = logits.astype(jnp.float32)
+  return _max_other_logit(logits, y) - true_logit(logits, y)
+
+
+LOSSES: dict[str, LossFn] = {'ce': cross_entropy, 'dlr': dlr_loss, 'margin': margin_loss}
+
+
+def resolve_loss(loss: Union[str, LossFn]) -> LossFn:
+  """Returns the loss function for a name in LOSSES, or `loss` itself if it is callable."""
+  if callable(loss):
+    return loss
+  if loss not in LOSSES:
+    raise ValueError(f'Unknown loss {loss!r}: use one of {sorted(LOSSES)} or a callable '
+                     '(logits, y) -> per-example loss [B].')
+  return LOSSES[loss]
+
+
+def is_better(loss: jax.Array, fooled: jax.Array, best_loss: jax.Array,
+              best_fooled: jax.Array) -> jax.Array:
+  """Per-example: is (fooled, loss) better than (best_fooled, best_loss)?
+
+  A point that fools the model beats one that does not, whatever their losses; among points with
+  the same outcome the higher loss wins. Ranking by loss alone could trade a misclassified point
+  for a correctly classified one: with more than two classes, CE can be higher at the latter.
+  """
+  return (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
+
+
+def misclassified(logits: jax.Array, y: jax.Array) -> jax.Array:
+  """Per-example bool [B]: argmax(logits) != y, or all False when y is not integer labels.
+
+  With a callable loss y may be something else (e.g. TRADES' clean probabilities); then the best
+  iterate is ranked by loss only.
+  """
+  if jnp.issubdtype(y.dtype, jnp.integer) and y.shape == logits.shape[:1]:
+    return jnp.argmax(logits, axis=-1) != y
+  return jnp.zeros(logits.shape[:1], jnp.bool_)
+
+
+def loss_and_grad(logits_fn: LogitsFn, loss_fn: LossFn,
+                  ) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
+  """Returns `f(x, y) -> (loss [B], logits [B, K], grad of loss wrt x [B, H, W, C])`.
+
+  One backward pass gives every example's own gradient because examples do not interact (models
+  are in inference mode), so the gradient of the batch sum is the stack of per-example ones.
+  """
+  def total_loss(x, y):
+    logits = logits_fn(x)
+    loss = loss_fn(logits, y)
+    return jnp.sum(loss), (loss, logits)
+
+  def f(x, y):
+    (_, (loss, logits)), grad = jax.value_and_grad(total_loss, has_aux=True)(x, y)
+    return loss, logits, grad
+
+  return f
+
+
+def check_images(x) -> None:
+  """Raises ValueError unless x is a float 4-D NHWC batch with values in [0, 1].
+
+  The range is only checked for concrete arrays (inside jit values are unknown); shapes and
+  dtypes are always checked.
+  """
+  if not hasattr(x, 'ndim') or x.ndim != 4:
+    raise ValueError(f'Images must be a 4-D NHWC array [B, H, W, C], got shape '
+                     f'{getattr(x, "shape", type(x))}. Add a batch axis with x[None] if needed.')
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f'Images must be floating point in [0, 1], got dtype {x.dtype}. '
+                     'Convert uint8 images with x.astype(np.float32) / 255.')
+  if isinstance(x, jax.core.Tracer):
+    return
+  values = np.asarray(x)  # on the host: jnp ops would be staged if a caller is tracing
+  lo, hi = float(values.min()), float(values.max())
+  if not (0.0 <= lo and hi <= 1.0):
+    raise ValueError(f'Images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]. Attacks '
+                     'take unnormalised images; put any normalisation inside the model.')
+
+
+def check_batch(x, y) -> tuple[np.ndarray, np.ndarray]:
+  """(images float32, labels int32) after `check_images` and a label check: integer labels,
+  one per image. What every host-side entry point (evaluate, the checklist, the analyses)
+  accepts."""
+  check_images(x)
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y)
+  if not np.issubdtype(y.dtype, np.integer) or y.shape != x.shape[:1]:
+    raise ValueError(f'labels must be integers of shape [{len(x)}], got {y.dtype} {y.shape}.')
+  return x, y.astype(np.int32)
