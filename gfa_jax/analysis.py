@@ -382,12 +382,3 @@ def alignment_table(apply_fn: ApplyFn, variables: Any,
     cosines = batching.map_batches(functools.partial(batch_fn, params), [x, y], batch_size)
     table[split] = {name: float(np.mean(cosines[name])) for name in layers}
   return table
-
-
-def alignment_markdown(table: Mapping[str, Mapping[str, float]]) -> str:
-  """``alignment_table``'s result as a Markdown table, one row per split, one column per layer."""
-  layers = list(next(iter(table.values())))
-  lines = ['| split | ' + ' | '.join(layers) + ' |', '|---' * (len(layers) + 1) + '|']
-  lines += [f'| {split} | ' + ' | '.join(f'{row[name]:+.4f}' for name in layers) + ' |'
-            for split, row in table.items()]
-  return '\n'.join(lines)

@@ -8,7 +8,9 @@ Unattended sweeps of hundreds of jobs then fail at once, legibly, in their logs.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 from absl import app, flags
@@ -58,3 +60,21 @@ def run(main: Callable[[list[str]], None]) -> None:
         raise
       fail(one_line(e))
   app.run(wrapped, flags_parser=_parse_flags)
+
+
+def read_indices(path: str) -> list[int]:
+  """Example indices from a JSON list or whitespace/comma-separated integers ('#' comments):
+  eval.py's --subset file."""
+  text = Path(path).read_text()
+  try:
+    values = json.loads(text)
+  except json.JSONDecodeError:
+    lines = [line.split("#", 1)[0] for line in text.splitlines()]
+    values = " ".join(lines).replace(",", " ").split()
+  ints = []
+  for v in values if isinstance(values, list) else [values]:
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.isdigit())):
+      raise ValueError(f"--subset {path}: {v!r} is not an example index; write integers >= 0 "
+                       "(a JSON list or whitespace/comma separated)")
+    ints.append(int(v))
+  return ints

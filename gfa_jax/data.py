@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import gzip
 import io
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -366,3 +367,13 @@ def to_float(images: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
     raise ValueError(f"to_float expects uint8 images, got {images.dtype}; float images are "
                      "already scaled")
   return images.astype(np.float32) / np.float32(255)
+
+
+def first_examples(dataset: ImageDataset, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """(images float32 in [0, 1], labels) of the first n examples of `split` ('train' or
+  'test'), in order: what every evaluation reads. Warns when the split has fewer."""
+  images, labels = getattr(dataset, f"{split}_images"), getattr(dataset, f"{split}_labels")
+  if n > len(labels):
+    logging.warning("%s has only %d %s examples; evaluating all of them instead of %d.",
+                    dataset.description, len(labels), split, n)
+  return to_float(images[:n]), labels[:n]

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import tqdm
 
-from gfa_jax import batching, plots
+from gfa_jax import batching
 from gfa_jax.numerics import check_batch
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
@@ -406,20 +406,3 @@ def git_commit(path: str | Path = Path(__file__).parent) -> Optional[str]:
   except (OSError, subprocess.SubprocessError):
     dirty = False
   return commit + ('-dirty' if dirty else '')
-
-
-def plot_robust_accuracy(report: dict, path: str | Path) -> Path:
-  """Robust accuracy vs eps, one line per attack (plus the worst case for 'all'), as a PNG with
-  the clean accuracy as a reference line; colour-blind-safe styles from gfa_jax.plots."""
-  # Linf radii read best in pixel levels (8/255 -> 8); l2 and l1 radii as they are.
-  scale, unit = (255, ' x 255') if report['norm'] == 'linf' else (1, '')
-  eps = [scale * e for e in report['eps']]
-  percent = lambda values: [100 * v for v in values]
-  curves = {name: (eps, percent(r['robust_accuracy']))
-            for name, r in report['attacks'].items() if r['kind'] != L0}
-  if report['attack'] == ALL and curves:
-    curves['worst case'] = (eps, percent(report['robust_accuracy']))
-  return plots.plot_lines(
-      path, curves, xlabel=f'eps{unit} ({report["norm"]}, images in [0, 1])',
-      ylabel=f'robust accuracy (%) over {report["num_examples"]} test images', ylim=(-2, 102),
-      reference_lines={'clean accuracy': 100 * report['clean_accuracy']})

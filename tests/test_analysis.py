@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gfa_jax import analysis, tap
+from gfa_jax import analysis, reporting, tap
 from gfa_jax.objectives import cross_entropy
 
 NUM_CLASSES = 3
@@ -107,7 +107,7 @@ def test_alignment_table_agrees_with_per_example_cosines():
     cosine = per['layers'][layer]['cosine']
     assert table['test'][layer] == pytest.approx(cosine.mean(), abs=1e-5)
     assert table['first'][layer] == pytest.approx(cosine[:3].mean(), abs=1e-5)
-  markdown = analysis.alignment_markdown(table)
+  markdown = reporting.alignment_markdown(table)
   assert markdown.splitlines()[0] == '| split | layer0 | layer1 |'
 
 
