@@ -150,9 +150,9 @@ def _mechanism(model: Model, data: Data, request: Request) -> Result:
   if request.compare and request.compare.label == model.label:
     raise ValueError(f'--compare has the same name as --workdir ({model.label}); rename one '
                      'of them.')
-  report = {}
+  per_model = {}
   for m in models:
-    report[m.label] = {
+    per_model[m.label] = {
         'radial_tangential': analysis.radial_tangential(
             m.apply_fn, m.variables, images, labels, batch_size=request.batch_size),
         # Landscapes cost num**2 forward passes per image and plane: the first 64 images.
@@ -160,15 +160,18 @@ def _mechanism(model: Model, data: Data, request: Request) -> Result:
             m.apply_fn, m.variables, images[:64], labels[:64],
             key=jax.random.key(request.seed)),
     }
+  report = {'models': per_model}
   lines = [f"{label} {layer}: cos(g, h) {numbers['cosine']['mean']:+.3f}, median d_t/|d_r| "
            f"{numbers['tangential_over_radial']['median']:.3g}"
-           for label, r in report.items() for layer, numbers in r['radial_tangential']['layers'].items()]
+           for label, r in per_model.items()
+           for layer, numbers in r['radial_tangential']['layers'].items()]
 
   def write(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     plots.plot_radial_tangential(folder / 'radial_tangential.png',
-                                 {k: v['radial_tangential'] for k, v in report.items()})
-    plots.plot_landscapes(folder / 'landscape.png', {k: v['landscape'] for k, v in report.items()})
+                                 {k: v['radial_tangential'] for k, v in per_model.items()})
+    plots.plot_landscapes(folder / 'landscape.png',
+                          {k: v['landscape'] for k, v in per_model.items()})
     return [reporting.write_json(folder / 'mechanism.json', report),
             folder / 'radial_tangential.png', folder / 'landscape.png']
 

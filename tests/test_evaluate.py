@@ -312,8 +312,9 @@ def test_eval_mechanism_compares_two_models(tmp_path):
                    '--batch_size', '6', '--output', str(tmp_path / 'mech'), cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]
   report = json.loads((tmp_path / 'mech' / 'mechanism.json').read_text())
-  assert set(report) == {'m0', 'm1'}
-  assert set(report['m0']['radial_tangential']['layers']) == {'layer0', 'layer1', 'layer2'}
+  assert set(report['models']) == {'m0', 'm1'}
+  assert report['checkpoint']['path'].endswith('m0.msgpack')  # provenance beside the numbers
+  assert set(report['models']['m0']['radial_tangential']['layers']) == {'layer0', 'layer1', 'layer2'}
   assert (tmp_path / 'mech' / 'landscape.png').stat().st_size > 0
 
 
