@@ -208,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       check_divisible(size, mesh, "eval_batch_size")
   steps_per_epoch = data.steps_per_epoch(len(train_images), config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
-  model = checkpoints.model_from_config(config.model)
+  model = models.from_config(config.model)
   tx = make_optimizer(config, steps_per_epoch)
   key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(key)

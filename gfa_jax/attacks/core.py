@@ -365,7 +365,7 @@ def bind(apply_fn: Callable, variables) -> jax.tree_util.Partial:
   function closes over: a ``functools.partial(apply_fn, variables)`` compiles again for every
   model and keeps each model's weights alive in the jit cache. A ``jax.tree_util.Partial`` is
   a pytree whose leaves (the weights) are traced, so a second model of the same architecture
-  (the same ``apply_fn``, e.g. ``checkpoints.model_from_config`` of an equal config) reuses
+  (the same ``apply_fn``, e.g. ``models.from_config`` of an equal config) reuses
   every compiled attack.
   """
   return jax.tree_util.Partial(apply_fn, variables)
