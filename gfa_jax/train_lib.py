@@ -180,8 +180,10 @@ def _check_config_matches(workdir: Path, config: ml_collections.ConfigDict) -> N
   old = checkpoints.load_run_config(workdir).to_dict()
   new = json.loads(config.to_json_best_effort())
   # Where the data lives is not part of the run (a committed run resumes on another machine),
-  # and a field added to the config since the run started matches if it keeps its default.
-  same = lambda k: old.get(k, objectives.ADDED_FIELDS.get(k)) == new.get(k) or k == "data_dir"
+  # nor is what evaluations log (it changes no parameter), and a field added to the config
+  # since the run started matches if it keeps its default.
+  same = lambda k: (old.get(k, objectives.ADDED_FIELDS.get(k)) == new.get(k)
+                    or k in ("data_dir", "eval_alignment"))
   differing = sorted(k for k in set(old) | set(new) if not same(k))
   if differing:
     raise ValueError(
@@ -438,8 +440,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def _format_eval(record: dict) -> str:
+  """One line for the log: test accuracy and, where logged, the per-layer alignment."""
   alignment = lambda split: " ".join(
       f"{k.split('/')[-1]}={v:.3f}" for k, v in record.items()
       if k.startswith(f"{split}/alignment/"))
-  return (f"step {record['step']}: test acc {record['test/accuracy']:.4f}  "
-          f"train alignment [{alignment('train')}]  test alignment [{alignment('test')}]")
+  line = f"step {record['step']}: test acc {record['test/accuracy']:.4f}"
+  if alignment("test"):
+    line += f"  train alignment [{alignment('train')}]  test alignment [{alignment('test')}]"
+  return line
