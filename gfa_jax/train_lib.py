@@ -1,5 +1,11 @@
 """Training: ``train_and_evaluate(config, workdir)``, the jitted data-parallel step and the loop.
 
+Laid out as flax/examples lays it out: ``create_train_state``, ``make_train_step`` /
+``make_eval_step``, ``save_checkpoint`` / ``restore_checkpoint`` and the loop in
+``train_and_evaluate``. Nothing here is specific to one objective: what an objective needs
+before its first step is its ``objectives.PREFLIGHTS`` hook, and the run folder's lock and
+metrics file live in ``run_files``.
+
 The step is compiled once and runs data-parallel over every local device: the batch is sharded
 over a 1-D ``Mesh`` axis ``'data'``, parameters and optimiser state are replicated, and XLA
 inserts the gradient all-reduce. The same code runs on 1 CPU, N fake CPU devices, GPU and
@@ -10,10 +16,7 @@ checkpoint reproduces an uninterrupted run exactly.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import shutil
 import time
 import warnings
@@ -29,8 +32,9 @@ import tqdm
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gfa_jax import checkpoints, data, models, objectives, validation
+from gfa_jax import checkpoints, data, models, objectives, run_files, validation
 from gfa_jax.penalty import gfa_objective
+from gfa_jax.run_files import workdir_lock  # Also train_lib.workdir_lock, as before.
 
 # Keys of metrics.jsonl whose value must be finite for training to go on.
 MUST_BE_FINITE = ("loss", "grad_norm")
@@ -151,81 +155,6 @@ def evaluate(eval_step, params, images: np.ndarray, labels: np.ndarray, batch_si
       totals[k] = totals.get(k, 0.0) + float(v)
   count = totals.pop("count")
   return {"accuracy": totals.pop("correct") / count, **{k: v / count for k, v in totals.items()}}
-
-
-def _write_metrics(path: Path, record: dict) -> None:
-  with path.open("a") as f:
-    f.write(json.dumps(record) + "\n")
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-  """On resume, forget metrics a killed run logged after its last checkpoint."""
-  if path.exists():
-    lines = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:  # A SIGKILL during an append leaves a partial last line.
-        warnings.warn(f"{path}: dropping unreadable line {number} ({line[:40]!r})", stacklevel=3)
-        continue
-      if record.get("step", 0) <= step:
-        lines.append(line)
-    checkpoints.write_atomically(path, "".join(l + "\n" for l in lines).encode())
-
-
-def _check_config_matches(workdir: Path, config: ml_collections.ConfigDict) -> None:
-  """Resuming with a different config would silently mix two runs; refuse instead."""
-  if not (workdir / "config.json").exists():
-    return
-  old = checkpoints.load_run_config(workdir).to_dict()
-  new = json.loads(config.to_json_best_effort())
-  # Where the data lives is not part of the run (a committed run resumes on another machine),
-  # nor is what evaluations log (it changes no parameter), and a field added to the config
-  # since the run started matches if it keeps its default.
-  same = lambda k: (old.get(k, objectives.ADDED_FIELDS.get(k)) == new.get(k)
-                    or k in ("data_dir", "eval_alignment"))
-  differing = sorted(k for k in set(old) | set(new) if not same(k))
-  if differing:
-    raise ValueError(
-        f"{workdir} holds a run with a different config (fields {differing}); resume it with "
-        "the same config, or pass a new --workdir.")
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: Path):
-  """Holds an exclusive `flock` on ``workdir/.lock`` (which names the holder's PID) while a
-  trainer writes there: a second trainer on the same folder is refused at once, naming the
-  first. The kernel drops the lock when its process ends however it ends (SIGKILL included),
-  so a killed run leaves nothing to clean up; there is no PID check that two starters could
-  race through. Released, and the file removed, on any exit."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / ".lock"
-  while True:
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-      os.close(fd)
-      raise ValueError(f"{workdir} is in use by another trainer (PID {holder}); wait for it, "
-                       "stop it, or pass another --workdir") from None
-    # The holder we waited on may have removed the file after we opened it: our lock is then
-    # on an orphan inode, and a third trainer could lock the new file. Only the file that is
-    # still at `path` counts.
-    try:
-      same = os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-      same = False
-    if same:
-      break
-    os.close(fd)
-  try:
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    yield
-  finally:
-    path.unlink(missing_ok=True)  # Before the unlock, so a waiter never locks a removed file.
-    os.close(fd)
 
 
 class Splits(NamedTuple):
@@ -380,14 +309,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   state = create_train_state(config, model, splits.train_images.shape[1:], init_key,
                              steps_per_epoch)
-  _check_config_matches(workdir, config)
+  run_files.check_config_matches(workdir, config)
 
   with workdir_lock(workdir):
     checkpoints.save_config(workdir, config)
     manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.max_to_keep)
     metrics_path = workdir / "metrics.jsonl"
     start_step, state = restore_checkpoint(manager, state, workdir)
-    _drop_metrics_after(metrics_path, start_step)
+    run_files.drop_metrics_after(metrics_path, start_step)
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     if not start_step:
       _preflight(config, model, state.params, splits)
@@ -396,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     def run_eval(step):
       record = _evaluate_splits(eval_step, state.params, splits, config, mesh, step)
-      _write_metrics(metrics_path, record)
+      run_files.write_metrics(metrics_path, record)
       return record
 
     print(f"Training {config.model.name} ({config.objective}) on {splits.description}: "
@@ -421,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     "seconds_per_step": (now - last_time) / (done - last_step),
                     **{k: float(v) for k, v in metrics.items()}}
           last_time, last_step = now, done
-          _write_metrics(metrics_path, record)
+          run_files.write_metrics(metrics_path, record)
           progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
         if (config.eval_every_steps and done % config.eval_every_steps == 0) or done == total_steps:
           record = run_eval(done)
