@@ -54,7 +54,7 @@ def model_and_images(args: argparse.Namespace):
     _, variables = checkpoints.load_model(args.checkpoint)
     params = variables["params"]
   else:
-    params = models.init_params(models.SmallCNN(), jax.random.key(0), checkpoints.IMAGE_SHAPE)
+    params = models.init_params(models.SmallCNN(), jax.random.key(0), data.image_shape("cifar10"))
   dataset = data.load_dataset("cifar10" if args.data_dir else "embedded", args.data_dir or None)
   repeats = -(-args.num_images // len(dataset.test_images))
   take = lambda a: np.concatenate([a] * repeats)[:args.num_images]

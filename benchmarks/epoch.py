@@ -70,15 +70,15 @@ def build_loop(objective: str, sync: bool, args: argparse.Namespace) -> common.C
   from jax.sharding import NamedSharding, PartitionSpec
 
   from configs import default
-  from gfa_jax import checkpoints, data, models, train_lib
+  from gfa_jax import data, models, train_lib
 
   images, labels, description = _load(args)
   config = default.get_config()
   config.objective = objective
   config.batch_size = args.batch
-  model = checkpoints.model_from_config(config.model)
+  model = models.from_config(config.model)
   mesh = train_lib.make_mesh()
-  params = models.init_params(model, jax.random.key(0), checkpoints.IMAGE_SHAPE)
+  params = models.init_params(model, jax.random.key(0), images.shape[1:])
   tx = train_lib.make_optimizer(config, data.steps_per_epoch(len(images), args.batch))
   state = jax.device_put(train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx),
                          NamedSharding(mesh, PartitionSpec()))

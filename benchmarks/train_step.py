@@ -53,15 +53,15 @@ def build_train_case(overrides: dict, args: argparse.Namespace) -> common.Case:
   from jax.sharding import NamedSharding, PartitionSpec
 
   from configs import default
-  from gfa_jax import checkpoints, models, train_lib
+  from gfa_jax import data, models, train_lib
 
   config = default.get_config()
   config.update(overrides)
   config.batch_size = args.batch
-  model = checkpoints.model_from_config(config.model)
+  model = models.from_config(config.model)
   mesh = train_lib.make_mesh()
   train_lib.check_divisible(args.batch, mesh)
-  params = models.init_params(model, jax.random.key(0), checkpoints.IMAGE_SHAPE)
+  params = models.init_params(model, jax.random.key(0), data.image_shape("cifar10"))
   tx = train_lib.make_optimizer(config, steps_per_epoch=50_000 // args.batch)
   state = train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))

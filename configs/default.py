@@ -76,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 500  # Batch for evaluation passes.
   config.num_eval_examples = 0  # Evaluate on the first N test images (0: all).
   config.num_train_eval_examples = 2000  # Train-split alignment on the first N train images.
+  # Log per-layer alignment in evaluations of objectives that do not tap layers (standard,
+  # pgd_at, ...; one extra backward pass per eval batch). GFA runs always log it.
+  config.eval_alignment = False
   config.checkpoint_every_steps = 500  # Orbax checkpoint period (also saved at the end).
   config.max_to_keep = 2  # Checkpoints kept on disk.
   return config

@@ -9,9 +9,7 @@ take either.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,21 +19,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from gfa_jax import data, models
-
-IMAGE_SHAPE = data.image_shape("cifar10")  # What every CIFAR-10 model is initialised with.
-
-
-def write_atomically(path: str | Path, data: bytes) -> None:
-  """Writes ``data`` to ``path`` through a temporary file and a rename: never half-written."""
-  path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
+from gfa_jax import data, models, reporting
 
 
 def save_config(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
-  write_atomically(Path(workdir) / "config.json", config.to_json_best_effort(indent=2).encode())
+  reporting.write_atomically(Path(workdir) / "config.json", config.to_json_best_effort(indent=2).encode())
 
 
 def _read_params_file(path: Path) -> dict:
@@ -110,25 +98,6 @@ def restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: A
     ) from e
 
 
-def model_from_config(model_config: ml_collections.ConfigDict | dict):
-  """The model a config's ``model`` section names; equal sections give the *same* instance,
-  so its ``apply`` is one function and attacks bound to it (``core.bind``) compile once for
-  every checkpoint of that architecture."""
-  return _model_from_json(json.dumps(dict(model_config), sort_keys=True, default=list))
-
-
-@functools.lru_cache(maxsize=None)
-def _model_from_json(text: str):
-  model_config = json.loads(text)
-  model_config = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()}
-  return models.create_model(model_config.pop("name"), **model_config)
-
-
-def abstract_params(model, image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> Any:
-  """Shapes and dtypes of the model's parameters for images of `image_shape`, no FLOPs."""
-  return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_shape))
-
-
 def export_params(path: str | Path, config: ml_collections.ConfigDict, params: Any,
                   metadata: dict | None = None) -> None:
   """Writes a params-only checkpoint (one msgpack file) that ``load_model`` reads.
@@ -139,7 +108,7 @@ def export_params(path: str | Path, config: ml_collections.ConfigDict, params: A
   """
   payload = {"config": config.to_json_best_effort(), "metadata": json.dumps(metadata or {}),
              "params": jax.device_get(params)}
-  write_atomically(path, flax.serialization.msgpack_serialize(payload))
+  reporting.write_atomically(path, flax.serialization.msgpack_serialize(payload))
 
 
 def load_model(path: str | Path, step: int | None = None) -> tuple[Callable, dict]:
@@ -150,25 +119,22 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[Callable, dic
     to logits. ``step`` picks a workdir checkpoint (default: the latest).
   """
   path = Path(path)
-  if path.is_file():
-    payload = _read_params_file(path)
-    config = payload["config"]
-    model = model_from_config(config.model)
-    shape = data.image_shape(config.get("data_source", "auto"))
-    expected = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(model, shape))
+  payload = _read_params_file(path) if path.is_file() else None
+  config = payload["config"] if payload else load_run_config(path)
+  model = models.from_config(config.model)
+  # The data a run trained on fixes the input shape (Fashion-MNIST 28x28x1, else CIFAR-10's).
+  target = models.abstract_params(model, data.image_shape(config.get("data_source", "auto")))
+  if payload:
+    expected = jax.tree.map(lambda a: (a.shape, a.dtype), target)
     found = jax.tree.map(lambda a: (a.shape, a.dtype), payload["params"])
     if found != expected:
       raise ValueError(f"{path}: its parameters {found} do not match the model its config "
                        f"names ({expected}); re-export it with export_params.")
     return model.apply, {"params": jax.tree.map(jax.numpy.asarray, payload["params"])}
-  config = load_run_config(path)
-  model = model_from_config(config.model)
   manager = checkpoint_manager(path)
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(
         f"no checkpoint {'' if step is None else f'at step {step} '}in {path}/checkpoints "
         f"(available: {list(manager.all_steps())}).")
-  restored = restore(manager, step, abstract_params(
-      model, data.image_shape(config.get("data_source", "auto"))))
-  return model.apply, {"params": restored["params"]}
+  return model.apply, {"params": restore(manager, step, target)["params"]}

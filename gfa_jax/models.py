@@ -5,15 +5,17 @@ space. Every layer input goes through ``penalty.tap`` under the name ``layer<i>`
 is the normalised image the first layer sees; for ResNet20 and ViT ``layer<i>``, i >= 1, is
 the input of residual / transformer block i): that is all a model needs for GFA.
 
-Registry (``create_model``): small_cnn (the paper's CNN), mlp, resnet20, vit. No model may mix
-the samples of a batch (no BatchNorm): GFA's cosine is per sample.
+Registry (``create_model``; ``from_config`` for a config's ``model`` section): small_cnn (the
+paper's CNN), mlp, resnet20, vit. No model may mix the samples of a batch (no BatchNorm): GFA's
+cosine is per sample.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -354,3 +356,26 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 def init_params(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) -> Any:
   """The ``'params'`` collection of ``model`` for images of ``image_shape`` (H, W, C)."""
   return model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+
+
+def from_config(model_config: Mapping[str, Any]) -> nn.Module:
+  """The model a config's ``model`` section (ConfigDict or dict) names.
+
+  Equal sections give the *same* instance, so its ``apply`` is one function and everything
+  jitted over it (attacks bound with ``batching.bind``, eval steps) compiles once for every
+  checkpoint of that architecture. The input shape is not part of a Flax module: it comes from
+  the data, at ``init_params`` / ``abstract_params``.
+  """
+  return _from_json(json.dumps(dict(model_config), sort_keys=True, default=list))
+
+
+@functools.lru_cache(maxsize=None)
+def _from_json(text: str) -> nn.Module:
+  model_config = json.loads(text)
+  return create_model(model_config.pop("name"), **model_config)
+
+
+def abstract_params(model: nn.Module, image_shape: Sequence[int]) -> Any:
+  """Shapes and dtypes (ShapeDtypeStructs) of the model's parameters for images of
+  ``image_shape`` (H, W, C), computed without FLOPs: the restore target of a checkpoint."""
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0), image_shape))

@@ -22,6 +22,7 @@ classes like PyTorch's ``nn.MSELoss()``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -38,12 +39,23 @@ from gfa_jax.penalty import gfa_objective, per_sample_cosine
 Batch = dict[str, jax.Array]
 Objective = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 TaskLoss = Callable[[jax.Array, jax.Array], jax.Array]
+Preflight = Callable[[ml_collections.ConfigDict, nn.Module, Any, Batch], None]
+
+# The names make_objective and make_task_loss accept, in one place: validation checks a config
+# against them before anything runs, so a new objective is registered here and in
+# make_objective only.
+OBJECTIVES = ("standard", "gfa", "pgd_at", "trades", "gradalign")
+TASK_LOSSES = ("mse", "ce")
+MSE_OUTPUTS = ("softmax", "logits")
+# Objectives that tap layer inputs for their loss; their evaluations log the per-layer
+# alignment (the others do only with config.eval_alignment, as it costs a backward pass).
+TAPPED_OBJECTIVES = ("gfa",)
 
 
 # Config fields added after the first release, with the value a config without them means
 # (configs/default.py sets the same): older run configs resume, older checkpoints load.
 ADDED_FIELDS = {"gfa_gradient": "exact", "gfa_direction": "align", "gfa_reduction": "mean",
-                "nesterov": False}
+                "nesterov": False, "eval_alignment": False}
 
 
 def field(config: ml_collections.ConfigDict, name: str):
@@ -59,7 +71,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def mse(outputs: str) -> TaskLoss:
   """The classification MSE between one-hot labels and softmax(logits) or the logits."""
-  if outputs not in ("softmax", "logits"):
+  if outputs not in MSE_OUTPUTS:
     raise ValueError(f"mse_outputs must be 'softmax' or 'logits', got {outputs!r}")
 
   def loss(logits, labels):
@@ -76,6 +88,12 @@ def make_task_loss(config: ml_collections.ConfigDict) -> TaskLoss:
   if config.task_loss == "mse":
     return mse(config.mse_outputs)
   raise ValueError(f"task_loss must be 'mse' or 'ce', got {config.task_loss!r}")
+
+
+def logs_alignment(config: ml_collections.ConfigDict) -> bool:
+  """Whether evaluations of this config compute the per-layer GFA alignment: always for an
+  objective that taps layer inputs, else only when ``config.eval_alignment`` asks for it."""
+  return config.objective in TAPPED_OBJECTIVES or bool(field(config, "eval_alignment"))
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -219,6 +237,28 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module,
 
   objectives = {"standard": standard, "gfa": gfa, "pgd_at": pgd_at, "trades": trades,
                 "gradalign": gradalign}
+  assert tuple(objectives) == OBJECTIVES, "register a new objective in OBJECTIVES too"
   if config.objective not in objectives:
     raise ValueError(f"unknown objective {config.objective!r}; choose one of {sorted(objectives)}")
   return objectives[config.objective]
+
+
+def gfa_preflight(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
+                  batch: Batch) -> None:
+  """Warns about the taps of ``config.gfa_layers`` whose penalty is constant at
+  initialisation (``constant_penalty_layers`` on ``batch``); returns None. Exists so such a
+  run is flagged before it spends its budget training a penalty that cannot move."""
+  constant = constant_penalty_layers(config, model, params, batch["image"], batch["label"])
+  if constant:
+    warnings.warn(
+        f"GFA's cosine is 0 for every sample at {constant} at initialisation: the loss is "
+        "invariant to rescaling those layer inputs (a bias-free layer followed by a "
+        "normalisation), so their penalty is the constant 1 and trains nothing. Remove them "
+        f"from gfa_layers (now {list(config.gfa_layers)}).", stacklevel=3)
+
+
+# Checks an objective declares, run once before the first step of a new run (not on resume)
+# on the initial parameters and the step-0 batch (float images in [0, 1]):
+# ``preflight(config, model, params, batch) -> None``; each may warn or raise. They live with
+# their objective so the training loop stays free of objective-specific code.
+PREFLIGHTS: dict[str, Preflight] = {"gfa": gfa_preflight}

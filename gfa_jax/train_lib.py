@@ -1,5 +1,11 @@
 """Training: ``train_and_evaluate(config, workdir)``, the jitted data-parallel step and the loop.
 
+Laid out as flax/examples lays it out: ``create_train_state``, ``make_train_step`` /
+``make_eval_step``, ``save_checkpoint`` / ``restore_checkpoint`` and the loop in
+``train_and_evaluate``. Nothing here is specific to one objective: what an objective needs
+before its first step is its ``objectives.PREFLIGHTS`` hook, and the run folder's lock and
+metrics file live in ``run_files``.
+
 The step is compiled once and runs data-parallel over every local device: the batch is sharded
 over a 1-D ``Mesh`` axis ``'data'``, parameters and optimiser state are replicated, and XLA
 inserts the gradient all-reduce. The same code runs on 1 CPU, N fake CPU devices, GPU and
@@ -10,14 +16,12 @@ checkpoint reproduces an uninterrupted run exactly.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +32,9 @@ import tqdm
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gfa_jax import checkpoints, data, models, objectives, validation
+from gfa_jax import checkpoints, data, models, objectives, run_files, validation
 from gfa_jax.penalty import gfa_objective
+from gfa_jax.run_files import workdir_lock  # Also train_lib.workdir_lock, as before.
 
 # Keys of metrics.jsonl whose value must be finite for training to go on.
 MUST_BE_FINITE = ("loss", "grad_norm")
@@ -107,18 +112,27 @@ def make_train_step(config: ml_collections.ConfigDict, model, mesh: Mesh,
 def make_eval_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
   """Compiled ``eval_step(params, images_uint8, labels) -> sums`` over one batch.
 
-  Returns sums (not means) of correct predictions, task loss and per-layer cosines over the
-  batch, for every tapped layer of the model, so batches of any size add up exactly.
+  Returns sums (not means) of correct predictions and task loss over the batch, so batches of
+  any size add up exactly; with ``objectives.logs_alignment(config)`` (GFA runs, or
+  ``config.eval_alignment``) also the per-layer cosines of every tapped layer of the model,
+  which cost GFA's extra backward pass and are skipped otherwise.
   """
   task_loss = objectives.make_task_loss(config)
+  alignment = objectives.logs_alignment(config)
 
   def eval_step(params, images, labels):
     x = data.to_float(images)
-    _, aux = gfa_objective(model.apply, params, x, labels, task_loss, layers=None)
+    if alignment:
+      _, aux = gfa_objective(model.apply, params, x, labels, task_loss, layers=None)
+      logits, loss = aux["logits"], aux["task_loss"]
+    else:
+      logits = model.apply({"params": params}, x)
+      loss = task_loss(logits, labels)
     n = labels.shape[0]
-    sums = {"correct": jnp.sum(jnp.argmax(aux["logits"], -1) == labels),
-            "task_loss": aux["task_loss"] * n, "count": n}
-    sums.update({f"alignment/{k}": v * n for k, v in aux["alignment"].items()})
+    sums = {"correct": jnp.sum(jnp.argmax(logits, -1) == labels), "task_loss": loss * n,
+            "count": n}
+    if alignment:
+      sums.update({f"alignment/{k}": v * n for k, v in aux["alignment"].items()})
     return sums
 
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -129,8 +143,9 @@ def make_eval_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
 
 def evaluate(eval_step, params, images: np.ndarray, labels: np.ndarray, batch_size: int,
              mesh: Mesh) -> dict[str, float]:
-  """Accuracy, task loss and per-layer alignment over ``images`` (a last partial batch
-  is evaluated too; its size must still divide the devices)."""
+  """Accuracy, task loss and (where ``eval_step`` computes it) per-layer alignment over
+  ``images``, as ``{name: mean}``; a last partial batch is evaluated too (its size must
+  still divide the devices)."""
   totals: dict[str, float] = {}
   for start in range(0, len(images), batch_size):
     stop = min(start + batch_size, len(images))
@@ -142,55 +157,18 @@ def evaluate(eval_step, params, images: np.ndarray, labels: np.ndarray, batch_si
   return {"accuracy": totals.pop("correct") / count, **{k: v / count for k, v in totals.items()}}
 
 
-def _write_metrics(path: Path, record: dict) -> None:
-  with path.open("a") as f:
-    f.write(json.dumps(record) + "\n")
+class Splits(NamedTuple):
+  """The images (uint8 NHWC) and labels a run trains and evaluates on."""
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  description: str  # Where the data came from, for the log.
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
-  """On resume, forget metrics a killed run logged after its last checkpoint."""
-  if path.exists():
-    lines = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:  # A SIGKILL during an append leaves a partial last line.
-        warnings.warn(f"{path}: dropping unreadable line {number} ({line[:40]!r})", stacklevel=3)
-        continue
-      if record.get("step", 0) <= step:
-        lines.append(line)
-    checkpoints.write_atomically(path, "".join(l + "\n" for l in lines).encode())
-
-
-def _check_config_matches(workdir: Path, config: ml_collections.ConfigDict) -> None:
-  """Resuming with a different config would silently mix two runs; refuse instead."""
-  if not (workdir / "config.json").exists():
-    return
-  old = checkpoints.load_run_config(workdir).to_dict()
-  new = json.loads(config.to_json_best_effort())
-  # Where the data lives is not part of the run (a committed run resumes on another machine),
-  # and a field added to the config since the run started matches if it keeps its default.
-  same = lambda k: old.get(k, objectives.ADDED_FIELDS.get(k)) == new.get(k) or k == "data_dir"
-  differing = sorted(k for k in set(old) | set(new) if not same(k))
-  if differing:
-    raise ValueError(
-        f"{workdir} holds a run with a different config (fields {differing}); resume it with "
-        "the same config, or pass a new --workdir.")
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the final
-  evaluation metrics (test accuracy and per-layer train/test alignment).
-
-  Writes ``config.json``, ``metrics.jsonl`` (one JSON object per log/eval event) and Orbax
-  checkpoints. Raises FloatingPointError naming the step if the loss or gradient becomes
-  non-finite; the last checkpoint (always from a finite state) stays intact.
-  """
-  workdir = Path(workdir)
-  # Everything that can be wrong with the request is found before the workdir is touched.
-  validation.validate_config(config)
-  if workdir.exists() and not workdir.is_dir():
-    raise ValueError(f"--workdir {workdir} is a file; pass a folder (new or a run's) instead")
+def load_splits(config: ml_collections.ConfigDict) -> Splits:
+  """The dataset of ``config.data_source``, cut to ``num_train`` training and
+  ``num_eval_examples`` test images (0: all)."""
   dataset = data.load_dataset(config.data_source, config.data_dir or None)
   train_images, train_labels = dataset.train_images, dataset.train_labels
   if config.num_train:
@@ -198,70 +176,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   test_images, test_labels = dataset.test_images, dataset.test_labels
   if config.num_eval_examples:
     test_images, test_labels = test_images[:config.num_eval_examples], test_labels[:config.num_eval_examples]
+  return Splits(train_images, train_labels, test_images, test_labels, dataset.description)
 
-  mesh = make_mesh()
-  check_divisible(config.batch_size, mesh)
-  # Evaluation batches (the last one may be partial) must split over the devices too; found
-  # here, not at the first evaluation after training steps.
-  for n in (len(test_images), min(config.num_train_eval_examples, len(train_images))):
+
+def _check_eval_batches(config: ml_collections.ConfigDict, splits: Splits, mesh: Mesh) -> None:
+  """Evaluation batches (the last one may be partial) must split over the devices too; found
+  here, not at the first evaluation after training steps."""
+  for n in (len(splits.test_images), min(config.num_train_eval_examples, len(splits.train_images))):
     for size in {min(config.eval_batch_size, n), n % config.eval_batch_size} - {0}:
       check_divisible(size, mesh, "eval_batch_size")
-  steps_per_epoch = data.steps_per_epoch(len(train_images), config.batch_size)
-  total_steps = config.num_epochs * steps_per_epoch
-  model = checkpoints.model_from_config(config.model)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model, image_shape: tuple[int, ...],
+                       key: jax.Array, steps_per_epoch: int) -> TrainState:
+  """The step-0 TrainState: ``model``'s parameters initialised from ``key`` for images of
+  ``image_shape`` (H, W, C, taken from the data) and the optimiser of ``config``, whose
+  schedule needs ``steps_per_epoch``. Also the target a checkpoint restores into."""
   tx = make_optimizer(config, steps_per_epoch)
-  key = jax.random.key(config.seed)
-  init_key, step_key = jax.random.split(key)
-  params = models.init_params(model, init_key, train_images.shape[1:])
-  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-
-  _check_config_matches(workdir, config)
-  with workdir_lock(workdir):
-    return _train(config, workdir, dataset, train_images, train_labels, test_images,
-                  test_labels, mesh, steps_per_epoch, total_steps, model, params, state,
-                  step_key)
+  params = models.init_params(model, key, image_shape)
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
-@contextlib.contextmanager
-def workdir_lock(workdir: Path):
-  """Holds an exclusive `flock` on ``workdir/.lock`` (which names the holder's PID) while a
-  trainer writes there: a second trainer on the same folder is refused at once, naming the
-  first. The kernel drops the lock when its process ends however it ends (SIGKILL included),
-  so a killed run leaves nothing to clean up; there is no PID check that two starters could
-  race through. Released, and the file removed, on any exit."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / ".lock"
-  while True:
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-      os.close(fd)
-      raise ValueError(f"{workdir} is in use by another trainer (PID {holder}); wait for it, "
-                       "stop it, or pass another --workdir") from None
-    # The holder we waited on may have removed the file after we opened it: our lock is then
-    # on an orphan inode, and a third trainer could lock the new file. Only the file that is
-    # still at `path` counts.
-    try:
-      same = os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-      same = False
-    if same:
-      break
-    os.close(fd)
-  try:
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    yield
-  finally:
-    path.unlink(missing_ok=True)  # Before the unlock, so a waiter never locks a removed file.
-    os.close(fd)
+def save_checkpoint(manager, state: TrainState, step: int, workdir: Path) -> None:
+  """Saves ``state``'s params and optimiser state as checkpoint ``step``; returns None.
+
+  Raises FloatingPointError, saving nothing, if a parameter is non-finite: the loss can be
+  finite at the old parameters while the update overflows them, and a checkpoint must always
+  be a state training can resume from.
+  """
+  if not all(np.isfinite(p).all() for p in jax.tree.leaves(jax.device_get(state.params))):
+    raise FloatingPointError(
+        f"the parameters became non-finite by step {step} (the loss was finite at the "
+        f"old ones); not saved. The last good checkpoint is step {manager.latest_step()} "
+        f"in {workdir}; lower the learning rate, or set grad_clip_norm")
+  manager.save(step, args=checkpoints.ocp.args.Composite(
+      params=checkpoints.ocp.args.StandardSave(state.params),
+      opt_state=checkpoints.ocp.args.StandardSave(state.opt_state)), force=True)
 
 
-def _restore_latest_intact(manager, state, workdir: Path):
-  """(step, state) of the newest checkpoint that restores; a damaged newer one (truncated by a
-  full disk, a half-copied folder) is skipped with a warning instead of stopping the run."""
+def restore_checkpoint(manager, state: TrainState, workdir: Path) -> tuple[int, TrainState]:
+  """``(step, state)`` of the newest checkpoint in ``workdir`` that restores, ``(0, state)``
+  if there is none. A damaged newer one (truncated by a full disk, a half-copied folder) is
+  moved to ``workdir/damaged_checkpoints`` with a warning instead of stopping the run."""
   folder = workdir / "checkpoints"
 
   def set_aside(step, why):
@@ -294,93 +250,130 @@ def _restore_latest_intact(manager, state, workdir: Path):
   return 0, state
 
 
-def _train(config, workdir, dataset, train_images, train_labels, test_images, test_labels,
-           mesh, steps_per_epoch, total_steps, model, params, state, step_key) -> dict:
-  checkpoints.save_config(workdir, config)
-  manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.max_to_keep)
-  metrics_path = workdir / "metrics.jsonl"
-  start_step, state = _restore_latest_intact(manager, state, workdir)
-  _drop_metrics_after(metrics_path, start_step)
-  state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+def _preflight(config: ml_collections.ConfigDict, model, params, splits: Splits) -> None:
+  """Runs the check the objective declares (``objectives.PREFLIGHTS``) on the step-0 batch."""
+  check = objectives.PREFLIGHTS.get(config.objective)
+  if check:
+    first = data.train_batch_indices(len(splits.train_images), config.batch_size, config.seed, 0)
+    check(config, model, params, {"image": data.to_float(splits.train_images[first]),
+                                  "label": splits.train_labels[first]})
 
-  if config.objective == "gfa" and not start_step:
-    first = data.train_batch_indices(len(train_images), config.batch_size, config.seed, 0)
-    constant = objectives.constant_penalty_layers(
-        config, model, params, data.to_float(train_images[first]), train_labels[first])
-    if constant:
-      warnings.warn(
-          f"GFA's cosine is 0 for every sample at {constant} at initialisation: the loss is "
-          "invariant to rescaling those layer inputs (a bias-free layer followed by a "
-          "normalisation), so their penalty is the constant 1 and trains nothing. Remove them "
-          f"from gfa_layers (now {list(config.gfa_layers)}).", stacklevel=2)
 
-  train_step = make_train_step(config, model, mesh, steps_per_epoch)
-  eval_step = make_eval_step(config, model, mesh)
-  num_train_eval = min(config.num_train_eval_examples, len(train_images))
+def _check_finite(metrics: dict, step: int, manager, workdir: Path) -> None:
+  """Raises FloatingPointError naming the step and the last good checkpoint if a
+  MUST_BE_FINITE metric is not finite (the state of ``step`` is then never saved)."""
+  bad = [k for k in MUST_BE_FINITE if not np.isfinite(metrics[k])]
+  if bad:
+    raise FloatingPointError(
+        f"non-finite {', '.join(bad)} at step {step} ({ {k: float(metrics[k]) for k in bad} }); "
+        f"stopped before saving it. The last good checkpoint is step {manager.latest_step()} "
+        f"in {workdir}. Lower the learning rate or beta, or set grad_clip_norm.")
 
-  def run_eval(step):
-    test = evaluate(eval_step, state.params, test_images, test_labels, config.eval_batch_size, mesh)
-    train = evaluate(eval_step, state.params, train_images[:num_train_eval],
-                     train_labels[:num_train_eval], config.eval_batch_size, mesh)
-    record = {"step": step, "kind": "eval", **{f"test/{k}": v for k, v in test.items()},
-              **{f"train/{k}": v for k, v in train.items()}}
-    _write_metrics(metrics_path, record)
-    return record
 
-  print(f"Training {config.model.name} ({config.objective}) on {dataset.description}: "
-        f"{len(train_images)} images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-        f"{mesh.size} device(s) [{jax.devices()[0].platform}], workdir {workdir}"
-        + (f", resumed at step {start_step}" if start_step else ""))
-  progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-  record = {}
-  last_time, last_step = time.perf_counter(), start_step
-  for step in range(start_step, total_steps):
-    indices = data.train_batch_indices(len(train_images), config.batch_size, config.seed, step)
-    state, metrics = train_step(state, train_images[indices], train_labels[indices], step_key)
-    done = step + 1
-    metrics = jax.device_get(metrics)
-    bad = [k for k in MUST_BE_FINITE if not np.isfinite(metrics[k])]
-    if bad:
+def _evaluate_splits(eval_step, params, splits: Splits, config: ml_collections.ConfigDict,
+                     mesh: Mesh, step: int) -> dict:
+  """The metrics.jsonl eval record of ``step``: ``test/<metric>`` over the test images and
+  ``train/<metric>`` over the first ``num_train_eval_examples`` training images."""
+  n = min(config.num_train_eval_examples, len(splits.train_images))
+  test = evaluate(eval_step, params, splits.test_images, splits.test_labels,
+                  config.eval_batch_size, mesh)
+  train = evaluate(eval_step, params, splits.train_images[:n], splits.train_labels[:n],
+                   config.eval_batch_size, mesh)
+  return {"step": step, "kind": "eval", **{f"test/{k}": v for k, v in test.items()},
+          **{f"train/{k}": v for k, v in train.items()}}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the final
+  evaluation record (test and train accuracy and task loss, and per-layer alignment where
+  ``objectives.logs_alignment``).
+
+  Writes ``config.json``, ``metrics.jsonl`` (one JSON object per log/eval event) and Orbax
+  checkpoints. Raises FloatingPointError naming the step if the loss or gradient becomes
+  non-finite; the last checkpoint (always from a finite state) stays intact.
+  """
+  workdir = Path(workdir)
+  # Everything that can be wrong with the request is found before the workdir is touched.
+  validation.validate_config(config)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir {workdir} is a file; pass a folder (new or a run's) instead")
+  splits = load_splits(config)
+  mesh = make_mesh()
+  check_divisible(config.batch_size, mesh)
+  _check_eval_batches(config, splits, mesh)
+  num_train = len(splits.train_images)
+  steps_per_epoch = data.steps_per_epoch(num_train, config.batch_size)
+  total_steps = config.num_epochs * steps_per_epoch
+  model = models.from_config(config.model)
+  # The step key is folded with the step inside train_step: a resumed run draws the same.
+  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  state = create_train_state(config, model, splits.train_images.shape[1:], init_key,
+                             steps_per_epoch)
+  run_files.check_config_matches(workdir, config)
+
+  with workdir_lock(workdir):
+    checkpoints.save_config(workdir, config)
+    manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.max_to_keep)
+    metrics_path = workdir / "metrics.jsonl"
+    start_step, state = restore_checkpoint(manager, state, workdir)
+    run_files.drop_metrics_after(metrics_path, start_step)
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    if not start_step:
+      _preflight(config, model, state.params, splits)
+    train_step = make_train_step(config, model, mesh, steps_per_epoch)
+    eval_step = make_eval_step(config, model, mesh)
+
+    def run_eval(step):
+      record = _evaluate_splits(eval_step, state.params, splits, config, mesh, step)
+      run_files.write_metrics(metrics_path, record)
+      return record
+
+    print(f"Training {config.model.name} ({config.objective}) on {splits.description}: "
+          f"{num_train} images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+          f"{mesh.size} device(s) [{jax.devices()[0].platform}], workdir {workdir}"
+          + (f", resumed at step {start_step}" if start_step else ""))
+    progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    record = {}
+    last_time, last_step = time.perf_counter(), start_step
+    try:
+      for step in range(start_step, total_steps):
+        indices = data.train_batch_indices(num_train, config.batch_size, config.seed, step)
+        state, metrics = train_step(state, splits.train_images[indices],
+                                    splits.train_labels[indices], step_key)
+        done = step + 1
+        metrics = jax.device_get(metrics)
+        _check_finite(metrics, done, manager, workdir)
+        progress.update(1)
+        if done % config.log_every_steps == 0 or done == total_steps:
+          now = time.perf_counter()
+          record = {"step": done, "kind": "train", "epoch": done / steps_per_epoch,
+                    "seconds_per_step": (now - last_time) / (done - last_step),
+                    **{k: float(v) for k, v in metrics.items()}}
+          last_time, last_step = now, done
+          run_files.write_metrics(metrics_path, record)
+          progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+        if (config.eval_every_steps and done % config.eval_every_steps == 0) or done == total_steps:
+          record = run_eval(done)
+          progress.write(_format_eval(record))
+        if done % config.checkpoint_every_steps == 0 or done == total_steps:
+          save_checkpoint(manager, state, done, workdir)
+    finally:
       progress.close()
-      raise FloatingPointError(
-          f"non-finite {', '.join(bad)} at step {done} ({ {k: float(metrics[k]) for k in bad} }); "
-          f"stopped before saving it. The last good checkpoint is step {manager.latest_step()} "
-          f"in {workdir}. Lower the learning rate or beta, or set grad_clip_norm.")
-    progress.update(1)
-    if done % config.log_every_steps == 0 or done == total_steps:
-      now = time.perf_counter()
-      record = {"step": done, "kind": "train", "epoch": done / steps_per_epoch,
-                "seconds_per_step": (now - last_time) / (done - last_step),
-                **{k: float(v) for k, v in metrics.items()}}
-      last_time, last_step = now, done
-      _write_metrics(metrics_path, record)
-      progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
-    if (config.eval_every_steps and done % config.eval_every_steps == 0) or done == total_steps:
-      record = run_eval(done)
-      progress.write(_format_eval(record))
-    if done % config.checkpoint_every_steps == 0 or done == total_steps:
-      if not all(np.isfinite(p).all() for p in jax.tree.leaves(jax.device_get(state.params))):
-        progress.close()
-        raise FloatingPointError(
-            f"the parameters became non-finite by step {done} (the loss was finite at the "
-            f"old ones); not saved. The last good checkpoint is step {manager.latest_step()} "
-            f"in {workdir}; lower the learning rate, or set grad_clip_norm")
-      manager.save(done, args=checkpoints.ocp.args.Composite(
-          params=checkpoints.ocp.args.StandardSave(state.params),
-          opt_state=checkpoints.ocp.args.StandardSave(state.opt_state)), force=True)
-  progress.close()
-  manager.wait_until_finished()
-  if start_step == total_steps:  # Nothing left to train: report the final evaluation.
-    logged = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    final = [r for r in logged if r["kind"] == "eval" and r["step"] == total_steps]
-    record = final[-1] if final else run_eval(total_steps)
-    print(_format_eval(record))
-  return record
+    manager.wait_until_finished()
+    if start_step == total_steps:  # Nothing left to train: report the final evaluation.
+      logged = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+      final = [r for r in logged if r["kind"] == "eval" and r["step"] == total_steps]
+      record = final[-1] if final else run_eval(total_steps)
+      print(_format_eval(record))
+    return record
 
 
 def _format_eval(record: dict) -> str:
+  """One line for the log: test accuracy and, where logged, the per-layer alignment."""
   alignment = lambda split: " ".join(
       f"{k.split('/')[-1]}={v:.3f}" for k, v in record.items()
       if k.startswith(f"{split}/alignment/"))
-  return (f"step {record['step']}: test acc {record['test/accuracy']:.4f}  "
-          f"train alignment [{alignment('train')}]  test alignment [{alignment('test')}]")
+  line = f"step {record['step']}: test acc {record['test/accuracy']:.4f}"
+  if alignment("test"):
+    line += f"  train alignment [{alignment('train')}]  test alignment [{alignment('test')}]"
+  return line

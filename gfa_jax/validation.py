@@ -14,9 +14,9 @@ import ml_collections
 
 from gfa_jax import data, models, objectives, penalty
 
-OBJECTIVES = ("standard", "gfa", "pgd_at", "trades", "gradalign")
 CHOICES = {
-    "objective": OBJECTIVES, "task_loss": ("mse", "ce"), "mse_outputs": ("softmax", "logits"),
+    "objective": objectives.OBJECTIVES, "task_loss": objectives.TASK_LOSSES,
+    "mse_outputs": objectives.MSE_OUTPUTS,
     "optimizer": ("adam", "sgd"), "schedule": ("constant", "cosine"),
     "data_source": data.SOURCES, "gfa_gradient": penalty.GRADIENTS,
     "gfa_direction": penalty.DIRECTIONS, "gfa_reduction": penalty.REDUCTIONS,
@@ -39,6 +39,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = objectives.field(config, field) if field in objectives.ADDED_FIELDS else config.get(field)
     if value not in allowed:
       raise _bad(field, value, f"choose one of {list(allowed)}")
+  if not isinstance(objectives.field(config, "eval_alignment"), bool):
+    raise _bad("eval_alignment", config.get("eval_alignment"), "use True or False")
   for field in POSITIVE_INTS + NON_NEGATIVE_INTS:
     value = config.get(field)
     low = 1 if field in POSITIVE_INTS else 0

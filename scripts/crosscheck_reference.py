@@ -48,7 +48,7 @@ def reference_model(model: str):
   import torch
 
   if model == "resnet18":
-    import pyautoattack
+    import pyautoattack  # noqa: F401  (a clear ImportError without the [crosscheck] extra)
     from pyautoattack.examples.resnet import ResNet18
     net = ResNet18()
     net.load_state_dict(torch.load(resnet18_path(), map_location="cpu", weights_only=True))
@@ -100,7 +100,6 @@ def robust_mask(predict, x_adv, x, y, clean_correct, eps, norm):
 def run_ours(name, apply_fn, variables, x, y, eps, norm, seed, batch_size):
   """(robust mask [N], seconds, AutoAttack checks or None) of our attack `name`."""
   from gfa_jax import batching, evaluate
-  from gfa_jax.attacks import core
   logits_fn = batching.bind(apply_fn, variables)
   start = time.perf_counter()
   clean = batching.predict(logits_fn, x, batch_size) == y

@@ -20,7 +20,7 @@ import flax.serialization
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from gfa_jax.checkpoints import write_atomically  # noqa: E402
+from gfa_jax.reporting import write_atomically  # noqa: E402
 
 PATH = re.compile(r"/(?:work|tmp|root|home)/[^\s\"',)]*")
 

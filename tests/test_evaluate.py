@@ -260,10 +260,11 @@ def _run_eval(*args, cwd):
 
 def test_eval_command_line_end_to_end(tmp_path):
   from configs import tiny
+  from gfa_jax import data
   config = tiny.get_config()
   config.model = ml_collections.ConfigDict({'name': 'mlp', 'hidden': (8,)})
-  model = checkpoints.model_from_config(config.model)
-  params = models.init_params(model, jax.random.PRNGKey(0), checkpoints.IMAGE_SHAPE)
+  model = models.from_config(config.model)
+  params = models.init_params(model, jax.random.PRNGKey(0), data.image_shape(config.data_source))
   checkpoints.export_params(tmp_path / 'model.msgpack', config, params)
   (tmp_path / 'subset.txt').write_text('# paper protocol\n0 2\n5\n')
   out = tmp_path / 'out.json'
@@ -284,9 +285,10 @@ def test_eval_command_line_end_to_end(tmp_path):
 
 def test_eval_alignment_reports_every_layer_for_both_splits(tmp_path):
   from configs import tiny
+  from gfa_jax import data
   config = tiny.get_config()
-  model = checkpoints.model_from_config(config.model)
-  params = models.init_params(model, jax.random.PRNGKey(0), checkpoints.IMAGE_SHAPE)
+  model = models.from_config(config.model)
+  params = models.init_params(model, jax.random.PRNGKey(0), data.image_shape(config.data_source))
   checkpoints.export_params(tmp_path / 'model.msgpack', config, params)
   out = tmp_path / 'alignment.json'
   proc = _run_eval('--workdir', str(tmp_path / 'model.msgpack'), '--attack', 'alignment',
@@ -302,10 +304,12 @@ def test_eval_alignment_reports_every_layer_for_both_splits(tmp_path):
 
 def test_eval_mechanism_compares_two_models(tmp_path):
   from configs import tiny
+  from gfa_jax import data
   config = tiny.get_config()
-  model = checkpoints.model_from_config(config.model)
+  model = models.from_config(config.model)
+  shape = data.image_shape(config.data_source)
   for seed in (0, 1):
-    params = models.init_params(model, jax.random.PRNGKey(seed), checkpoints.IMAGE_SHAPE)
+    params = models.init_params(model, jax.random.PRNGKey(seed), shape)
     checkpoints.export_params(tmp_path / f'm{seed}.msgpack', config, params)
   proc = _run_eval('--workdir', str(tmp_path / 'm0.msgpack'), '--compare',
                    str(tmp_path / 'm1.msgpack'), '--attack', 'mechanism', '--num_examples', '6',
@@ -319,17 +323,16 @@ def test_eval_mechanism_compares_two_models(tmp_path):
 
 
 def test_a_second_model_of_the_same_architecture_compiles_nothing_new():
-  """Weights are traced (core.bind), never baked into the compiled attack: evaluating another
+  """Weights are traced (batching.bind), never baked into the compiled attack: evaluating another
   checkpoint of the same architecture reuses every compiled program."""
-  from gfa_jax import checkpoints
   from gfa_jax import batching
   from gfa_jax.attacks import core as attack_core
   config = {"name": "mlp", "hidden": (8,)}
   x = np.random.default_rng(0).uniform(size=(6, 32, 32, 3)).astype(np.float32)
 
   def run(seed):
-    model = checkpoints.model_from_config(config)
-    params = models.init_params(model, jax.random.key(seed), checkpoints.IMAGE_SHAPE)
+    model = models.from_config(config)
+    params = models.init_params(model, jax.random.key(seed), x.shape[1:])
     logits_fn = batching.bind(model.apply, {"params": params})
     y = batching.predict(logits_fn, x, 8)  # all correct: every point is attacked
     return evaluate.evaluate(logits_fn, x, y, attack="apgd", eps=[8 / 255], batch_size=8,
@@ -339,7 +342,7 @@ def test_a_second_model_of_the_same_architecture_compiles_nothing_new():
   sizes = attack_core._attack_batch._cache_size(), batching._predict_batch._cache_size()
   report = run(1)
   assert (attack_core._attack_batch._cache_size(), batching._predict_batch._cache_size()) == sizes
-  assert checkpoints.model_from_config(config) is checkpoints.model_from_config(dict(config))
+  assert models.from_config(config) is models.from_config(dict(config))
   assert 0.0 <= report["robust_accuracy"][0] <= report["clean_accuracy"]
 
 

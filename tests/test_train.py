@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -244,3 +243,16 @@ def test_resume_survives_a_partial_metrics_line_and_a_damaged_checkpoint(tiny_co
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["step"] for l in lines if '"train"' in l][-1] == latest  # retrained
   assert older < latest
+
+
+def test_evals_log_alignment_for_gfa_or_when_asked(tiny_config, tmp_path):
+  """The eval step pays GFA's extra backward pass only for a tapped objective or with
+  eval_alignment; asking for it changes no other metric and does not block a resume."""
+  tiny_config.update({"objective": "standard", "num_epochs": 1})
+  plain = train_lib.train_and_evaluate(tiny_config, tmp_path / "plain")
+  assert "test/task_loss" in plain and not [k for k in plain if "alignment" in k]
+  tiny_config.eval_alignment = True
+  asked = train_lib.train_and_evaluate(tiny_config, tmp_path / "asked")
+  assert {f"{s}/alignment/layer{i}" for s in ("train", "test") for i in range(4)} <= set(asked)
+  assert asked["test/accuracy"] == plain["test/accuracy"]
+  train_lib.train_and_evaluate(tiny_config, tmp_path / "plain")  # resumes: nothing to train

@@ -20,11 +20,11 @@ import numpy as np
 import tqdm
 
 from gfa_jax import batching
-# The shared numerics (losses, input checks), under the names the attacks use.
-from gfa_jax.numerics import (LOSSES, LogitsFn, LossFn, check_images, dlr_loss, is_better,
-                              loss_and_grad, margin_loss, misclassified, resolve_loss, safe_norm,
-                              targeted_dlr_loss)
-from gfa_jax.numerics import cross_entropy as ce_loss
+# The shared numerics (losses, input checks), re-exported under the names the attacks use.
+from gfa_jax.numerics import (LOSSES, LogitsFn, LossFn, check_images, dlr_loss,  # noqa: F401
+                              is_better, loss_and_grad, margin_loss, misclassified, resolve_loss,
+                              safe_norm, targeted_dlr_loss)
+from gfa_jax.numerics import cross_entropy as ce_loss  # noqa: F401
 
 NORMS = ('linf', 'l2')
 # l1 is supported by the geometry helpers (projection, norms) for the L1 attacks (EAD), but no

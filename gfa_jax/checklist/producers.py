@@ -22,7 +22,6 @@ import numpy as np
 from gfa_jax import batching, evaluate, numerics
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd
-from gfa_jax.attacks.pgd import pgd
 from gfa_jax.checklist import grading
 
 @dataclasses.dataclass(frozen=True)
