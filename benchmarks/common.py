@@ -311,3 +311,17 @@ def main(module: str, cases: dict[str, Callable[[argparse.Namespace], Case]],
   for record in results:
     print(json.dumps(record), flush=True)
   return results
+
+
+# The PyTorch peer's train-step cases (benchmarks/torch_peer.py), which train_step.py --peer
+# runs interleaved with its own; here so neither script imports the other.
+TORCH_TRAIN_CASES = ("torch_standard", "torch_gfa_first", "torch_gfa_deep", "torch_gemm")
+
+
+def add_train_step_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """The flags train_step.py and its PyTorch peer share (one definition, so both read them)."""
+  p.add_argument("--batch", type=int, default=128, help="images per train step")
+  p.add_argument("--gemm-size", type=int, default=2048, help="n of the n^3 matmul probe")
+  p.add_argument("--peer", action="store_true",
+                 help="also run the PyTorch peer's cases (needs the [bench] extra)")
+  return p

@@ -201,7 +201,7 @@ def apgd_ce(model, x, y, eps: float, steps: int = 100, rho: float = 0.75):
 # ---------------------------------------------------------------------------------------------
 # Benchmark cases.
 
-TRAIN_CASE_NAMES = ("torch_standard", "torch_gfa_first", "torch_gfa_deep", "torch_gemm")
+TRAIN_CASE_NAMES = common.TORCH_TRAIN_CASES
 
 
 def build_train_case(layers, args: argparse.Namespace) -> common.Case:
@@ -278,10 +278,8 @@ CASES = {
 
 
 def main(argv: list[str]) -> None:
-  from benchmarks import train_step
-
   p = common.parser(__doc__.splitlines()[0], steps=20, warmup=3, rounds=5)
-  args = train_step.add_flags(p).parse_args(argv)
+  args = common.add_train_step_flags(p).parse_args(argv)
   if not args.worker:  # Run alone it times the train steps and the GEMM probe.
     args.cases = args.cases or ",".join(TRAIN_CASE_NAMES)
   common.main("benchmarks.torch_peer", CASES, args)

@@ -100,14 +100,6 @@ CASES = {name: functools.partial(build_train_case, o) for name, o in TRAIN_CASES
 CASES["gemm"] = build_gemm
 
 
-def add_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-  p.add_argument("--batch", type=int, default=128, help="images per train step")
-  p.add_argument("--gemm-size", type=int, default=2048, help="n of the n^3 matmul probe")
-  p.add_argument("--peer", action="store_true",
-                 help="also run the PyTorch peer's cases (needs the [bench] extra)")
-  return p
-
-
 def summary(results: list[dict]) -> dict:
   """The ratios of the issue's targets, from records of one interleaved run."""
   by = {r["name"]: r for r in results}
@@ -136,15 +128,14 @@ def summary(results: list[dict]) -> dict:
 
 
 def main(argv: list[str]) -> None:
-  args = add_flags(common.parser(__doc__.splitlines()[0], steps=20, warmup=3, rounds=5)
+  args = common.add_train_step_flags(common.parser(__doc__.splitlines()[0], steps=20, warmup=3, rounds=5)
                    ).parse_args(argv)
   extra = []
   if args.peer and not args.worker:
     if importlib.util.find_spec("torch") is None:
       sys.exit("--peer needs PyTorch: pip install -e '.[bench]' (CPU build: "
                "pip install 'torch==2.13.0+cpu')")
-    from benchmarks import torch_peer
-    extra = [("benchmarks.torch_peer", n) for n in torch_peer.TRAIN_CASE_NAMES]
+    extra = [("benchmarks.torch_peer", n) for n in common.TORCH_TRAIN_CASES]
   results = common.main("benchmarks.train_step", CASES, args, extra)
   if results and args.peer:
     print(json.dumps(summary(results)), flush=True)

@@ -130,22 +130,28 @@ def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.
   return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
 
 
-class SmallCNN(nn.Module):
-  """The paper's CNN: 3 x (Conv3x3 SAME, ReLU, 2x2 max-pool), Dense 256, ReLU, Dense.
-
-  620,362 parameters for 32x32x3 inputs and 10 classes. The default mean/std of 0.5 maps
-  [0, 1] to [-1, 1], the scaling the paper fed (and aligned) at the first layer.
-  """
+class _ImageModel(nn.Module):
+  """The fields the convolutional models share: classes, the input normalisation, and how
+  their convolutions differentiate."""
 
   num_classes: int = 10
-  features: Sequence[int] = (32, 64, 128)
-  hidden: int = 256
   mean: Sequence[float] = (0.5, 0.5, 0.5)
   std: Sequence[float] = (0.5, 0.5, 0.5)
   # Convolutions through ``conv_same``: input gradients inside XLA CPU loops (attacks, PGD-AT)
   # run 3-4x faster, and reverse mode of any order works, but forward mode (``jax.jvp``,
   # ``jax.hessian``) does not. False gives lax's own convolution (same parameters and values).
   explicit_conv_vjp: bool = True
+
+
+class SmallCNN(_ImageModel):
+  """The paper's CNN: 3 x (Conv3x3 SAME, ReLU, 2x2 max-pool), Dense 256, ReLU, Dense.
+
+  620,362 parameters for 32x32x3 inputs and 10 classes. The default mean/std of 0.5 maps
+  [0, 1] to [-1, 1], the scaling the paper fed (and aligned) at the first layer.
+  """
+
+  features: Sequence[int] = (32, 64, 128)
+  hidden: int = 256
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -232,7 +238,7 @@ class BasicBlock(nn.Module):
     return nn.relu(h + shortcut)
 
 
-class ResNet20(nn.Module):
+class ResNet20(_ImageModel):
   """He et al. (2016)'s CIFAR ResNet-20, with GroupNorm in place of BatchNorm.
 
   Conv3x3 16, GroupNorm, ReLU; three stages of three ``BasicBlock``s with 16, 32 and 64
@@ -251,14 +257,8 @@ class ResNet20(nn.Module):
   by construction (<dL/dh, h> = 0 for a 0-homogeneous loss; docs/results.md).
   """
 
-  num_classes: int = 10
   stage_features: Sequence[int] = (16, 32, 64)
   blocks_per_stage: int = 3
-  mean: Sequence[float] = (0.5, 0.5, 0.5)
-  std: Sequence[float] = (0.5, 0.5, 0.5)
-  # As in SmallCNN: stride-1 convolutions through ``conv_same`` (fast input gradients on XLA
-  # CPU, reverse mode only); False gives lax's convolutions (same parameters and values).
-  explicit_conv_vjp: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -220,11 +220,7 @@ def gfa_objective(
     layers: Sequence[str],
     alpha: float = 1.0,
     beta: float | jax.Array = 1.0,
-    eps: float = 1e-12,
-    layer_weights: Mapping[str, float] | None = None,
-    gradient: str = "exact",
-    direction: str = "align",
-    reduction: str = "mean",
+    **penalty_options: Any,
 ) -> tuple[jax.Array, dict[str, Any]]:
   """``alpha * task_loss + beta * penalty`` for a Flax model, in one call.
 
@@ -235,8 +231,9 @@ def gfa_objective(
     x, y: a batch and its labels.
     task_loss: ``(logits, y) -> scalar`` batch loss.
     layers: names of the tapped layer inputs (e.g. ``('layer0',)`` for FIRST).
-    layer_weights: per-layer beta multipliers, ``{name: w}`` (see ``gfa_penalty``).
-    gradient, direction, reduction: the paper's readings (see ``gfa_penalty``).
+    penalty_options: ``gfa_penalty``'s keyword arguments, passed on as they are (one
+      signature to keep right): ``eps``, ``layer_weights`` (per-layer beta multipliers) and
+      the paper's readings ``gradient``, ``direction`` and ``reduction``.
 
   Returns:
     ``(objective, aux)`` with ``aux`` from ``gfa_penalty`` plus ``'penalty'`` and ``'logits'``.
@@ -247,8 +244,7 @@ def gfa_objective(
     logits, state = apply_fn({"params": params, TAPS: taps}, x, mutable=[FEATURES])
     return task_loss(logits, y), (select(state[FEATURES], layers), logits)
 
-  penalty, aux = gfa_penalty(loss_fn, taps, eps=eps, has_aux=True, layer_weights=layer_weights,
-                             gradient=gradient, direction=direction, reduction=reduction)
+  penalty, aux = gfa_penalty(loss_fn, taps, has_aux=True, **penalty_options)
   objective = alpha * aux["task_loss"] + beta * penalty
   logits = aux.pop("extra")
   return objective, {**aux, "penalty": penalty, "logits": logits}

@@ -16,6 +16,7 @@ checkpoint reproduces an uninterrupted run exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -32,7 +33,7 @@ import tqdm
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gfa_jax import checkpoints, data, models, objectives, run_files, validation
+from gfa_jax import batching, checkpoints, data, models, objectives, run_files, validation
 from gfa_jax.penalty import gfa_objective
 from gfa_jax.run_files import workdir_lock  # Also train_lib.workdir_lock, as before.
 
@@ -110,51 +111,47 @@ def make_train_step(config: ml_collections.ConfigDict, model, mesh: Mesh,
 
 
 def make_eval_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
-  """Compiled ``eval_step(params, images_uint8, labels) -> sums`` over one batch.
+  """Compiled ``eval_step(params, images_uint8, labels) -> per-example metrics`` of one batch.
 
-  Returns sums (not means) of correct predictions and task loss over the batch, so batches of
-  any size add up exactly; with ``objectives.logs_alignment(config)`` (GFA runs, or
-  ``config.eval_alignment``) also the per-layer cosines of every tapped layer of the model,
-  which cost GFA's extra backward pass and are skipped otherwise.
+  Returns {'correct', 'task_loss'} and, with ``objectives.logs_alignment(config)`` (GFA
+  runs, or ``config.eval_alignment``), ``alignment/<layer>`` cosines of every tapped layer,
+  each [B]: per example, so ``evaluate`` can run it through ``batching.map_batches`` (one
+  padded batch shape, padded rows dropped). The cosines cost GFA's extra backward pass and are
+  skipped otherwise; an image's cosine does not depend on its batch (a cosine does not see
+  the batch mean's 1/B).
   """
   task_loss = objectives.make_task_loss(config)
   alignment = objectives.logs_alignment(config)
+  # The run's batch loss of each example alone (its mean over a batch is the batch loss).
+  per_example_loss = jax.vmap(lambda logits, y: task_loss(logits[None], y[None]))
 
   def eval_step(params, images, labels):
     x = data.to_float(images)
     if alignment:
       _, aux = gfa_objective(model.apply, params, x, labels, task_loss, layers=None)
-      logits, loss = aux["logits"], aux["task_loss"]
+      logits = aux["logits"]
     else:
       logits = model.apply({"params": params}, x)
-      loss = task_loss(logits, labels)
-    n = labels.shape[0]
-    sums = {"correct": jnp.sum(jnp.argmax(logits, -1) == labels), "task_loss": loss * n,
-            "count": n}
+    out = {"correct": jnp.argmax(logits, -1) == labels,
+           "task_loss": per_example_loss(logits, labels)}
     if alignment:
-      sums.update({f"alignment/{k}": v * n for k, v in aux["alignment"].items()})
-    return sums
+      out.update({f"alignment/{k}": v for k, v in aux["cosines"].items()})
+    return out
 
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
   return jax.jit(eval_step, in_shardings=(replicated, batch_sharded, batch_sharded),
-                 out_shardings=replicated)
+                 out_shardings=batch_sharded)
 
 
-def evaluate(eval_step, params, images: np.ndarray, labels: np.ndarray, batch_size: int,
-             mesh: Mesh) -> dict[str, float]:
+def evaluate(eval_step, params, images: np.ndarray, labels: np.ndarray,
+             batch_size: int) -> dict[str, float]:
   """Accuracy, task loss and (where ``eval_step`` computes it) per-layer alignment over
-  ``images``, as ``{name: mean}``; a last partial batch is evaluated too (its size must
-  still divide the devices)."""
-  totals: dict[str, float] = {}
-  for start in range(0, len(images), batch_size):
-    stop = min(start + batch_size, len(images))
-    check_divisible(stop - start, mesh, "eval_batch_size")
-    sums = jax.device_get(eval_step(params, images[start:stop], labels[start:stop]))
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  count = totals.pop("count")
-  return {"accuracy": totals.pop("correct") / count, **{k: v / count for k, v in totals.items()}}
+  ``images``, as ``{name: mean over the images}``, in padded batches of one shape."""
+  per_example = batching.map_batches(functools.partial(eval_step, params), [images, labels],
+                                     batch_size)
+  means = {k: float(np.mean(v, dtype=np.float64)) for k, v in per_example.items()}
+  return {"accuracy": means.pop("correct"), **means}
 
 
 class Splits(NamedTuple):
@@ -180,11 +177,10 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
 
 
 def _check_eval_batches(config: ml_collections.ConfigDict, splits: Splits, mesh: Mesh) -> None:
-  """Evaluation batches (the last one may be partial) must split over the devices too; found
-  here, not at the first evaluation after training steps."""
+  """Evaluation batches (all padded to min(eval_batch_size, N)) must split over the devices
+  too; found here, not at the first evaluation after training steps."""
   for n in (len(splits.test_images), min(config.num_train_eval_examples, len(splits.train_images))):
-    for size in {min(config.eval_batch_size, n), n % config.eval_batch_size} - {0}:
-      check_divisible(size, mesh, "eval_batch_size")
+    check_divisible(min(config.eval_batch_size, n), mesh, "eval_batch_size")
 
 
 def create_train_state(config: ml_collections.ConfigDict, model, image_shape: tuple[int, ...],
@@ -276,9 +272,9 @@ def _evaluate_splits(eval_step, params, splits: Splits, config: ml_collections.C
   ``train/<metric>`` over the first ``num_train_eval_examples`` training images."""
   n = min(config.num_train_eval_examples, len(splits.train_images))
   test = evaluate(eval_step, params, splits.test_images, splits.test_labels,
-                  config.eval_batch_size, mesh)
+                  config.eval_batch_size)
   train = evaluate(eval_step, params, splits.train_images[:n], splits.train_labels[:n],
-                   config.eval_batch_size, mesh)
+                   config.eval_batch_size)
   return {"step": step, "kind": "eval", **{f"test/{k}": v for k, v in test.items()},
           **{f"train/{k}": v for k, v in train.items()}}
 
