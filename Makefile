@@ -1,6 +1,6 @@
 # The two commands of the README, each in a local virtual environment made on first use:
 #   make quickstart   GFA-DEEP on the embedded CIFAR-10 subset, then APGD-CE on its 500 test images
-#   make test         the test suite (what CI runs: make test VENV=.venv-ci)
+#   make test         the dialect check (ruff) and the test suite (what CI runs: make test VENV=.venv-ci)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
@@ -20,4 +20,5 @@ quickstart: $(VENV)/.installed
 	$(PYTHON) train.py && $(PYTHON) eval.py --attack apgd --num_examples 500
 
 test: versions
+	$(PYTHON) -m ruff check --no-cache .
 	JAX_PLATFORMS=cpu $(PYTHON) -m pytest -q -n 2 tests

@@ -38,7 +38,7 @@ from gfa_jax.penalty import FEATURES, TAPS, gfa_objective, safe_norm, zero_taps
 
 ApplyFn = Callable[..., Any]
 LossArg = str | Callable[[jax.Array, jax.Array], jax.Array]
-SUBSPACES = ('radial', 'tangential', 'full')
+SUBSPACES = ("radial", "tangential", "full")
 _TINY = 1e-30  # denominators of unit vectors; a zero vector then gives a zero direction
 
 
@@ -89,27 +89,27 @@ def _with_tap(taps: dict, name: str, delta_flat: jax.Array) -> dict:
 
 def _resolve(loss: LossArg) -> tuple[Callable, str]:
   fn = resolve_loss(loss)
-  return fn, loss if isinstance(loss, str) else getattr(loss, '__name__', 'custom')
+  return fn, loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
 
 
 def _check_layers(apply_fn: ApplyFn, variables: Any, x: jax.Array,
                   layers: Sequence[str]) -> None:
   available = sorted(zero_taps(apply_fn, variables, x[:1]))
   if not available:
-    raise ValueError('this model exposes no tapped layer inputs: call gfa_jax.tap on its layer '
-                     'inputs or wrap it in gfa_jax.tap_module_inputs([...]).')
+    raise ValueError("this model exposes no tapped layer inputs: call gfa_jax.tap on its layer "
+                     "inputs or wrap it in gfa_jax.tap_module_inputs([...]).")
   missing = [name for name in layers if name not in available]
   if missing:
-    raise ValueError(f'unknown layers {missing}; this model taps {available}.')
+    raise ValueError(f"unknown layers {missing}; this model taps {available}.")
 
 
 def _stats(values: np.ndarray) -> dict[str, float | None]:
   """mean, median, min, max of a 1-D array (None when empty), as plain floats for JSON."""
   values = np.asarray(values, np.float64)
   if not values.size:
-    return {'mean': None, 'median': None, 'min': None, 'max': None}
-  return {'mean': float(values.mean()), 'median': float(np.median(values)),
-          'min': float(values.min()), 'max': float(values.max())}
+    return {"mean": None, "median": None, "min": None, "max": None}
+  return {"mean": float(values.mean()), "median": float(np.median(values)),
+          "min": float(values.min()), "max": float(values.max())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,9 +126,9 @@ def _subspace_pgd(f_delta: Callable, shape: tuple, r: jax.Array, radius: jax.Arr
   iterates (a misclassifying point beats one that is not, then higher loss).
   """
   def project(v):
-    if subspace == 'radial':
+    if subspace == "radial":
       return jnp.sum(v * r, axis=1, keepdims=True) * r
-    return _remove_radial(v, r) if subspace == 'tangential' else v
+    return _remove_radial(v, r) if subspace == "tangential" else v
 
   def loss_and_grad(delta):
     def total(delta):
@@ -166,7 +166,7 @@ def _radial_tangential_batch(apply_fn, variables, x, y, *, layers, loss_fn, rela
   f = _loss_of_taps(apply_fn, variables, x, y, loss_fn)
   loss0, vjp_fn, (features, logits) = jax.vjp(f, taps, has_aux=True)
   (grads,) = vjp_fn(jnp.ones_like(loss0))
-  out = {'loss': loss0, 'correct': ~misclassified(logits, y), 'layers': {}}
+  out = {"loss": loss0, "correct": ~misclassified(logits, y), "layers": {}}
   for name in layers:
     h, g = _flat(features[name]), _flat(grads[name])
     r, t, d_r, d_t, h_norm = _radial_tangential_basis(h, g)
@@ -175,13 +175,13 @@ def _radial_tangential_batch(apply_fn, variables, x, y, *, layers, loss_fn, rela
     changes = {}
     for rel in relative_steps:
       rho = (rel * h_norm)[:, None]
-      changes[f'{rel:g}'] = {
-          'radial': f(_with_tap(taps, name, rho * r_ascent))[0] - loss0,
-          'tangential': f(_with_tap(taps, name, rho * t))[0] - loss0}
-    out['layers'][name] = {
-        'radial_derivative': d_r, 'tangential_derivative': d_t, 'gradient_norm': safe_norm(g),
-        'feature_norm': h_norm, 'cosine': d_r / jnp.maximum(safe_norm(g), _TINY),
-        'loss_change': changes}
+      changes[f"{rel:g}"] = {
+          "radial": f(_with_tap(taps, name, rho * r_ascent))[0] - loss0,
+          "tangential": f(_with_tap(taps, name, rho * t))[0] - loss0}
+    out["layers"][name] = {
+        "radial_derivative": d_r, "tangential_derivative": d_t, "gradient_norm": safe_norm(g),
+        "feature_norm": h_norm, "cosine": d_r / jnp.maximum(safe_norm(g), _TINY),
+        "loss_change": changes}
   if pgd_layer:
     h = _flat(features[pgd_layer])
     r, h_norm = _unit(h)
@@ -191,17 +191,17 @@ def _radial_tangential_batch(apply_fn, variables, x, y, *, layers, loss_fn, rela
       loss, (_, logits) = f(_with_tap(taps, pgd_layer, delta))
       return loss, logits
 
-    out['pgd'] = {'radius': radius}
+    out["pgd"] = {"radius": radius}
     for subspace in SUBSPACES:
       best_loss, fooled = _subspace_pgd(f_delta, h.shape, r, radius, y, subspace, pgd_steps)
-      out['pgd'][subspace] = {'loss_increase': best_loss - loss0, 'fooled': fooled}
+      out["pgd"][subspace] = {"loss_increase": best_loss - loss0, "fooled": fooled}
   return out
 
 
 def radial_tangential(apply_fn: ApplyFn, variables: Any, x, y, *,
-                      layers: Sequence[str] = ('layer0', 'layer1', 'layer2'),
-                      loss: LossArg = 'ce', relative_steps: Sequence[float] = (0.01, 0.05, 0.1),
-                      pgd_layer: str | None = 'layer0', pgd_radius: float = 0.05,
+                      layers: Sequence[str] = ("layer0", "layer1", "layer2"),
+                      loss: LossArg = "ce", relative_steps: Sequence[float] = (0.01, 0.05, 0.1),
+                      pgd_layer: str | None = "layer0", pgd_radius: float = 0.05,
                       pgd_steps: int = 20, batch_size: int = 256,
                       return_per_example: bool = False) -> dict[str, Any]:
   """Radial vs tangential sensitivity of the loss at each tapped layer input, per image.
@@ -227,9 +227,9 @@ def radial_tangential(apply_fn: ApplyFn, variables: Any, x, y, *,
   x, y = check_batch(x, y)
   _check_layers(apply_fn, variables, x, (*layers, *([pgd_layer] if pgd_layer else [])))
   if pgd_steps < 1:
-    raise ValueError(f'pgd_steps must be >= 1, got {pgd_steps}.')
+    raise ValueError(f"pgd_steps must be >= 1, got {pgd_steps}.")
   if not relative_steps or min(relative_steps) <= 0:
-    raise ValueError(f'relative_steps must be positive fractions of ||h||, got {relative_steps}.')
+    raise ValueError(f"relative_steps must be positive fractions of ||h||, got {relative_steps}.")
   loss_fn, loss_name = _resolve(loss)
   batch_fn = jax.jit(lambda v, xb, yb: _radial_tangential_batch(
       apply_fn, v, xb, yb, layers=tuple(layers), loss_fn=loss_fn,
@@ -237,37 +237,37 @@ def radial_tangential(apply_fn: ApplyFn, variables: Any, x, y, *,
       pgd_steps=pgd_steps))
   raw = batching.map_batches(functools.partial(batch_fn, variables), [x, y], batch_size)
   result: dict[str, Any] = {
-      'loss': loss_name, 'num_examples': int(len(x)),
-      'clean_accuracy': float(raw['correct'].mean()),
-      'relative_steps': [float(s) for s in relative_steps],
-      'units': 'L2 displacement of the layer input, as a fraction of ||h|| per image',
-      'layers': {}}
-  for name, per in raw['layers'].items():
-    abs_radial = np.abs(per['radial_derivative'])
-    ratio = per['tangential_derivative'] / np.maximum(abs_radial, 1e-30)
+      "loss": loss_name, "num_examples": int(len(x)),
+      "clean_accuracy": float(raw["correct"].mean()),
+      "relative_steps": [float(s) for s in relative_steps],
+      "units": "L2 displacement of the layer input, as a fraction of ||h|| per image",
+      "layers": {}}
+  for name, per in raw["layers"].items():
+    abs_radial = np.abs(per["radial_derivative"])
+    ratio = per["tangential_derivative"] / np.maximum(abs_radial, 1e-30)
     changes = {}
-    for step, both in per['loss_change'].items():
-      changes[step] = {'radial': _stats(both['radial']), 'tangential': _stats(both['tangential']),
-                       'tangential_larger': float(np.mean(both['tangential'] > both['radial']))}
-    result['layers'][name] = {
-        'radial_derivative': _stats(abs_radial),
-        'tangential_derivative': _stats(per['tangential_derivative']),
-        'tangential_over_radial': _stats(ratio), 'cosine': _stats(per['cosine']),
-        'gradient_norm': _stats(per['gradient_norm']),
-        'feature_norm': _stats(per['feature_norm']), 'loss_change': changes}
+    for step, both in per["loss_change"].items():
+      changes[step] = {"radial": _stats(both["radial"]), "tangential": _stats(both["tangential"]),
+                       "tangential_larger": float(np.mean(both["tangential"] > both["radial"]))}
+    result["layers"][name] = {
+        "radial_derivative": _stats(abs_radial),
+        "tangential_derivative": _stats(per["tangential_derivative"]),
+        "tangential_over_radial": _stats(ratio), "cosine": _stats(per["cosine"]),
+        "gradient_norm": _stats(per["gradient_norm"]),
+        "feature_norm": _stats(per["feature_norm"]), "loss_change": changes}
   if pgd_layer:
-    correct = raw['correct']
-    result['pgd'] = {
-        'layer': pgd_layer, 'norm': 'l2', 'relative_radius': float(pgd_radius),
-        'steps': int(pgd_steps), 'radius': _stats(raw['pgd']['radius']),
-        'num_correct': int(correct.sum())}
+    correct = raw["correct"]
+    result["pgd"] = {
+        "layer": pgd_layer, "norm": "l2", "relative_radius": float(pgd_radius),
+        "steps": int(pgd_steps), "radius": _stats(raw["pgd"]["radius"]),
+        "num_correct": int(correct.sum())}
     for subspace in SUBSPACES:
-      run = raw['pgd'][subspace]
-      result['pgd'][subspace] = {
-          'success_rate': float(run['fooled'][correct].mean()) if correct.any() else None,
-          'loss_increase': _stats(run['loss_increase'][correct])}
+      run = raw["pgd"][subspace]
+      result["pgd"][subspace] = {
+          "success_rate": float(run["fooled"][correct].mean()) if correct.any() else None,
+          "loss_increase": _stats(run["loss_increase"][correct])}
   if return_per_example:
-    result['per_example'] = raw
+    result["per_example"] = raw
   return result
 
 
@@ -284,13 +284,13 @@ def _landscape_batch(apply_fn, variables, x, y, key, *, layer, loss_fn, coordina
   (grads,) = vjp_fn(jnp.ones_like(loss0))
   h = _flat(features[layer])
   r, t, _, d_t, h_norm = _radial_tangential_basis(h, _flat(grads[layer]))
-  planes = {'radial_tangential': (r, t)}
+  planes = {"radial_tangential": (r, t)}
   for k in range(random_planes):
     u, v = jax.random.normal(jax.random.fold_in(key, k), (2, *h.shape))
     u, _ = _unit(u)
     v, _ = _unit(_remove_radial(v, u))
-    planes[f'random_{k}'] = (u, v)
-  grid = jnp.stack(jnp.meshgrid(coordinates, coordinates, indexing='ij'), -1).reshape(-1, 2)
+    planes[f"random_{k}"] = (u, v)
+  grid = jnp.stack(jnp.meshgrid(coordinates, coordinates, indexing="ij"), -1).reshape(-1, 2)
 
   def loss_at(ab, u, v):
     delta = h_norm[:, None] * (ab[0] * u + ab[1] * v)
@@ -299,13 +299,13 @@ def _landscape_batch(apply_fn, variables, x, y, key, *, layer, loss_fn, coordina
   n = len(coordinates)
   out = {name: jax.lax.map(lambda ab: loss_at(ab, u, v), grid).T.reshape(-1, n, n)
          for name, (u, v) in planes.items()}
-  return {'grids': out, 'clean_loss': loss0, 'tangential_is_zero': d_t == 0}
+  return {"grids": out, "clean_loss": loss0, "tangential_is_zero": d_t == 0}
 
 
 def loss_landscape(apply_fn: ApplyFn, variables: Any, x, y, *, key: jax.Array,
-                   layer: str = 'layer0', loss: LossArg = 'ce', extent: float = 0.1,
+                   layer: str = "layer0", loss: LossArg = "ce", extent: float = 0.1,
                    num: int = 21, random_planes: int = 1, batch_size: int = 64,
-                   png_path: str | None = None, label: str = 'model') -> dict[str, Any]:
+                   png_path: str | None = None, label: str = "model") -> dict[str, Any]:
   """Loss of each image on 2-D grids around its layer input h (the paper's Figure 2, with axes).
 
   Planes through h, coordinates (a, b) in [-extent, extent] on `num` points each, the loss at
@@ -322,8 +322,8 @@ def loss_landscape(apply_fn: ApplyFn, variables: Any, x, y, *, key: jax.Array,
   x, y = check_batch(x, y)
   _check_layers(apply_fn, variables, x, (layer,))
   if num < 3 or extent <= 0:
-    raise ValueError(f'need num >= 3 grid points and extent > 0, got num={num}, '
-                     f'extent={extent}.')
+    raise ValueError(f"need num >= 3 grid points and extent > 0, got num={num}, "
+                     f"extent={extent}.")
   loss_fn, loss_name = _resolve(loss)
   coordinates = np.linspace(-extent, extent, num, dtype=np.float32)
   batch_fn = jax.jit(lambda v, xb, yb, k: _landscape_batch(
@@ -331,18 +331,18 @@ def loss_landscape(apply_fn: ApplyFn, variables: Any, x, y, *, key: jax.Array,
       random_planes=random_planes))
   # Batch i draws its random planes from fold_in(key, i).
   raw = batching.map_batches(functools.partial(batch_fn, variables), [x, y], batch_size, key=key)
-  axes = {'radial_tangential': ['radial r = h/||h||',
-                                'tangential t (gradient part orthogonal to h)']}
-  axes.update({f'random_{k}': [f'random direction u{2 * k + 1}', f'random direction u{2 * k + 2}']
+  axes = {"radial_tangential": ["radial r = h/||h||",
+                                "tangential t (gradient part orthogonal to h)"]}
+  axes.update({f"random_{k}": [f"random direction u{2 * k + 1}", f"random direction u{2 * k + 2}"]
                for k in range(random_planes)})
   landscape = {
-      'layer': layer, 'loss': loss_name,
-      'units': 'fraction of ||h||, L2', 'coordinates': coordinates.tolist(),
-      'num_points': int(len(x)), 'clean_loss': raw['clean_loss'].tolist(),
-      'tangential_is_zero': int(raw['tangential_is_zero'].sum()),
-      'planes': {name: {'axes': axes[name], 'loss': grids.tolist(),
-                        'mean_loss': grids.mean(axis=0).tolist()}
-                 for name, grids in raw['grids'].items()}}
+      "layer": layer, "loss": loss_name,
+      "units": "fraction of ||h||, L2", "coordinates": coordinates.tolist(),
+      "num_points": int(len(x)), "clean_loss": raw["clean_loss"].tolist(),
+      "tangential_is_zero": int(raw["tangential_is_zero"].sum()),
+      "planes": {name: {"axes": axes[name], "loss": grids.tolist(),
+                        "mean_loss": grids.mean(axis=0).tolist()}
+                 for name, grids in raw["grids"].items()}}
   if png_path is not None:
     plots.plot_landscapes(png_path, {label: landscape})
   return landscape
@@ -375,8 +375,8 @@ def alignment_table(apply_fn: ApplyFn, variables: Any,
   # Per-image cosines: padded rows of the last batch are dropped before the mean (the padding
   # only rescales the batch loss, which a cosine does not see).
   batch_fn = jax.jit(lambda p, xb, yb: gfa_objective(
-      apply_fn, p, xb, yb, task_loss, layers=layers)[1]['cosines'])
-  params = variables['params']
+      apply_fn, p, xb, yb, task_loss, layers=layers)[1]["cosines"])
+  params = variables["params"]
   table = {}
   for split, (x, y) in splits.items():
     cosines = batching.map_batches(functools.partial(batch_fn, params), [x, y], batch_size)

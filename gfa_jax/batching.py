@@ -54,7 +54,7 @@ def batches(n: int, batch_size: int, bucket: bool = False) -> list[tuple[int, in
   (280 points at batch 250 are 250 + 32 rows, not 2 x 250).
   """
   if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   if n == 0:
     return []
   size = min(batch_size, n)
@@ -91,7 +91,7 @@ def map_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int, *,
   arrays = [np.asarray(a) for a in arrays]
   n = len(arrays[0])
   if any(len(a) != n for a in arrays):
-    raise ValueError(f'map_batches needs arrays of one length, got {[len(a) for a in arrays]}.')
+    raise ValueError(f"map_batches needs arrays of one length, got {[len(a) for a in arrays]}.")
   outs = []
   for i, (start, stop, size) in enumerate(batches(n, batch_size, bucket)):
     args = [pad(a[start:stop], size) for a in arrays]

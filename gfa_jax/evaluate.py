@@ -22,7 +22,8 @@ import subprocess
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -44,11 +45,11 @@ from gfa_jax.attacks.square import square
 
 SCHEMA_VERSION = 1
 # Kinds of attack, by how robust accuracy at an eps is obtained from their output.
-EPS_BOUNDED = 'eps_bounded'  # run once per eps; returns points within eps
-MIN_NORM = 'min_norm'  # run once; smallest adversarial example found, thresholded per eps
-L0 = 'l0'  # pixel budget instead of eps (OnePixel); one robust accuracy, no eps
-ENSEMBLE = 'ensemble'  # AutoAttack: host-side sequence, per-point worst case
-LP_NORMS = ('linf', 'l2', 'l1')
+EPS_BOUNDED = "eps_bounded"  # run once per eps; returns points within eps
+MIN_NORM = "min_norm"  # run once; smallest adversarial example found, thresholded per eps
+L0 = "l0"  # pixel budget instead of eps (OnePixel); one robust accuracy, no eps
+ENSEMBLE = "ensemble"  # AutoAttack: host-side sequence, per-point worst case
+LP_NORMS = ("linf", "l2", "l1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,48 +64,48 @@ class AttackSpec:
   kind: str
   norms: tuple[str, ...]
   hparams: tuple[tuple[str, Any], ...] = ()
-  source: str = ''
+  source: str = ""
 
 
-_AA = 'AutoAttack (Croce & Hein 2020, fra31/auto-attack)'
+_AA = "AutoAttack (Croce & Hein 2020, fra31/auto-attack)"
 ATTACKS: dict[str, AttackSpec] = {
-    'fgsm': AttackSpec(fgsm, EPS_BOUNDED, ('linf', 'l2'), (),
-                       'Goodfellow et al. 2015; l2: fast gradient method'),
-    'pgd': AttackSpec(pgd, EPS_BOUNDED, ('linf', 'l2'), (('steps', 20),),
-                      'Madry et al. 2018: random start, step 2.5*eps/steps, best iterate; 20 '
-                      'steps (PGD-20)'),
-    'apgd': AttackSpec(apgd, EPS_BOUNDED, ('linf', 'l2'), (('loss', 'ce'),), f'APGD-CE, {_AA}'),
-    'apgd-dlr': AttackSpec(apgd, EPS_BOUNDED, ('linf', 'l2'), (('loss', 'dlr'),),
-                           f'APGD-DLR, {_AA}'),
-    'apgd-t': AttackSpec(apgd_t, EPS_BOUNDED, ('linf', 'l2'), (), f'APGD-T, {_AA}'),
-    'fab': AttackSpec(fab, MIN_NORM, ('linf', 'l2'), (('targeted', True),),
-                      f'FAB-T (Croce & Hein 2020), defaults of {_AA}'),
-    'square': AttackSpec(square, EPS_BOUNDED, ('linf', 'l2'), (('rescale_schedule', False),),
-                         f'Andriushchenko et al. 2020, as run by {_AA}'),
-    'autoattack': AttackSpec(autoattack, ENSEMBLE, ('linf', 'l2'), (('version', 'standard'),),
-                             f'{_AA}; version standard unless --aa_version says otherwise'),
-    'deepfool': AttackSpec(deepfool, MIN_NORM, ('linf', 'l2'), (),
-                           'Moosavi-Dezfooli et al. 2016, defaults of foolbox 3'),
-    'cw': AttackSpec(cw_l2, MIN_NORM, ('l2',), (),
-                     'Carlini & Wagner 2017 (L2), defaults of the authors\' code'),
-    'ead': AttackSpec(ead, MIN_NORM, ('l1', 'l2'), (('decision_rule', 'EN'),),
-                      'Chen et al. 2018 (EAD, elastic-net decision rule)'),
-    'ead-l1': AttackSpec(ead, MIN_NORM, ('l1', 'l2'), (('decision_rule', 'L1'),),
-                         'Chen et al. 2018 (EAD, L1 decision rule)'),
-    'onepixel': AttackSpec(onepixel, L0, LP_NORMS, (),
-                           'Su et al. 2019: differential evolution, population 400, 100 '
-                           'iterations, F = 0.5'),
+    "fgsm": AttackSpec(fgsm, EPS_BOUNDED, ("linf", "l2"), (),
+                       "Goodfellow et al. 2015; l2: fast gradient method"),
+    "pgd": AttackSpec(pgd, EPS_BOUNDED, ("linf", "l2"), (("steps", 20),),
+                      "Madry et al. 2018: random start, step 2.5*eps/steps, best iterate; 20 "
+                      "steps (PGD-20)"),
+    "apgd": AttackSpec(apgd, EPS_BOUNDED, ("linf", "l2"), (("loss", "ce"),), f"APGD-CE, {_AA}"),
+    "apgd-dlr": AttackSpec(apgd, EPS_BOUNDED, ("linf", "l2"), (("loss", "dlr"),),
+                           f"APGD-DLR, {_AA}"),
+    "apgd-t": AttackSpec(apgd_t, EPS_BOUNDED, ("linf", "l2"), (), f"APGD-T, {_AA}"),
+    "fab": AttackSpec(fab, MIN_NORM, ("linf", "l2"), (("targeted", True),),
+                      f"FAB-T (Croce & Hein 2020), defaults of {_AA}"),
+    "square": AttackSpec(square, EPS_BOUNDED, ("linf", "l2"), (("rescale_schedule", False),),
+                         f"Andriushchenko et al. 2020, as run by {_AA}"),
+    "autoattack": AttackSpec(autoattack, ENSEMBLE, ("linf", "l2"), (("version", "standard"),),
+                             f"{_AA}; version standard unless --aa_version says otherwise"),
+    "deepfool": AttackSpec(deepfool, MIN_NORM, ("linf", "l2"), (),
+                           "Moosavi-Dezfooli et al. 2016, defaults of foolbox 3"),
+    "cw": AttackSpec(cw_l2, MIN_NORM, ("l2",), (),
+                     "Carlini & Wagner 2017 (L2), defaults of the authors' code"),
+    "ead": AttackSpec(ead, MIN_NORM, ("l1", "l2"), (("decision_rule", "EN"),),
+                      "Chen et al. 2018 (EAD, elastic-net decision rule)"),
+    "ead-l1": AttackSpec(ead, MIN_NORM, ("l1", "l2"), (("decision_rule", "L1"),),
+                         "Chen et al. 2018 (EAD, L1 decision rule)"),
+    "onepixel": AttackSpec(onepixel, L0, LP_NORMS, (),
+                           "Su et al. 2019: differential evolution, population 400, 100 "
+                           "iterations, F = 0.5"),
 }
-ALL = 'all'
+ALL = "all"
 # Arguments that are inputs or bookkeeping, not hyper-parameters of the attack.
-_NOT_HPARAMS = ('key', 'eps', 'norm', 'return_trace', 'batch_size', 'progress', 'first_target')
+_NOT_HPARAMS = ("key", "eps", "norm", "return_trace", "batch_size", "progress", "first_target")
 
 
 def attack_names() -> list[str]:
   return [*ATTACKS, ALL]
 
 
-def hyperparameters(name: str, norm: str, overrides: Optional[dict] = None) -> dict[str, Any]:
+def hyperparameters(name: str, norm: str, overrides: dict | None = None) -> dict[str, Any]:
   """Every keyword argument the named attack is called with besides key, eps and norm: its
   function's defaults, then the registry's evaluation settings, then `overrides`."""
   spec = ATTACKS[name]
@@ -114,13 +115,13 @@ def hyperparameters(name: str, norm: str, overrides: Optional[dict] = None) -> d
   used.update(spec.hparams)
   for key, value in (overrides or {}).items():
     if key not in params or key in _NOT_HPARAMS:
-      raise ValueError(f'{name} has no hyper-parameter {key!r}; it takes {sorted(used)}.')
+      raise ValueError(f"{name} has no hyper-parameter {key!r}; it takes {sorted(used)}.")
     used[key] = value
   return used
 
 
 def _takes_norm(fn: Callable) -> bool:
-  return 'norm' in inspect.signature(fn).parameters
+  return "norm" in inspect.signature(fn).parameters
 
 
 def validate(attack: str, eps: Sequence[float], norm: str) -> list[str]:
@@ -130,15 +131,15 @@ def validate(attack: str, eps: Sequence[float], norm: str) -> list[str]:
   range (< 0, or > 1 in linf).
   """
   if attack not in attack_names():
-    raise ValueError(f'Unknown attack {attack!r}: choose one of {attack_names()}.')
+    raise ValueError(f"Unknown attack {attack!r}: choose one of {attack_names()}.")
   if norm not in LP_NORMS:
-    raise ValueError(f'Unknown norm {norm!r}: choose one of {list(LP_NORMS)}.')
+    raise ValueError(f"Unknown norm {norm!r}: choose one of {list(LP_NORMS)}.")
   if attack != ALL and norm not in ATTACKS[attack].norms:
-    raise ValueError(f'{attack} does not support norm {norm!r}: it supports '
-                     f'{list(ATTACKS[attack].norms)}. Pass --norm with one of those.')
+    raise ValueError(f"{attack} does not support norm {norm!r}: it supports "
+                     f"{list(ATTACKS[attack].norms)}. Pass --norm with one of those.")
   eps = list(eps)
   if not eps:
-    raise ValueError('eps list is empty: give at least one eps (e.g. 8/255).')
+    raise ValueError("eps list is empty: give at least one eps (e.g. 8/255).")
   for value in eps:
     core.check_eps(value, norm, allowed_norms=(norm,))
   if attack == ALL:
@@ -146,7 +147,7 @@ def validate(attack: str, eps: Sequence[float], norm: str) -> list[str]:
   return [attack]
 
 
-def onepixel_batching(population: int, batch_size: int, chunk_size: Optional[int] = None,
+def onepixel_batching(population: int, batch_size: int, chunk_size: int | None = None,
                       ) -> tuple[int, int]:
   """(examples per batch, chunk_size) so that one OnePixel model call sees about batch_size images.
 
@@ -160,24 +161,24 @@ def onepixel_batching(population: int, batch_size: int, chunk_size: Optional[int
   return max(1, batch_size // chunk_size), chunk_size
 
 
-def _check_subset(subset, n: int) -> Optional[np.ndarray]:
+def _check_subset(subset, n: int) -> np.ndarray | None:
   if subset is None:
     return None
   subset = np.asarray(subset)
   if subset.ndim != 1 or not np.issubdtype(subset.dtype, np.integer):
-    raise ValueError(f'subset must be a 1-D list of integer example indices, got {subset!r:.80}.')
+    raise ValueError(f"subset must be a 1-D list of integer example indices, got {subset!r:.80}.")
   if len(np.unique(subset)) != len(subset):
-    raise ValueError('subset indices must be unique.')
+    raise ValueError("subset indices must be unique.")
   if len(subset) and (subset.min() < 0 or subset.max() >= n):
-    raise ValueError(f'subset indices must lie in [0, {n}) (the {n} evaluated examples), got '
-                     f'[{subset.min()}, {subset.max()}]. Raise --num_examples or fix the file.')
+    raise ValueError(f"subset indices must lie in [0, {n}) (the {n} evaluated examples), got "
+                     f"[{subset.min()}, {subset.max()}]. Raise --num_examples or fix the file.")
   return subset
 
 
-def _norm_stats(values: np.ndarray) -> dict[str, Optional[float]]:
+def _norm_stats(values: np.ndarray) -> dict[str, float | None]:
   if not len(values):
-    return {'median': None, 'mean': None}
-  return {'median': float(np.median(values)), 'mean': float(np.mean(values))}
+    return {"median": None, "mean": None}
+  return {"median": float(np.median(values)), "mean": float(np.mean(values))}
 
 
 def _attack_key(seed: int, name: str) -> jax.Array:
@@ -187,7 +188,7 @@ def _attack_key(seed: int, name: str) -> jax.Array:
 
 def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
                eps: Sequence[float], norm: str, clean_correct: np.ndarray, batch_size: int,
-               seed: int, overrides: Optional[dict] = None, progress: bool = True) -> dict:
+               seed: int, overrides: dict | None = None, progress: bool = True) -> dict:
   """Runs one named attack over all of x and returns its result section (see the schema).
 
   `still_robust[i][j]` is True iff example j is classified correctly both clean and after the
@@ -197,12 +198,12 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
   hparams = hyperparameters(name, norm, overrides)
   call_hparams = tuple(hparams.items())
   if _takes_norm(spec.fn) and spec.kind != ENSEMBLE:
-    call_hparams = (('norm', norm),) + call_hparams
+    call_hparams = (("norm", norm),) + call_hparams
   key = _attack_key(seed, name)
   start = time.perf_counter()
-  result: dict[str, Any] = {'kind': spec.kind, 'source': spec.source,
-                            'function': f'{spec.fn.__module__}.{spec.fn.__name__}',
-                            'hyperparameters': hparams}
+  result: dict[str, Any] = {"kind": spec.kind, "source": spec.source,
+                            "function": f"{spec.fn.__module__}.{spec.fn.__name__}",
+                            "hyperparameters": hparams}
   # Points misclassified clean are not robust whatever the attack does: attack only the others
   # (as AutoAttack does); their x_adv is x.
   todo = np.flatnonzero(clean_correct)
@@ -239,14 +240,14 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
                                  batch_size=batch_size, progress=progress, **hparams)
       core.check_adversarial(x_adv, x, value, norm)
       masks.append(still_robust(x_adv))
-      broken_by.append(breakdown['broken_by'])
-      after.append(breakdown['robust_accuracy_after'])
-      checks.append(breakdown['checks'])
-    result['hyperparameters'] = {**hparams, 'attacks': breakdown['hyperparameters']}
-    result['label'] = breakdown['label']
-    result['broken_by'] = broken_by
-    result['robust_accuracy_after'] = after
-    result['checks'] = checks  # per eps: the reference's automatic checks (docs/checklist.md)
+      broken_by.append(breakdown["broken_by"])
+      after.append(breakdown["robust_accuracy_after"])
+      checks.append(breakdown["checks"])
+    result["hyperparameters"] = {**hparams, "attacks": breakdown["hyperparameters"]}
+    result["label"] = breakdown["label"]
+    result["broken_by"] = broken_by
+    result["robust_accuracy_after"] = after
+    result["checks"] = checks  # per eps: the reference's automatic checks (docs/checklist.md)
   elif spec.kind == MIN_NORM:
     with tqdm.tqdm(total=num_batches(), desc=name, disable=not progress) as bar:
       x_adv = attack_correct(bar)
@@ -258,35 +259,35 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
       x_eval = np.where((needed <= value)[:, None, None, None], x_adv, x)
       core.check_adversarial(x_eval, x, value, norm)
       masks.append(still_robust(x_eval))
-    result['success_rate'] = float(success.sum() / max(clean_correct.sum(), 1))
-    result['norms'] = {p: _norm_stats(norms[p][success]) for p in LP_NORMS}
-    result['perturbation_norm'] = [float(v) if np.isfinite(v) else None for v in needed]
+    result["success_rate"] = float(success.sum() / max(clean_correct.sum(), 1))
+    result["norms"] = {p: _norm_stats(norms[p][success]) for p in LP_NORMS}
+    result["perturbation_norm"] = [float(v) if np.isfinite(v) else None for v in needed]
   else:  # L0: OnePixel's pixel budget
-    per_batch, chunk = onepixel_batching(hparams['population'], batch_size, hparams['chunk_size'])
-    call_hparams = tuple((k, chunk if k == 'chunk_size' else v) for k, v in call_hparams)
+    per_batch, chunk = onepixel_batching(hparams["population"], batch_size, hparams["chunk_size"])
+    call_hparams = tuple((k, chunk if k == "chunk_size" else v) for k, v in call_hparams)
     with tqdm.tqdm(total=num_batches(per_batch), desc=name, disable=not progress) as bar:
       x_adv = attack_correct(bar, examples_per_batch=per_batch)
-    core.check_adversarial(x_adv, x, 1.0, 'linf')  # in [0, 1]
+    core.check_adversarial(x_adv, x, 1.0, "linf")  # in [0, 1]
     changed = np.any(x_adv != x, axis=-1).reshape(len(x), -1).sum(axis=1)
-    if np.any(changed > hparams['pixels']):
+    if np.any(changed > hparams["pixels"]):
       raise ValueError(f'{int((changed > hparams["pixels"]).sum())} OnePixel examples change '
                        f'more than pixels={hparams["pixels"]} pixels (up to {changed.max()}).')
     mask = still_robust(x_adv)
-    result['threat_model'] = {'norm': 'l0', 'pixels': hparams['pixels']}
-    result['robust_accuracy'] = float(mask.mean())
-    result['still_robust'] = mask.tolist()
-    result['success_rate'] = float((clean_correct & ~mask).sum() / max(clean_correct.sum(), 1))
-    result['elapsed_seconds'] = time.perf_counter() - start
+    result["threat_model"] = {"norm": "l0", "pixels": hparams["pixels"]}
+    result["robust_accuracy"] = float(mask.mean())
+    result["still_robust"] = mask.tolist()
+    result["success_rate"] = float((clean_correct & ~mask).sum() / max(clean_correct.sum(), 1))
+    result["elapsed_seconds"] = time.perf_counter() - start
     return result
-  result['robust_accuracy'] = [float(m.mean()) for m in masks]
-  result['still_robust'] = [m.tolist() for m in masks]
-  result['elapsed_seconds'] = time.perf_counter() - start
+  result["robust_accuracy"] = [float(m.mean()) for m in masks]
+  result["still_robust"] = [m.tolist() for m in masks]
+  result["elapsed_seconds"] = time.perf_counter() - start
   return result
 
 
 def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, attack: str,
-             eps: Sequence[float], norm: str = 'linf', batch_size: int = 500, seed: int = 0,
-             subset: Optional[Sequence[int]] = None, overrides: Optional[dict] = None,
+             eps: Sequence[float], norm: str = "linf", batch_size: int = 500, seed: int = 0,
+             subset: Sequence[int] | None = None, overrides: dict | None = None,
              progress: bool = True) -> dict:
   """Evaluates `attack` ('all' for every attack supporting `norm`) on images [N, H, W, C] in
   [0, 1] with int labels [N]; returns the JSON-ready result dict (docs/evaluation.md).
@@ -307,20 +308,20 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
   x, y = check_batch(images, labels)
   subset = _check_subset(subset, len(x))
   if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   first = np.asarray(jax.jit(logits_fn)(x[:batch_size])) if len(x) else np.zeros((0, 1))
   if not np.isfinite(first).all():
     # argmax of NaN logits is class 0: a NaN model would be scored like a constant classifier.
-    raise ValueError(f'the model outputs non-finite logits on {int((~np.isfinite(first)).any(-1).sum())}'
-                     f' of the first {len(first)} clean images; it is broken (diverged '
-                     'training?) — evaluate an earlier checkpoint (--step) or retrain')
+    raise ValueError(f"the model outputs non-finite logits on {int((~np.isfinite(first)).any(-1).sum())}"
+                     f" of the first {len(first)} clean images; it is broken (diverged "
+                     "training?) — evaluate an earlier checkpoint (--step) or retrain")
   predictions = batching.predict(logits_fn, x, batch_size)
   clean_correct = predictions == y
   degenerate = degenerate_model(predictions, y, num_classes=first.shape[-1])
 
   results, skipped = {}, {}
   if attack == ALL:
-    skipped = {n: f'does not support norm {norm!r}' for n in ATTACKS if n not in names}
+    skipped = {n: f"does not support norm {norm!r}" for n in ATTACKS if n not in names}
   for name in names:
     results[name] = run_attack(name, logits_fn, x, y, eps=list(eps), norm=norm,
                                clean_correct=clean_correct, batch_size=batch_size, seed=seed,
@@ -328,45 +329,45 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
 
   # The headline: the attack's masks, or with 'all' the per-point worst case over every attack
   # with an eps threat model (OnePixel's pixel budget is another threat model).
-  eps_results = [r for r in results.values() if r['kind'] != L0]
+  eps_results = [r for r in results.values() if r["kind"] != L0]
   if eps_results:
-    worst = np.logical_and.reduce([np.asarray(r['still_robust']) for r in eps_results])
+    worst = np.logical_and.reduce([np.asarray(r["still_robust"]) for r in eps_results])
     robust_accuracy = worst.mean(axis=1).tolist()
   else:  # a single OnePixel run
-    worst = np.asarray(results[names[0]]['still_robust'])[None]
-    robust_accuracy = results[names[0]]['robust_accuracy']
+    worst = np.asarray(results[names[0]]["still_robust"])[None]
+    robust_accuracy = results[names[0]]["robust_accuracy"]
 
   report = {
-      'schema_version': SCHEMA_VERSION,
-      'attack': attack,
-      'norm': norm,
-      'eps': [float(e) for e in eps],
-      'num_examples': int(len(x)),
-      'batch_size': int(batch_size),
-      'seed': int(seed),
-      'clean_accuracy': float(clean_correct.mean()),
-      'robust_accuracy': robust_accuracy,
-      'clean_correct': clean_correct.tolist(),
-      'still_robust': worst.tolist() if eps_results else worst[0].tolist(),
-      'attacks': results,
-      'skipped': skipped,
-      'subset': None,
-      'degenerate': degenerate,
+      "schema_version": SCHEMA_VERSION,
+      "attack": attack,
+      "norm": norm,
+      "eps": [float(e) for e in eps],
+      "num_examples": int(len(x)),
+      "batch_size": int(batch_size),
+      "seed": int(seed),
+      "clean_accuracy": float(clean_correct.mean()),
+      "robust_accuracy": robust_accuracy,
+      "clean_correct": clean_correct.tolist(),
+      "still_robust": worst.tolist() if eps_results else worst[0].tolist(),
+      "attacks": results,
+      "skipped": skipped,
+      "subset": None,
+      "degenerate": degenerate,
   }
   if subset is not None:
     for r in results.values():
-      masks = np.asarray(r['still_robust'])
-      r['subset_robust_accuracy'] = _subset_mean(masks, subset)
-    report['subset'] = {'indices': subset.tolist(), 'num_examples': int(len(subset)),
-                        'clean_accuracy': _subset_mean(clean_correct, subset),
-                        'robust_accuracy': _subset_mean(worst if eps_results else worst[0],
+      masks = np.asarray(r["still_robust"])
+      r["subset_robust_accuracy"] = _subset_mean(masks, subset)
+    report["subset"] = {"indices": subset.tolist(), "num_examples": int(len(subset)),
+                        "clean_accuracy": _subset_mean(clean_correct, subset),
+                        "robust_accuracy": _subset_mean(worst if eps_results else worst[0],
                                                         subset)}
-  report['elapsed_seconds'] = time.perf_counter() - start
+  report["elapsed_seconds"] = time.perf_counter() - start
   return report
 
 
 def degenerate_model(predictions: np.ndarray, labels: np.ndarray, num_classes: int,
-                     share: float = 0.9) -> Optional[str]:
+                     share: float = 0.9) -> str | None:
   """A sentence when the model is collapsed (one class for >= `share` of the inputs, or clean
   accuracy at chance), else None: its robust accuracy is then its clean accuracy and means
   nothing, and reports must say so instead of scoring it."""
@@ -391,18 +392,18 @@ def _subset_mean(masks: np.ndarray, subset: np.ndarray):
   return float(values) if masks.ndim == 1 else values.tolist()
 
 
-def git_commit(path: str | Path = Path(__file__).parent) -> Optional[str]:
+def git_commit(path: str | Path = Path(__file__).parent) -> str | None:
   """The commit of the repository holding `path`, with '-dirty' if it has uncommitted changes;
   None outside a git checkout."""
   def git(*args):
-    return subprocess.run(['git', '-C', str(path), *args], capture_output=True, text=True,
+    return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
                           check=True, timeout=10).stdout.strip()
   try:
-    commit = git('rev-parse', 'HEAD')
+    commit = git("rev-parse", "HEAD")
   except (OSError, subprocess.SubprocessError):
     return None
   try:
-    dirty = bool(git('status', '--porcelain', '--untracked-files=no'))
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
   except (OSError, subprocess.SubprocessError):
     dirty = False
-  return commit + ('-dirty' if dirty else '')
+  return commit + ("-dirty" if dirty else "")

@@ -34,15 +34,15 @@ class Model:
 @dataclasses.dataclass(frozen=True)
 class Request:
   """What to evaluate: the threat model, how many images, and the evaluator's own options."""
-  norm: str = 'linf'
+  norm: str = "linf"
   eps: tuple[float, ...] = (8 / 255,)
-  eps_text: str = '8/255'
+  eps_text: str = "8/255"
   num_examples: int = 1000
   batch_size: int = 500
   seed: int = 0
   subset: tuple[int, ...] | None = None  # attacks: robust accuracy also on these examples
   overrides: dict | None = None  # attacks: hyper-parameters replacing the defaults
-  budget: str = 'default'  # checklist
+  budget: str = "default"  # checklist
   surrogate: Model | None = None  # checklist: the transfer attack's standard-trained model
   compare: Model | None = None  # mechanism: a second model measured beside the first
 
@@ -66,7 +66,7 @@ def register(name: str):
   """Decorator: registers ``run(model, data, request) -> Result`` under `name`."""
   def decorate(fn):
     if name in EVALUATORS:
-      raise ValueError(f'evaluator {name!r} is registered twice')
+      raise ValueError(f"evaluator {name!r} is registered twice")
     EVALUATORS[name] = fn
     return fn
   return decorate
@@ -91,12 +91,12 @@ def analyses() -> list[str]:
 def run_attacks(attack: str, model: Model, data: Data, request: Request) -> Result:
   """One attack of evaluate.ATTACKS (or `all`) over the first test images, every example
   checked against its budget (evaluate.evaluate); the Result's JSON is docs/evaluation.md's."""
-  images, labels = data('test', request.num_examples)
+  images, labels = data("test", request.num_examples)
   report = evaluate.evaluate(
       batching.bind(model.apply_fn, model.variables), images, labels, attack=attack,
       eps=list(request.eps), norm=request.norm, batch_size=request.batch_size,
       seed=request.seed, subset=request.subset, overrides=request.overrides)
-  report['eps_text'] = request.eps_text
+  report["eps_text"] = request.eps_text
 
   def write(path: Path) -> list[Path]:
     return [reporting.write_json(path, report)]
@@ -104,13 +104,13 @@ def run_attacks(attack: str, model: Model, data: Data, request: Request) -> Resu
   return Result(report, reporting.attack_summary(report).splitlines(), write)
 
 
-@register('checklist')
+@register("checklist")
 def _checklist(model: Model, data: Data, request: Request) -> Result:
   """The eight gradient-masking checks (docs/checklist.md) at one eps."""
   if len(request.eps) != 1:
-    raise ValueError(f'--attack checklist takes one --eps (it sweeps eps itself), got '
-                     f'{list(request.eps)}.')
-  images, labels = data('test', request.num_examples)
+    raise ValueError(f"--attack checklist takes one --eps (it sweeps eps itself), got "
+                     f"{list(request.eps)}.")
+  images, labels = data("test", request.num_examples)
   surrogate = request.surrogate
   report = checklist.run_checklist(
       model.apply_fn, model.variables, images, labels, key=jax.random.key(request.seed),
@@ -121,19 +121,19 @@ def _checklist(model: Model, data: Data, request: Request) -> Result:
   def write(folder: Path) -> list[Path]:
     return [folder / name for name in reporting.write_checklist(report, folder).values()]
 
-  lines = [f"{c['id']}. {c['name']}: {c['status']} - {c['verdict']}" for c in report['checks']]
+  lines = [f"{c['id']}. {c['name']}: {c['status']} - {c['verdict']}" for c in report["checks"]]
   return Result(report, lines, write, output_is_folder=True)
 
 
-@register('alignment')
+@register("alignment")
 def _alignment(model: Model, data: Data, request: Request) -> Result:
   """Per-layer train/test GFA alignment cos(dL/dh, h) with the run's task loss (Table 1)."""
-  splits = {split: data(split, request.num_examples) for split in ('train', 'test')}
+  splits = {split: data(split, request.num_examples) for split in ("train", "test")}
   table = analysis.alignment_table(model.apply_fn, model.variables, splits,
                                    objectives.make_task_loss(model.config),
                                    batch_size=request.batch_size)
-  report = {'alignment': table, 'num_examples': request.num_examples,
-            'task_loss': model.config.task_loss}
+  report = {"alignment": table, "num_examples": request.num_examples,
+            "task_loss": model.config.task_loss}
 
   def write(path: Path) -> list[Path]:
     return [reporting.write_json(path, report, indent=2)]
@@ -141,38 +141,38 @@ def _alignment(model: Model, data: Data, request: Request) -> Result:
   return Result(report, reporting.alignment_markdown(table).splitlines(), write)
 
 
-@register('mechanism')
+@register("mechanism")
 def _mechanism(model: Model, data: Data, request: Request) -> Result:
   """Radial vs tangential numbers and loss landscapes (docs/checklist.md), for the model and
   the optional comparison model, drawn side by side."""
-  images, labels = data('test', request.num_examples)
+  images, labels = data("test", request.num_examples)
   models = [model] + ([request.compare] if request.compare else [])
   if request.compare and request.compare.label == model.label:
-    raise ValueError(f'--compare has the same name as --workdir ({model.label}); rename one '
-                     'of them.')
+    raise ValueError(f"--compare has the same name as --workdir ({model.label}); rename one "
+                     "of them.")
   per_model = {}
   for m in models:
     per_model[m.label] = {
-        'radial_tangential': analysis.radial_tangential(
+        "radial_tangential": analysis.radial_tangential(
             m.apply_fn, m.variables, images, labels, batch_size=request.batch_size),
         # Landscapes cost num**2 forward passes per image and plane: the first 64 images.
-        'landscape': analysis.loss_landscape(
+        "landscape": analysis.loss_landscape(
             m.apply_fn, m.variables, images[:64], labels[:64],
             key=jax.random.key(request.seed)),
     }
-  report = {'models': per_model}
+  report = {"models": per_model}
   lines = [f"{label} {layer}: cos(g, h) {numbers['cosine']['mean']:+.3f}, median d_t/|d_r| "
            f"{numbers['tangential_over_radial']['median']:.3g}"
            for label, r in per_model.items()
-           for layer, numbers in r['radial_tangential']['layers'].items()]
+           for layer, numbers in r["radial_tangential"]["layers"].items()]
 
   def write(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    plots.plot_radial_tangential(folder / 'radial_tangential.png',
-                                 {k: v['radial_tangential'] for k, v in per_model.items()})
-    plots.plot_landscapes(folder / 'landscape.png',
-                          {k: v['landscape'] for k, v in per_model.items()})
-    return [reporting.write_json(folder / 'mechanism.json', report),
-            folder / 'radial_tangential.png', folder / 'landscape.png']
+    plots.plot_radial_tangential(folder / "radial_tangential.png",
+                                 {k: v["radial_tangential"] for k, v in per_model.items()})
+    plots.plot_landscapes(folder / "landscape.png",
+                          {k: v["landscape"] for k, v in per_model.items()})
+    return [reporting.write_json(folder / "mechanism.json", report),
+            folder / "radial_tangential.png", folder / "landscape.png"]
 
   return Result(report, lines, write, output_is_folder=True)

@@ -7,7 +7,6 @@ fix (a NaN gradient at zero, a label check) lands everywhere at once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +61,7 @@ def dlr_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
   Invariant to shifting and scaling the logits, so it is not fooled by a model that merely
   saturates its softmax (Croce & Hein 2020, eq. 5). Needs at least 3 classes.
   """
-  _require_classes(logits, 3, 'dlr_loss')
+  _require_classes(logits, 3, "dlr_loss")
   logits = logits.astype(jnp.float32)
   z_sorted = jnp.sort(logits, axis=-1)  # ascending: [..., pi3, pi2, pi1]
   scale = z_sorted[:, -1] - z_sorted[:, -3] + 1e-12
@@ -74,7 +73,7 @@ def targeted_dlr_loss(logits: jax.Array, y: jax.Array, y_target: jax.Array) -> j
 
   Needs at least 4 classes.
   """
-  _require_classes(logits, 4, 'targeted_dlr_loss')
+  _require_classes(logits, 4, "targeted_dlr_loss")
   logits = logits.astype(jnp.float32)
   z_sorted = jnp.sort(logits, axis=-1)
   scale = z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12
@@ -87,16 +86,16 @@ def margin_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
   return _max_other_logit(logits, y) - true_logit(logits, y)
 
 
-LOSSES: dict[str, LossFn] = {'ce': cross_entropy, 'dlr': dlr_loss, 'margin': margin_loss}
+LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "dlr": dlr_loss, "margin": margin_loss}
 
 
-def resolve_loss(loss: Union[str, LossFn]) -> LossFn:
+def resolve_loss(loss: str | LossFn) -> LossFn:
   """Returns the loss function for a name in LOSSES, or `loss` itself if it is callable."""
   if callable(loss):
     return loss
   if loss not in LOSSES:
-    raise ValueError(f'Unknown loss {loss!r}: use one of {sorted(LOSSES)} or a callable '
-                     '(logits, y) -> per-example loss [B].')
+    raise ValueError(f"Unknown loss {loss!r}: use one of {sorted(LOSSES)} or a callable "
+                     "(logits, y) -> per-example loss [B].")
   return LOSSES[loss]
 
 
@@ -147,19 +146,19 @@ def check_images(x) -> None:
   The range is only checked for concrete arrays (inside jit values are unknown); shapes and
   dtypes are always checked.
   """
-  if not hasattr(x, 'ndim') or x.ndim != 4:
+  if not hasattr(x, "ndim") or x.ndim != 4:
     raise ValueError(f'Images must be a 4-D NHWC array [B, H, W, C], got shape '
                      f'{getattr(x, "shape", type(x))}. Add a batch axis with x[None] if needed.')
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f'Images must be floating point in [0, 1], got dtype {x.dtype}. '
-                     'Convert uint8 images with x.astype(np.float32) / 255.')
+    raise ValueError(f"Images must be floating point in [0, 1], got dtype {x.dtype}. "
+                     "Convert uint8 images with x.astype(np.float32) / 255.")
   if isinstance(x, jax.core.Tracer):
     return
   values = np.asarray(x)  # on the host: jnp ops would be staged if a caller is tracing
   lo, hi = float(values.min()), float(values.max())
   if not (0.0 <= lo and hi <= 1.0):
-    raise ValueError(f'Images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]. Attacks '
-                     'take unnormalised images; put any normalisation inside the model.')
+    raise ValueError(f"Images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]. Attacks "
+                     "take unnormalised images; put any normalisation inside the model.")
 
 
 def check_batch(x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -170,5 +169,5 @@ def check_batch(x, y) -> tuple[np.ndarray, np.ndarray]:
   x = np.asarray(x, np.float32)
   y = np.asarray(y)
   if not np.issubdtype(y.dtype, np.integer) or y.shape != x.shape[:1]:
-    raise ValueError(f'labels must be integers of shape [{len(x)}], got {y.dtype} {y.shape}.')
+    raise ValueError(f"labels must be integers of shape [{len(x)}], got {y.dtype} {y.shape}.")
   return x, y.astype(np.int32)

@@ -18,11 +18,11 @@ from matplotlib.figure import Figure
 
 # Okabe & Ito (2008): blue, orange, bluish green, vermillion, reddish purple, sky blue, yellow,
 # black. Yellow is last but one because it is faint on white.
-PALETTE = ('#0072B2', '#E69F00', '#009E73', '#D55E00', '#CC79A7', '#56B4E9', '#000000',
-           '#F0E442')
-MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*')
-LINESTYLES = ('-', '--', ':', '-.')
-SURFACE_CMAP = 'cividis'
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000",
+           "#F0E442")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", ":", "-.")
+SURFACE_CMAP = "cividis"
 
 
 def series_style(i: int) -> dict[str, Any]:
@@ -30,8 +30,8 @@ def series_style(i: int) -> dict[str, Any]:
   and after the palette runs out the marker and line style shift, so series i and i + 8
   still differ."""
   cycle = i // len(PALETTE)
-  return {'color': PALETTE[i % len(PALETTE)], 'marker': MARKERS[(i + cycle) % len(MARKERS)],
-          'linestyle': LINESTYLES[(i + cycle) % len(LINESTYLES)]}
+  return {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[(i + cycle) % len(MARKERS)],
+          "linestyle": LINESTYLES[(i + cycle) % len(LINESTYLES)]}
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -51,12 +51,12 @@ def _draw_lines(ax, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]
     style = series_style(i if style_index is None else style_index[label])
     ax.plot(xs, ys, label=label, markevery=markevery, markersize=5, **style)
   for j, (label, value) in enumerate((reference_lines or {}).items()):
-    ax.axhline(value, color='0.45', linestyle=LINESTYLES[(j + 1) % len(LINESTYLES)],
+    ax.axhline(value, color="0.45", linestyle=LINESTYLES[(j + 1) % len(LINESTYLES)],
                linewidth=1, label=label)
   if logx:
-    ax.set_xscale('log')
+    ax.set_xscale("log")
   if xticks is not None:  # Label the measured values themselves (log axes show only decades).
-    ax.set_xticks(list(xticks), [f'{v:g}' for v in xticks])
+    ax.set_xticks(list(xticks), [f"{v:g}" for v in xticks])
     ax.minorticks_off()
   if ylim is not None:
     ax.set_ylim(*ylim)
@@ -115,28 +115,28 @@ def plot_landscapes(path: str | Path, landscapes: Mapping[str, Mapping[str, Any]
   """
   labels = list(landscapes)
   if not labels:
-    raise ValueError('plot_landscapes needs at least one landscape.')
-  planes = list(landscapes[labels[0]]['planes'])
+    raise ValueError("plot_landscapes needs at least one landscape.")
+  planes = list(landscapes[labels[0]]["planes"])
   for label in labels[1:]:
-    if list(landscapes[label]['planes']) != planes:
+    if list(landscapes[label]["planes"]) != planes:
       raise ValueError(f'landscape {label!r} has planes {list(landscapes[label]["planes"])}, '
                        f'{labels[0]!r} has {planes}: compute them with the same settings.')
   fig = Figure(figsize=(3.6 * len(planes) + 0.8, 3.2 * len(labels)))
   axes = fig.subplots(len(labels), len(planes), squeeze=False)
   for row, label in enumerate(labels):
     land = landscapes[label]
-    coords = np.asarray(land['coordinates'])
+    coords = np.asarray(land["coordinates"])
     for col, plane in enumerate(planes):
-      grid = np.asarray(land['planes'][plane]['mean_loss'])
+      grid = np.asarray(land["planes"][plane]["mean_loss"])
       ax = axes[row, col]
       image = ax.contourf(coords, coords, grid.T, levels=20, cmap=SURFACE_CMAP)
-      ax.contour(coords, coords, grid.T, levels=10, colors='k', linewidths=0.4, alpha=0.5)
-      ax.plot([0], [0], marker='x', color='#D55E00', markersize=8)
-      first, second = land['planes'][plane]['axes']
+      ax.contour(coords, coords, grid.T, levels=10, colors="k", linewidths=0.4, alpha=0.5)
+      ax.plot([0], [0], marker="x", color="#D55E00", markersize=8)
+      first, second = land["planes"][plane]["axes"]
       ax.set_xlabel(f'{first}\n({land["units"]})', fontsize=8)
       ax.set_ylabel(f'{second}\n({land["units"]})', fontsize=8)
       ax.set_title(f'{label}: {plane} at {land["layer"]}', fontsize=9)
-      colorbar = fig.colorbar(image, ax=ax, format='%.6g')  # no offset text over the title
+      colorbar = fig.colorbar(image, ax=ax, format="%.6g")  # no offset text over the title
       colorbar.set_label(f'mean {land["loss"]} loss, {land["num_points"]} points', fontsize=8)
   return _save(fig, path)
 
@@ -149,32 +149,32 @@ def plot_radial_tangential(path: str | Path, results: Mapping[str, Mapping[str, 
   fig = Figure(figsize=(9, 4.2))
   ax = fig.add_subplot()
   labels = list(results)
-  layers = list(results[labels[0]]['layers'])
-  steps = results[labels[0]]['relative_steps']
+  layers = list(results[labels[0]]["layers"])
+  steps = results[labels[0]]["relative_steps"]
   step = max(steps) if relative_step is None else relative_step
   if step not in steps:
-    raise ValueError(f'relative_step {step} was not computed; choose one of {steps}.')
-  key = f'{step:g}'
+    raise ValueError(f"relative_step {step} was not computed; choose one of {steps}.")
+  key = f"{step:g}"
   width = 0.8 / (2 * len(labels))
   i, all_values = 0, [1e-12]
   for label in labels:
-    for direction in ('radial', 'tangential'):
-      values = [results[label]['layers'][layer]['loss_change'][key][direction]['mean']
+    for direction in ("radial", "tangential"):
+      values = [results[label]["layers"][layer]["loss_change"][key][direction]["mean"]
                 for layer in layers]
       all_values += values
       offsets = np.arange(len(layers)) - 0.4 + width * (i + 0.5)
       style = series_style(i)
-      ax.bar(offsets, values, width, label=f'{label}: {direction}', color=style['color'],
-             hatch=('', '//', '..', 'xx')[i % 4], edgecolor='k', linewidth=0.5)
+      ax.bar(offsets, values, width, label=f"{label}: {direction}", color=style["color"],
+             hatch=("", "//", "..", "xx")[i % 4], edgecolor="k", linewidth=0.5)
       i += 1
   # Models' loss changes can differ by orders of magnitude: log scale, linear near 0 (the
   # radial change can be negative where the loss curves down).
-  ax.set_yscale('symlog', linthresh=1e-3 * max(abs(v) for v in all_values))
+  ax.set_yscale("symlog", linthresh=1e-3 * max(abs(v) for v in all_values))
   ax.set_xticks(np.arange(len(layers)), layers)
-  ax.set_xlabel('tapped layer input h')
-  loss = results[labels[0]]['loss']
-  ax.set_ylabel(f'mean {loss} loss increase\nat an L2 step of {step:g} * ||h|| (symlog)')
-  ax.axhline(0, color='k', linewidth=0.6)
-  ax.grid(alpha=0.3, axis='y')
-  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.0, 1.0))
+  ax.set_xlabel("tapped layer input h")
+  loss = results[labels[0]]["loss"]
+  ax.set_ylabel(f"mean {loss} loss increase\nat an L2 step of {step:g} * ||h|| (symlog)")
+  ax.axhline(0, color="k", linewidth=0.6)
+  ax.grid(alpha=0.3, axis="y")
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   return _save(fig, path)

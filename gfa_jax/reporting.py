@@ -21,7 +21,7 @@ def write_atomically(path: str | Path, data: bytes) -> None:
   """Writes `data` to `path` through a temporary file in the same folder and a rename, so a
   reader (or a crash) never sees a half-written file."""
   path = Path(path)
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   try:
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -40,7 +40,7 @@ def write_json(path: str | Path, obj: Any, indent: int | None = None) -> Path:
 
 
 def pct(fraction: float | None) -> str:
-  return 'n/a' if fraction is None else f'{100 * fraction:.1f}%'
+  return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,12 +53,12 @@ def attack_summary(report: dict) -> str:
            f"on {report['num_examples']} examples ({report['norm']})"]
   eps_text = ", ".join(f"{e:.4g}" for e in report["eps"])
   for name, r in report["attacks"].items():
-    if r["kind"] == 'l0':
+    if r["kind"] == "l0":
       acc = f"{100 * r['robust_accuracy']:.2f}% with {r['threat_model']['pixels']} pixel(s)"
     else:
       acc = ", ".join(f"{100 * a:.2f}%" for a in r["robust_accuracy"]) + f" at eps [{eps_text}]"
     extra = ""
-    if r["kind"] == 'min_norm':
+    if r["kind"] == "min_norm":
       median = r["norms"][report["norm"]]["median"]
       extra = f"; success {100 * r['success_rate']:.1f}%, median {report['norm']} " + (
           "n/a" if median is None else f"{median:.4g}")
@@ -68,7 +68,7 @@ def attack_summary(report: dict) -> str:
     for eps_value, checks in zip(report["eps"], r.get("checks", [])):
       lines += [f"{'':>12}check {c['check']} at eps {eps_value:.4g}: WARNING {c['message']}"
                 for c in checks if c["status"] == "warn"]
-  if report["attack"] == 'all':
+  if report["attack"] == "all":
     lines.append(f"{'worst case':>10}: robust "
                  + ", ".join(f"{100 * a:.2f}%" for a in report["robust_accuracy"]))
   for name, reason in report["skipped"].items():
@@ -82,17 +82,17 @@ def plot_robust_accuracy(report: dict, path: str | Path) -> Path:
   """Robust accuracy vs eps, one line per attack (plus the worst case for 'all'), as a PNG with
   the clean accuracy as a reference line; colour-blind-safe styles from gfa_jax.plots."""
   # Linf radii read best in pixel levels (8/255 -> 8); l2 and l1 radii as they are.
-  scale, unit = (255, ' x 255') if report['norm'] == 'linf' else (1, '')
-  eps = [scale * e for e in report['eps']]
+  scale, unit = (255, " x 255") if report["norm"] == "linf" else (1, "")
+  eps = [scale * e for e in report["eps"]]
   percent = lambda values: [100 * v for v in values]
-  curves = {name: (eps, percent(r['robust_accuracy']))
-            for name, r in report['attacks'].items() if r['kind'] != 'l0'}
-  if report['attack'] == 'all' and curves:
-    curves['worst case'] = (eps, percent(report['robust_accuracy']))
+  curves = {name: (eps, percent(r["robust_accuracy"]))
+            for name, r in report["attacks"].items() if r["kind"] != "l0"}
+  if report["attack"] == "all" and curves:
+    curves["worst case"] = (eps, percent(report["robust_accuracy"]))
   return plots.plot_lines(
       path, curves, xlabel=f'eps{unit} ({report["norm"]}, images in [0, 1])',
       ylabel=f'robust accuracy (%) over {report["num_examples"]} test images', ylim=(-2, 102),
-      reference_lines={'clean accuracy': 100 * report['clean_accuracy']})
+      reference_lines={"clean accuracy": 100 * report["clean_accuracy"]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,67 +103,67 @@ def write_checklist(report: dict, out_dir: Path) -> dict[str, str]:
   """Draws the plots, writes checklist.md and checklist.json (strict JSON, no NaN, written
   atomically); returns {what: file name}."""
   out_dir.mkdir(parents=True, exist_ok=True)
-  sweep = report['checks'][0]['numbers']
-  curves = {name: (sweep['eps'], [100 * a for a in acc])
-            for name, acc in sweep['robust_accuracy'].items()}
-  curves['worst case'] = (sweep['eps'], [100 * a for a in sweep['worst_case']])
+  sweep = report["checks"][0]["numbers"]
+  curves = {name: (sweep["eps"], [100 * a for a in acc])
+            for name, acc in sweep["robust_accuracy"].items()}
+  curves["worst case"] = (sweep["eps"], [100 * a for a in sweep["worst_case"]])
   plots.plot_lines(
-      out_dir / 'eps_sweep.png', curves, logx=True, ylim=(-2, 102),
+      out_dir / "eps_sweep.png", curves, logx=True, ylim=(-2, 102),
       xlabel=f'eps ({report["norm"]} radius, images in [0, 1]; log scale)',
       ylabel=f'robust accuracy (%) of {report["num_examples"]} test images',
-      title='Check 1/2: robust accuracy must reach 0% (or chance) as eps grows',
-      reference_lines={'clean accuracy': 100 * report['clean_accuracy'],
-                       'chance': 100 * sweep['chance']})
+      title="Check 1/2: robust accuracy must reach 0% (or chance) as eps grows",
+      reference_lines={"clean accuracy": 100 * report["clean_accuracy"],
+                       "chance": 100 * sweep["chance"]})
   traces = {name: (np.arange(1, len(t)), t[1:])
-            for name, t in report['convergence_trace'].items()}
+            for name, t in report["convergence_trace"].items()}
   plots.plot_lines(
-      out_dir / 'convergence.png', traces, logx=True, markevery=0.1,
-      xlabel='APGD-CE iteration (log scale)',
-      ylabel='best cross-entropy so far (nats)\nmean over attacked points',
+      out_dir / "convergence.png", traces, logx=True, markevery=0.1,
+      xlabel="APGD-CE iteration (log scale)",
+      ylabel="best cross-entropy so far (nats)\nmean over attacked points",
       title=f'Check 4: convergence at eps {report["eps_text"]} ({report["norm"]})')
-  files = {'json': 'checklist.json', 'markdown': 'checklist.md',
-           'eps_sweep': 'eps_sweep.png', 'convergence': 'convergence.png'}
-  write_atomically(out_dir / 'checklist.md', checklist_markdown(report, files).encode())
-  write_atomically(out_dir / 'checklist.json',
-                   json.dumps({**report, 'files': files}, indent=1, allow_nan=False).encode())
+  files = {"json": "checklist.json", "markdown": "checklist.md",
+           "eps_sweep": "eps_sweep.png", "convergence": "convergence.png"}
+  write_atomically(out_dir / "checklist.md", checklist_markdown(report, files).encode())
+  write_atomically(out_dir / "checklist.json",
+                   json.dumps({**report, "files": files}, indent=1, allow_nan=False).encode())
   return files
 
 
 def _md_number(value: Any) -> str:
   if isinstance(value, float):
-    return f'{value:.4g}'
+    return f"{value:.4g}"
   if isinstance(value, (list, tuple)):
-    return '[' + ', '.join(_md_number(v) for v in value) + ']'
+    return "[" + ", ".join(_md_number(v) for v in value) + "]"
   if isinstance(value, dict):
-    return '{' + ', '.join(f'{k}: {_md_number(v)}' for k, v in value.items()) + '}'
+    return "{" + ", ".join(f"{k}: {_md_number(v)}" for k, v in value.items()) + "}"
   return str(value)
 
 
 def checklist_markdown(report: Mapping[str, Any], files: Mapping[str, str] | None = None) -> str:
   """The report as Markdown: a summary table, then each check's verdict and numbers."""
-  s = report['summary']
+  s = report["summary"]
   lines = [
-      '# Gradient-masking checklist', '',
+      "# Gradient-masking checklist", "",
       f'Threat model: {report["norm"]} eps = {report["eps_text"]}; {report["num_examples"]} '
-      f'examples, {report["num_classes"]} classes; budget `{report["budget"]}`.', '',
+      f'examples, {report["num_classes"]} classes; budget `{report["budget"]}`.', "",
       f'Clean accuracy **{pct(report["clean_accuracy"])}**; robust accuracy **'
       f'{pct(report["robust_accuracy"])}** (per-example worst case over '
       f'{len(report["attacks"])} attack runs at eps). Checks: {s["PASS"]} PASS, {s["WARN"]} WARN, '
-      f'{s["FAIL"]} FAIL.', '',
-      '| # | check | status |', '|---|---|---|']
-  lines += [f'| {c["id"]} | {c["name"]} | **{c["status"]}** |' for c in report['checks']]
-  lines += ['', '## Robust accuracy at eps per attack run', '', '| attack | robust accuracy |',
-            '|---|---|']
-  lines += [f'| {name} | {pct(acc)} |' for name, acc in report['attacks'].items()]
-  figures = {1: 'eps_sweep', 4: 'convergence'}
-  for c in report['checks']:
-    lines += ['', f'## {c["id"]}. {c["name"]}: {c["status"]}', '', c['verdict'], '']
-    lines += [f'- {k}: {_md_number(v)}' for k, v in c['numbers'].items()]
-    if files and c['id'] in figures:
-      lines += ['', f'![{figures[c["id"]]}]({files[figures[c["id"]]]})']
-  budget = ', '.join(f'{k}={v}' for k, v in report['budget_settings'].items())
-  lines += ['', f'Budget: {budget}. Seed {report["seed"]}.', '']
-  return '\n'.join(lines)
+      f'{s["FAIL"]} FAIL.', "",
+      "| # | check | status |", "|---|---|---|"]
+  lines += [f'| {c["id"]} | {c["name"]} | **{c["status"]}** |' for c in report["checks"]]
+  lines += ["", "## Robust accuracy at eps per attack run", "", "| attack | robust accuracy |",
+            "|---|---|"]
+  lines += [f"| {name} | {pct(acc)} |" for name, acc in report["attacks"].items()]
+  figures = {1: "eps_sweep", 4: "convergence"}
+  for c in report["checks"]:
+    lines += ["", f'## {c["id"]}. {c["name"]}: {c["status"]}', "", c["verdict"], ""]
+    lines += [f"- {k}: {_md_number(v)}" for k, v in c["numbers"].items()]
+    if files and c["id"] in figures:
+      lines += ["", f'![{figures[c["id"]]}]({files[figures[c["id"]]]})']
+  budget = ", ".join(f"{k}={v}" for k, v in report["budget_settings"].items())
+  lines += ["", f'Budget: {budget}. Seed {report["seed"]}.', ""]
+  return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def checklist_markdown(report: Mapping[str, Any], files: Mapping[str, str] | Non
 def alignment_markdown(table: Mapping[str, Mapping[str, float]]) -> str:
   """``alignment_table``'s result as a Markdown table, one row per split, one column per layer."""
   layers = list(next(iter(table.values())))
-  lines = ['| split | ' + ' | '.join(layers) + ' |', '|---' * (len(layers) + 1) + '|']
-  lines += [f'| {split} | ' + ' | '.join(f'{row[name]:+.4f}' for name in layers) + ' |'
+  lines = ["| split | " + " | ".join(layers) + " |", "|---" * (len(layers) + 1) + "|"]
+  lines += [f"| {split} | " + " | ".join(f"{row[name]:+.4f}" for name in layers) + " |"
             for split, row in table.items()]
-  return '\n'.join(lines)
+  return "\n".join(lines)

@@ -23,8 +23,8 @@ class NormNet(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = tap(self, 'layer0', x.reshape(x.shape[0], -1) - 0.5)
-    h = tap(self, 'layer1', jnp.tanh(nn.Dense(6)(h)))
+    h = tap(self, "layer0", x.reshape(x.shape[0], -1) - 0.5)
+    h = tap(self, "layer1", jnp.tanh(nn.Dense(6)(h)))
     norm = jnp.sqrt(jnp.sum(h * h, axis=1, keepdims=True))
     features = h / norm if self.angular else jnp.concatenate([norm, norm ** 2], axis=1)
     return nn.Dense(NUM_CLASSES)(features)
@@ -40,54 +40,54 @@ def setup(angular=False, n=8):
 
 def test_radial_loss_has_zero_tangential_derivative():
   apply_fn, variables, x, y = setup()
-  result = analysis.radial_tangential(apply_fn, variables, x, y, layers=('layer0', 'layer1'),
-                                      pgd_layer='layer1', return_per_example=True)
-  per = result['per_example']['layers']
-  radial, tangential = np.abs(per['layer1']['radial_derivative']), per['layer1'][
-      'tangential_derivative']
+  result = analysis.radial_tangential(apply_fn, variables, x, y, layers=("layer0", "layer1"),
+                                      pgd_layer="layer1", return_per_example=True)
+  per = result["per_example"]["layers"]
+  radial, tangential = np.abs(per["layer1"]["radial_derivative"]), per["layer1"][
+      "tangential_derivative"]
   assert np.all(radial > 1e-4)
   np.testing.assert_array_less(tangential, 1e-5 * radial)
-  np.testing.assert_allclose(np.abs(per['layer1']['cosine']), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.abs(per["layer1"]["cosine"]), 1.0, atol=1e-5)
   # One layer down the gradient is not radial: the test can tell layers apart.
-  assert np.median(per['layer0']['tangential_derivative']) > 0.1 * np.median(
-      np.abs(per['layer0']['radial_derivative']))
+  assert np.median(per["layer0"]["tangential_derivative"]) > 0.1 * np.median(
+      np.abs(per["layer0"]["radial_derivative"]))
   # At equal steps the tangential move changes ||h|| only to second order.
-  change = result['layers']['layer1']['loss_change']['0.01']
-  assert change['tangential']['max'] < 0.05 * change['radial']['min']
-  assert change['tangential_larger'] == 0.0
-  pgd = result['pgd']
-  assert pgd['radial']['loss_increase']['mean'] > 10 * pgd['tangential']['loss_increase']['mean']
-  assert pgd['full']['loss_increase']['mean'] >= pgd['radial']['loss_increase']['mean'] - 1e-6
-  json.dumps({k: v for k, v in result.items() if k != 'per_example'}, allow_nan=False)
+  change = result["layers"]["layer1"]["loss_change"]["0.01"]
+  assert change["tangential"]["max"] < 0.05 * change["radial"]["min"]
+  assert change["tangential_larger"] == 0.0
+  pgd = result["pgd"]
+  assert pgd["radial"]["loss_increase"]["mean"] > 10 * pgd["tangential"]["loss_increase"]["mean"]
+  assert pgd["full"]["loss_increase"]["mean"] >= pgd["radial"]["loss_increase"]["mean"] - 1e-6
+  json.dumps({k: v for k, v in result.items() if k != "per_example"}, allow_nan=False)
 
 
 def test_angular_loss_has_zero_radial_derivative():
   apply_fn, variables, x, y = setup(angular=True)
-  result = analysis.radial_tangential(apply_fn, variables, x, y, layers=('layer1',),
+  result = analysis.radial_tangential(apply_fn, variables, x, y, layers=("layer1",),
                                       pgd_layer=None, return_per_example=True)
-  per = result['per_example']['layers']['layer1']
-  assert np.all(per['tangential_derivative'] > 1e-4)
-  np.testing.assert_array_less(np.abs(per['radial_derivative']),
-                               1e-5 * per['tangential_derivative'])
-  assert result['layers']['layer1']['loss_change']['0.1']['tangential_larger'] == 1.0
-  assert 'pgd' not in result
+  per = result["per_example"]["layers"]["layer1"]
+  assert np.all(per["tangential_derivative"] > 1e-4)
+  np.testing.assert_array_less(np.abs(per["radial_derivative"]),
+                               1e-5 * per["tangential_derivative"])
+  assert result["layers"]["layer1"]["loss_change"]["0.1"]["tangential_larger"] == 1.0
+  assert "pgd" not in result
 
 
 def test_landscape_grid_is_centred_and_symmetric_for_a_radial_loss(tmp_path):
   apply_fn, variables, x, y = setup(n=4)
-  png = tmp_path / 'landscape.png'
+  png = tmp_path / "landscape.png"
   land = analysis.loss_landscape(apply_fn, variables, x, y, key=jax.random.PRNGKey(0),
-                                 layer='layer1', num=5, extent=0.2, random_planes=2,
+                                 layer="layer1", num=5, extent=0.2, random_planes=2,
                                  png_path=png)
-  assert set(land['planes']) == {'radial_tangential', 'random_0', 'random_1'}
-  assert land['coordinates'] == pytest.approx([-0.2, -0.1, 0.0, 0.1, 0.2])
-  clean = np.asarray(land['clean_loss'])
-  for plane in land['planes'].values():
-    grid = np.asarray(plane['loss'])
+  assert set(land["planes"]) == {"radial_tangential", "random_0", "random_1"}
+  assert land["coordinates"] == pytest.approx([-0.2, -0.1, 0.0, 0.1, 0.2])
+  clean = np.asarray(land["clean_loss"])
+  for plane in land["planes"].values():
+    grid = np.asarray(plane["loss"])
     assert grid.shape == (4, 5, 5)
     np.testing.assert_allclose(grid[:, 2, 2], clean, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(plane['mean_loss']), grid.mean(0), rtol=1e-6)
-  grid = np.asarray(land['planes']['radial_tangential']['loss'])
+    np.testing.assert_allclose(np.asarray(plane["mean_loss"]), grid.mean(0), rtol=1e-6)
+  grid = np.asarray(land["planes"]["radial_tangential"]["loss"])
   # Moving by +-b orthogonally to h gives the same ||h||, hence the same loss; radially it
   # does not.
   np.testing.assert_allclose(grid[:, 2, :], grid[:, 2, ::-1], rtol=1e-5)
@@ -98,23 +98,23 @@ def test_landscape_grid_is_centred_and_symmetric_for_a_radial_loss(tmp_path):
 
 def test_alignment_table_agrees_with_per_example_cosines():
   apply_fn, variables, x, y = setup()
-  table = analysis.alignment_table(apply_fn, variables, {'test': (x, y), 'first': (x[:3], y[:3])},
+  table = analysis.alignment_table(apply_fn, variables, {"test": (x, y), "first": (x[:3], y[:3])},
                                    cross_entropy, batch_size=3)
-  assert list(table) == ['test', 'first'] and list(table['test']) == ['layer0', 'layer1']
-  per = analysis.radial_tangential(apply_fn, variables, x, y, layers=('layer0', 'layer1'),
-                                   pgd_layer=None, return_per_example=True)['per_example']
-  for layer in ('layer0', 'layer1'):
-    cosine = per['layers'][layer]['cosine']
-    assert table['test'][layer] == pytest.approx(cosine.mean(), abs=1e-5)
-    assert table['first'][layer] == pytest.approx(cosine[:3].mean(), abs=1e-5)
+  assert list(table) == ["test", "first"] and list(table["test"]) == ["layer0", "layer1"]
+  per = analysis.radial_tangential(apply_fn, variables, x, y, layers=("layer0", "layer1"),
+                                   pgd_layer=None, return_per_example=True)["per_example"]
+  for layer in ("layer0", "layer1"):
+    cosine = per["layers"][layer]["cosine"]
+    assert table["test"][layer] == pytest.approx(cosine.mean(), abs=1e-5)
+    assert table["first"][layer] == pytest.approx(cosine[:3].mean(), abs=1e-5)
   markdown = reporting.alignment_markdown(table)
-  assert markdown.splitlines()[0] == '| split | layer0 | layer1 |'
+  assert markdown.splitlines()[0] == "| split | layer0 | layer1 |"
 
 
 def test_unknown_layer_is_a_clear_error():
   apply_fn, variables, x, y = setup(n=2)
   with pytest.raises(ValueError, match=r"unknown layers \['layer7'\].*layer0"):
-    analysis.radial_tangential(apply_fn, variables, x, y, layers=('layer7',))
-  with pytest.raises(ValueError, match='no tapped layer'):
+    analysis.radial_tangential(apply_fn, variables, x, y, layers=("layer7",))
+  with pytest.raises(ValueError, match="no tapped layer"):
     plain = lambda v, x, mutable=(): (x.reshape(len(x), -1)[:, :3], {})
     analysis.loss_landscape(plain, {}, x, y, key=jax.random.PRNGKey(0))

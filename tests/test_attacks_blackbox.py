@@ -54,12 +54,12 @@ def test_square_breaks_a_zero_gradient_model_where_pgd_fails():
                                 steps=20))(x)
   x_sq = jax.jit(lambda x: square(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=eps,
                                   n_queries=1000))(x)
-  core.check_adversarial(x_sq, x, eps, 'linf')
+  core.check_adversarial(x_sq, x, eps, "linf")
   assert float(jnp.mean(jnp.argmax(logits_fn(x_pgd), -1) == y)) == 1.0
   assert float(jnp.mean(jnp.argmax(logits_fn(x_sq), -1) == y)) == 0.0
 
 
-@pytest.mark.parametrize('norm,eps', [('linf', 4 / 255), ('l2', 0.3)])
+@pytest.mark.parametrize("norm,eps", [("linf", 4 / 255), ("l2", 0.3)])
 def test_square_respects_eps_and_box_and_is_deterministic(norm, eps):
   logits_fn, _ = linear_model()
   x = images(6)  # full [0, 1] range, so clipping at 0 and 1 matters
@@ -120,7 +120,7 @@ def _reference_eta(s):
   return delta / np.sqrt((delta ** 2).sum())
 
 
-@pytest.mark.parametrize('s', [3, 6, 11])
+@pytest.mark.parametrize("s", [3, 6, 11])
 def test_eta_block_matches_reference_construction(s):
   top, left = jnp.array([1, 4]), jnp.array([2, 16 - s])
   rows, cols, inside = _window(top, left, jnp.int32(s), 16, 16)
@@ -145,14 +145,14 @@ def pixel_detector(x):
   return jnp.stack([jnp.full_like(score, 0.9), score], axis=1)
 
 
-@pytest.mark.parametrize('pixels', [1, 2])
+@pytest.mark.parametrize("pixels", [1, 2])
 def test_onepixel_changes_at_most_pixels_and_finds_the_pixel(pixels):
   x = images(4, high=0.5)
   y = jnp.zeros(4, jnp.int32)
   run = jax.jit(lambda key: onepixel(pixel_detector, x, y, key=key, pixels=pixels,
                                      population=20, iterations=10, chunk_size=10))
   x_adv = run(jax.random.PRNGKey(0))
-  core.check_adversarial(x_adv, x, 1.0, 'linf')
+  core.check_adversarial(x_adv, x, 1.0, "linf")
   changed = np.any(np.asarray(x_adv) != np.asarray(x), axis=-1).reshape(4, -1).sum(1)
   assert changed.max() <= pixels and changed.min() >= 1
   assert np.all(np.argmax(pixel_detector(x_adv), -1) == 1)
@@ -172,8 +172,8 @@ def test_onepixel_reports_no_success_on_a_model_no_pixel_can_flip():
   assert changed.max() <= 1
 
 
-@pytest.mark.parametrize('bad', [dict(eps=-0.1), dict(eps=1.5), dict(eps=0.1, norm='l1'),
-                                 dict(eps=0.1, n_queries=0), dict(eps=0.1, loss='dlr')])
+@pytest.mark.parametrize("bad", [dict(eps=-0.1), dict(eps=1.5), dict(eps=0.1, norm="l1"),
+                                 dict(eps=0.1, n_queries=0), dict(eps=0.1, loss="dlr")])
 def test_square_rejects_bad_arguments(bad):
   logits_fn, _ = linear_model()
   x = images(2)
@@ -185,7 +185,7 @@ def test_blackbox_attacks_reject_images_outside_unit_box():
   logits_fn, _ = linear_model()
   x = images(2) * 2.0
   y = jnp.zeros(2, jnp.int32)
-  with pytest.raises(ValueError, match=r'\[0, 1\]'):
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
     square(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=0.1)
-  with pytest.raises(ValueError, match=r'\[0, 1\]'):
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
     onepixel(logits_fn, x, y, key=jax.random.PRNGKey(0))

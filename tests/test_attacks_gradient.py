@@ -68,7 +68,7 @@ def boundary_setup(norm, num_classes=4, batch=8):
   x = x + ((s_wanted - s_now)[:, None] * v[None] / (v @ v)).reshape((batch,) + SHAPE)
   assert 0.3 < float(x.min()) and float(x.max()) < 0.7
   y = jnp.argmax(logits_fn(x), axis=-1)
-  dist = np.abs(s_wanted) / np.linalg.norm(v, ord=1 if norm == 'linf' else 2)
+  dist = np.abs(s_wanted) / np.linalg.norm(v, ord=1 if norm == "linf" else 2)
   assert dist.max() < 0.25  # the ball stays inside the box, so clipping never binds
   x2, y2 = jnp.concatenate([x, x]), jnp.concatenate([y, y])
   eps = jnp.asarray(np.concatenate([1.1 * dist, 0.9 * dist]), jnp.float32)
@@ -76,16 +76,16 @@ def boundary_setup(norm, num_classes=4, batch=8):
 
 
 ATTACKS = {
-    'pgd-ce': functools.partial(pgd, loss='ce', steps=10),
-    'pgd-dlr': functools.partial(pgd, loss='dlr', steps=10),
-    'apgd-ce': functools.partial(apgd, loss='ce', steps=10, n_restarts=2),  # restarts keep the best
-    'apgd-dlr': functools.partial(apgd, loss='dlr', steps=10),
-    'apgd-t': functools.partial(apgd_t, num_targets=3, steps=10),
+    "pgd-ce": functools.partial(pgd, loss="ce", steps=10),
+    "pgd-dlr": functools.partial(pgd, loss="dlr", steps=10),
+    "apgd-ce": functools.partial(apgd, loss="ce", steps=10, n_restarts=2),  # restarts keep the best
+    "apgd-dlr": functools.partial(apgd, loss="dlr", steps=10),
+    "apgd-t": functools.partial(apgd_t, num_targets=3, steps=10),
 }
 
 
-@pytest.mark.parametrize('norm', ['linf', 'l2'])
-@pytest.mark.parametrize('name', sorted(ATTACKS))
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_attack_crosses_boundary_exactly_when_eps_allows(name, norm):
   logits_fn, x, y, eps, n = boundary_setup(norm)
   attack = jax.jit(functools.partial(ATTACKS[name], logits_fn, norm=norm))
@@ -95,7 +95,7 @@ def test_attack_crosses_boundary_exactly_when_eps_allows(name, norm):
   assert robust_accuracy(logits_fn, x_adv[n:], y[n:]) == 1.0  # eps short of it
 
 
-@pytest.mark.parametrize('norm', ['linf', 'l2'])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fgsm_is_the_analytic_step(norm):
   rng = np.random.default_rng(2)
   w = rng.normal(size=(DIM, 3)).astype(np.float32)
@@ -109,7 +109,7 @@ def test_fgsm_is_the_analytic_step(norm):
   p = np.exp(z - z.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
   grad = (p - np.eye(3)[np.asarray(y)]) @ w.T
-  if norm == 'linf':
+  if norm == "linf":
     step = np.sign(grad)
   else:
     step = grad / np.linalg.norm(grad, axis=1, keepdims=True)
@@ -143,7 +143,7 @@ def test_pgd_callable_loss_receives_y_unchanged():
   kl = lambda logits, p: jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(logits)), axis=-1)
   x_init = x + 0.001 * jax.random.normal(jax.random.PRNGKey(1), x.shape)
   x_adv = pgd(logits_fn, x, p_clean, key=jax.random.PRNGKey(0), eps=0.03, loss=kl, x_init=x_init)
-  core.check_adversarial(x_adv, x, 0.03, 'linf')
+  core.check_adversarial(x_adv, x, 0.03, "linf")
   assert float(jnp.mean(kl(logits_fn(x_adv), p_clean))) > float(jnp.mean(kl(logits_fn(x), p_clean)))
 
 
@@ -199,7 +199,7 @@ def test_apgd_t_reaches_the_least_likely_target_when_possible():
   eps = jnp.asarray(1.25 * needed, jnp.float32)  # some slack: targeted DLR ignores third classes
   x_adv = apgd_t(logits_fn, x, jnp.asarray(y), key=jax.random.PRNGKey(0), eps=eps,
                           y_target=jnp.asarray(target), steps=20)
-  core.check_adversarial(x_adv, x, np.asarray(eps), 'linf')
+  core.check_adversarial(x_adv, x, np.asarray(eps), "linf")
   np.testing.assert_array_equal(np.asarray(logits_fn(x_adv)).argmax(1), target)
 
 
@@ -210,7 +210,7 @@ def test_apgd_runs_exactly_the_requested_iterations():
   x = images(4)
   y = jnp.argmax(logits_fn(x), axis=-1)
   steps = 37
-  _, trace = apgd(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=0.5, norm='l2',
+  _, trace = apgd(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=0.5, norm="l2",
                            steps=steps, return_trace=True)
   chex.assert_shape(trace, (steps + 1, 4))
   assert np.all(np.diff(np.asarray(trace), axis=0) >= 0)
@@ -227,7 +227,7 @@ def reference_apgd_best_loss(loss_and_grad, x, x_start, eps, norm, steps, rho=0.
   expand = lambda m: m.reshape(-1, 1, 1, 1)
   l2 = lambda v: np.sqrt((v ** 2).reshape(v.shape[0], -1).sum(1))
   normalize = lambda v: v / expand(l2(v) + 1e-12)
-  if norm == 'linf':
+  if norm == "linf":
     project = lambda v: np.clip(np.minimum(np.maximum(v, x - eps), x + eps), 0.0, 1.0)
     direction = np.sign
   else:
@@ -264,7 +264,7 @@ def reference_apgd_best_loss(loss_and_grad, x, x_start, eps, norm, steps, rho=0.
   return np.stack(best_losses)
 
 
-@pytest.mark.parametrize('norm, eps, loss', [('linf', 8 / 255, 'ce'), ('l2', 0.5, 'dlr')])
+@pytest.mark.parametrize("norm, eps, loss", [("linf", 8 / 255, "ce"), ("l2", 0.5, "dlr")])
 def test_apgd_matches_a_port_of_the_reference(norm, eps, loss):
   logits_fn = wiggly_model(num_classes=10, scale=0.5)
   x = images(8, low=0.0, high=1.0)
@@ -293,11 +293,11 @@ def test_apgd_checkpoints_follow_the_paper():
   assert checkpoint_iterations(100) == [22, 41, 57, 70, 80, 87, 93, 99]
 
 
-@pytest.mark.parametrize('attack', [
+@pytest.mark.parametrize("attack", [
     functools.partial(pgd, steps=3),
-    functools.partial(apgd, steps=3, loss='dlr'),
+    functools.partial(apgd, steps=3, loss="dlr"),
     functools.partial(apgd_t, steps=3, num_targets=2),
-], ids=['pgd', 'apgd-dlr', 'apgd-t'])
+], ids=["pgd", "apgd-dlr", "apgd-t"])
 def test_same_key_same_output_and_one_compile_per_shape(attack):
   logits_fn = wiggly_model()
   chex.clear_trace_counter()
@@ -315,21 +315,21 @@ def test_same_key_same_output_and_one_compile_per_shape(attack):
   run(images(4, seed=5), jnp.array([1, 1, 0, 0]), jax.random.PRNGKey(2))  # no retrace
 
 
-@pytest.mark.parametrize('attack', [fgsm, pgd, apgd, apgd_t])
+@pytest.mark.parametrize("attack", [fgsm, pgd, apgd, apgd_t])
 def test_bad_input_raises(attack):
   logits_fn, _ = two_sided_model()
   x, y, key = images(2), jnp.array([0, 1]), jax.random.PRNGKey(0)
-  with pytest.raises(ValueError, match=r'\[0, 1\]'):
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
     attack(logits_fn, x * 255, y, key=key, eps=0.03)
-  with pytest.raises(ValueError, match='eps'):
+  with pytest.raises(ValueError, match="eps"):
     attack(logits_fn, x, y, key=key, eps=8.0)
-  with pytest.raises(ValueError, match='norm'):
-    attack(logits_fn, x, y, key=key, eps=0.03, norm='l0')
+  with pytest.raises(ValueError, match="norm"):
+    attack(logits_fn, x, y, key=key, eps=0.03, norm="l0")
 
 
 def test_apgd_t_rejects_more_targets_than_classes():
   logits_fn, _ = two_sided_model(num_classes=4)
-  with pytest.raises(ValueError, match='num_targets'):
+  with pytest.raises(ValueError, match="num_targets"):
     apgd_t(logits_fn, images(2), jnp.array([0, 1]), key=jax.random.PRNGKey(0), eps=0.03)
 
 
@@ -359,7 +359,7 @@ def test_run_per_target_attacks_only_the_points_still_robust():
     jax.debug.callback(lambda n: rows.append(int(n)), x.shape[0])
     return logits_fn(x)
 
-  hparams = (('norm', 'linf'), ('steps', 10), ('num_targets', 4))
+  hparams = (("norm", "linf"), ("steps", 10), ("num_targets", 4))
   key = jax.random.key(1)
   assert core.splits_per_target(apgd_t, hparams)
   x_adv = core.run_per_target(apgd_t, counting, x, y, key=key, batch_size=64, eps=0.05,
@@ -372,4 +372,4 @@ def test_run_per_target_attacks_only_the_points_still_robust():
   assert 0.0 < robust(x_adv) < 0.6  # Some targets fool, some points survive the first.
   assert per_target < 0.75 * all_targets
   assert abs(robust(x_adv) - robust(x_all)) <= 3 / 64
-  core.check_adversarial(x_adv, x, 0.05, 'linf')
+  core.check_adversarial(x_adv, x, 0.05, "linf")

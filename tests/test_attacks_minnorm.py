@@ -18,8 +18,8 @@ from gfa_jax.attacks import cw, deepfool, ead, fab
 
 BATCH, SHAPE, NUM_CLASSES = 6, (4, 4, 1), 5
 DIM = int(np.prod(SHAPE))
-DUAL_ORD = {'l2': 2, 'linf': 1, 'l1': np.inf}
-NORM_ORD = {'l2': 2, 'linf': np.inf, 'l1': 1}
+DUAL_ORD = {"l2": 2, "linf": 1, "l1": np.inf}
+NORM_ORD = {"l2": 2, "linf": np.inf, "l1": 1}
 
 
 def linear_problem(norm, seed=0):
@@ -64,11 +64,11 @@ def assert_adversarial(logits_fn, x_adv, y):
 
 def assert_near_minimal(found, minimal, rtol):
   ratio = found / minimal
-  assert np.all(ratio >= 1 - 1e-4), f'below the closed-form minimum: {ratio}'
-  assert np.all(ratio <= 1 + rtol), f'not within {rtol:.0%} of the minimum: {ratio}'
+  assert np.all(ratio >= 1 - 1e-4), f"below the closed-form minimum: {ratio}"
+  assert np.all(ratio <= 1 + rtol), f"not within {rtol:.0%} of the minimum: {ratio}"
 
 
-@pytest.mark.parametrize('norm', ['l2', 'linf'])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_projection_onto_hyperplane_in_box_matches_bisection(norm):
   rng = np.random.default_rng(1)
   num, dim = 40, 6
@@ -83,7 +83,7 @@ def test_projection_onto_hyperplane_in_box_matches_bisection(norm):
   for i in range(num):
     side = np.sign(b[i] - w[i] @ t[i])
     room = np.where(side * w[i] > 0, 1 - t[i], t[i])
-    rate = np.abs(w[i]) if norm == 'l2' else np.ones(dim)
+    rate = np.abs(w[i]) if norm == "l2" else np.ones(dim)
     move = lambda lam: side * np.sign(w[i]) * np.minimum(lam * rate, room)
     lo, hi = 0.0, 1e9  # beyond every breakpoint, so the infeasible case ends at the corner
     for _ in range(200):
@@ -93,7 +93,7 @@ def test_projection_onto_hyperplane_in_box_matches_bisection(norm):
   assert np.all(t + d >= -1e-6) and np.all(t + d <= 1 + 1e-6)
 
 
-@pytest.mark.parametrize('norm', ['l2', 'linf'])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_deepfool_finds_minimal_perturbation(norm):
   logits_fn, x, y, minimal = linear_problem(norm)
   x_adv = run(deepfool.deepfool, logits_fn, x, y, norm=norm)
@@ -103,13 +103,13 @@ def test_deepfool_finds_minimal_perturbation(norm):
 
 
 def test_cw_l2_finds_minimal_perturbation():
-  logits_fn, x, y, minimal = linear_problem('l2')
+  logits_fn, x, y, minimal = linear_problem("l2")
   x_adv = run(cw.cw_l2, logits_fn, x, y, steps=200)
   assert_adversarial(logits_fn, x_adv, y)
-  assert_near_minimal(norms(x_adv, x, 'l2'), minimal, rtol=0.02)
+  assert_near_minimal(norms(x_adv, x, "l2"), minimal, rtol=0.02)
 
 
-@pytest.mark.parametrize('norm', ['l2', 'linf'])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_fab_finds_minimal_perturbation(norm):
   logits_fn, x, y, minimal = linear_problem(norm)
   x_adv = run(fab.fab, logits_fn, x, y, key=jax.random.key(0), norm=norm, steps=30)
@@ -118,21 +118,21 @@ def test_fab_finds_minimal_perturbation(norm):
 
 
 def test_ead_approaches_minimal_l1_and_follows_its_decision_rule():
-  logits_fn, x, y, minimal = linear_problem('l1')
+  logits_fn, x, y, minimal = linear_problem("l1")
   # Reference beta (1e-3) makes EAD mostly an L2 attack: its L1 is above the minimum, not far.
-  x_ref = run(ead.ead, logits_fn, x, y, decision_rule='L1', steps=200)
+  x_ref = run(ead.ead, logits_fn, x, y, decision_rule="L1", steps=200)
   assert_adversarial(logits_fn, x_ref, y)
-  assert_near_minimal(norms(x_ref, x, 'l1'), minimal, rtol=0.5)
+  assert_near_minimal(norms(x_ref, x, "l1"), minimal, rtol=0.5)
   # A stronger L1 weight (and the reference's 1000 steps) gets within a few percent.
-  x_l1 = run(ead.ead, logits_fn, x, y, decision_rule='L1', beta=0.02)
+  x_l1 = run(ead.ead, logits_fn, x, y, decision_rule="L1", beta=0.02)
   assert_adversarial(logits_fn, x_l1, y)
-  assert_near_minimal(norms(x_l1, x, 'l1'), minimal, rtol=0.05)
+  assert_near_minimal(norms(x_l1, x, "l1"), minimal, rtol=0.05)
   # The EN rule keeps a point with smaller elastic-net distance, paying in L1.
-  x_en = run(ead.ead, logits_fn, x, y, decision_rule='EN', beta=0.02)
+  x_en = run(ead.ead, logits_fn, x, y, decision_rule="EN", beta=0.02)
   assert_adversarial(logits_fn, x_en, y)
-  elastic_net = lambda v: norms(v, x, 'l2') ** 2 + 0.02 * norms(v, x, 'l1')
+  elastic_net = lambda v: norms(v, x, "l2") ** 2 + 0.02 * norms(v, x, "l1")
   assert np.all(elastic_net(x_en) <= elastic_net(x_l1) + 1e-6)
-  assert np.all(norms(x_l1, x, 'l1') <= norms(x_en, x, 'l1') + 1e-6)
+  assert np.all(norms(x_l1, x, "l1") <= norms(x_en, x, "l1") + 1e-6)
 
 
 def two_boundaries_problem():
@@ -146,7 +146,7 @@ def two_boundaries_problem():
   return logits_fn, x, jnp.zeros((BATCH,), jnp.int32)
 
 
-@pytest.mark.parametrize('norm', ['l2', 'linf'])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_fab_targeted_reaches_its_target_class(norm):
   logits_fn, x, y = two_boundaries_problem()
   predict = lambda v: np.asarray(logits_fn(jnp.asarray(v))).argmax(1)
@@ -166,44 +166,44 @@ def test_fab_targeted_reaches_its_target_class(norm):
 
 
 def test_fab_restarts_are_reproducible_and_never_worse():
-  logits_fn, x, y, minimal = linear_problem('linf', seed=3)
-  attack = lambda restarts: jax.jit(lambda key: fab.fab(logits_fn, x, y, key=key, norm='linf',
+  logits_fn, x, y, minimal = linear_problem("linf", seed=3)
+  attack = lambda restarts: jax.jit(lambda key: fab.fab(logits_fn, x, y, key=key, norm="linf",
                                                         steps=10, n_restarts=restarts))
   with_restarts = attack(3)
   first, again = with_restarts(jax.random.key(7)), with_restarts(jax.random.key(7))
   chex.assert_trees_all_equal(first, again)
   single = attack(1)(jax.random.key(7))
-  assert np.all(norms(first, x, 'linf') <= norms(single, x, 'linf') + 1e-7)
-  assert np.all(norms(first, x, 'linf') >= minimal * (1 - 1e-4))
+  assert np.all(norms(first, x, "linf") <= norms(single, x, "linf") + 1e-7)
+  assert np.all(norms(first, x, "linf") >= minimal * (1 - 1e-4))
 
 
 ATTACKS = {
-    'deepfool': functools.partial(deepfool.deepfool, steps=5),
-    'cw': functools.partial(cw.cw_l2, steps=20, binary_search_steps=2),
-    'ead': functools.partial(ead.ead, steps=20, binary_search_steps=2),
-    'fab': functools.partial(fab.fab, key=jax.random.key(0), steps=5),
+    "deepfool": functools.partial(deepfool.deepfool, steps=5),
+    "cw": functools.partial(cw.cw_l2, steps=20, binary_search_steps=2),
+    "ead": functools.partial(ead.ead, steps=20, binary_search_steps=2),
+    "fab": functools.partial(fab.fab, key=jax.random.key(0), steps=5),
 }
 
 
-@pytest.mark.parametrize('name', sorted(ATTACKS))
+@pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_returns_x_where_no_perturbation_is_needed_or_found(name):
   # A model that ignores its input: example 0's label is already wrong (minimal norm 0), the
   # others are right and no perturbation can change that.
   constant = lambda v: jnp.asarray([0.0, -1.0, -1.0, -1.0, -1.0]) + 0.0 * v[:, 0, 0, :1]
-  _, x, _, _ = linear_problem('l2')
+  _, x, _, _ = linear_problem("l2")
   y = jnp.zeros((BATCH,), jnp.int32).at[0].set(1)
   np.testing.assert_array_equal(run(ATTACKS[name], constant, x, y), x)
 
 
-@pytest.mark.parametrize('call, message', [
-    (lambda f, x, y: deepfool.deepfool(f, x, y, norm='l1'), 'norm'),
-    (lambda f, x, y: fab.fab(f, x, y, key=jax.random.key(0), norm='l0'), 'norm'),
-    (lambda f, x, y: fab.fab(f, x, y, key=jax.random.key(0), eps=-0.1), 'eps'),
-    (lambda f, x, y: ead.ead(f, x, y, decision_rule='L2'), 'decision_rule'),
-    (lambda f, x, y: cw.cw_l2(f, x, y, steps=0), 'steps'),
-    (lambda f, x, y: cw.cw_l2(f, x * 255.0, y), r'\[0, 1\]'),
+@pytest.mark.parametrize("call, message", [
+    (lambda f, x, y: deepfool.deepfool(f, x, y, norm="l1"), "norm"),
+    (lambda f, x, y: fab.fab(f, x, y, key=jax.random.key(0), norm="l0"), "norm"),
+    (lambda f, x, y: fab.fab(f, x, y, key=jax.random.key(0), eps=-0.1), "eps"),
+    (lambda f, x, y: ead.ead(f, x, y, decision_rule="L2"), "decision_rule"),
+    (lambda f, x, y: cw.cw_l2(f, x, y, steps=0), "steps"),
+    (lambda f, x, y: cw.cw_l2(f, x * 255.0, y), r"\[0, 1\]"),
 ])
 def test_bad_arguments_raise_clear_errors(call, message):
-  logits_fn, x, y, _ = linear_problem('l2')
+  logits_fn, x, y, _ = linear_problem("l2")
   with pytest.raises(ValueError, match=message):
     call(logits_fn, x, y)

@@ -17,7 +17,7 @@ def test_bucketed_batches_pad_only_the_remainder_to_a_power_of_two():
   assert batching.batches(280, 250) == [(0, 250, 250), (250, 280, 250)]
   covered = [i for a, b, _ in batching.batches(1001, 64, bucket=True) for i in range(a, b)]
   assert covered == list(range(1001))
-  with pytest.raises(ValueError, match='batch_size must be >= 1'):
+  with pytest.raises(ValueError, match="batch_size must be >= 1"):
     batching.batches(10, 0)
 
 
@@ -27,31 +27,31 @@ def test_map_batches_compiles_one_shape_drops_padding_and_folds_the_batch_index_
   @jax.jit
   def fn(x, y, key):
     shapes.append(x.shape)  # runs at trace time only
-    return {'sum': x.sum(axis=1) + y, 'noise': jax.random.uniform(key, x.shape[:1])}
+    return {"sum": x.sum(axis=1) + y, "noise": jax.random.uniform(key, x.shape[:1])}
 
   x = np.arange(70 * 3, dtype=np.float32).reshape(70, 3)
   y = np.arange(70, dtype=np.float32)
   key = jax.random.key(3)
   out = batching.map_batches(fn, [x, y], 32, key=key)
-  chex.assert_shape([out['sum'], out['noise']], (70,))
-  np.testing.assert_array_equal(out['sum'], x.sum(axis=1) + y)
+  chex.assert_shape([out["sum"], out["noise"]], (70,))
+  np.testing.assert_array_equal(out["sum"], x.sum(axis=1) + y)
   assert shapes == [(32, 3)]  # the last batch (6 rows) is padded to 32, not compiled again
   second = np.asarray(jax.random.uniform(jax.random.fold_in(key, 1), (32,)))
-  np.testing.assert_array_equal(out['noise'][32:64], second)
-  with pytest.raises(ValueError, match='one length'):
+  np.testing.assert_array_equal(out["noise"][32:64], second)
+  with pytest.raises(ValueError, match="one length"):
     batching.map_batches(fn, [x, y[:5]], 32, key=key)
   assert batching.map_batches(fn, [x[:0], y[:0]], 32, key=key) is None
 
 
 def test_predict_traces_the_weights_so_a_second_model_compiles_nothing():
   def apply_fn(variables, x):
-    return x.reshape(len(x), -1) @ variables['w']
+    return x.reshape(len(x), -1) @ variables["w"]
 
   x = np.random.default_rng(0).uniform(size=(10, 2, 2, 1)).astype(np.float32)
   w1, w2 = jnp.eye(4)[:, :3], jnp.eye(4)[:, 1:]
-  p1 = batching.predict(batching.bind(apply_fn, {'w': w1}), x, 4)
+  p1 = batching.predict(batching.bind(apply_fn, {"w": w1}), x, 4)
   size = batching._predict_batch._cache_size()
-  p2 = batching.predict(batching.bind(apply_fn, {'w': w2}), x, 4)
+  p2 = batching.predict(batching.bind(apply_fn, {"w": w2}), x, 4)
   assert batching._predict_batch._cache_size() == size
   flat = x.reshape(10, 4)
   np.testing.assert_array_equal(p1, flat[:, :3].argmax(1))

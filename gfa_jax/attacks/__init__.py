@@ -12,4 +12,4 @@ from gfa_jax.attacks.apgd import apgd, apgd_t
 from gfa_jax.attacks.fgsm import fgsm
 from gfa_jax.attacks.pgd import pgd
 
-__all__ = ['core', 'fgsm', 'pgd', 'apgd', 'apgd_t']
+__all__ = ["core", "fgsm", "pgd", "apgd", "apgd_t"]

@@ -25,7 +25,7 @@ Differences from the reference, both deliberate:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -111,44 +111,44 @@ def _single_run(logits_fn: LogitsFn, x: jax.Array, loss_fn, fooled_fn, key: jax.
   def body(s, schedule):
     i, is_check, window = schedule
     momentum = jnp.where(i == 0, 1.0, 0.75)  # the reference takes a plain first step
-    x_adv = s['x_adv']
-    z = core.project(x_adv + s['step'] * core.steepest_ascent_direction(s['grad'], norm),
+    x_adv = s["x_adv"]
+    z = core.project(x_adv + s["step"] * core.steepest_ascent_direction(s["grad"], norm),
                      x, eps, norm)
-    x_new = core.project(x_adv + momentum * (z - x_adv) + (1.0 - momentum) * (x_adv - s['x_old']),
+    x_new = core.project(x_adv + momentum * (z - x_adv) + (1.0 - momentum) * (x_adv - s["x_old"]),
                          x, eps, norm)
     loss, logits, grad = value_and_grad(x_new, jax.random.fold_in(eot_key, i))
 
-    improved = loss > s['loss_best']
-    x_best = jnp.where(expand(improved), x_new, s['x_best'])
-    grad_best = jnp.where(expand(improved), grad, s['grad_best'])
-    loss_best = jnp.where(improved, loss, s['loss_best'])
+    improved = loss > s["loss_best"]
+    x_best = jnp.where(expand(improved), x_new, s["x_best"])
+    grad_best = jnp.where(expand(improved), grad, s["grad_best"])
+    loss_best = jnp.where(improved, loss, s["loss_best"])
     fooled = fooled_fn(logits)
-    better = core.is_better(loss, fooled, s['out_loss'], s['out_fooled'])
-    n_increase = s['n_increase'] + (loss > s['loss_prev'])
+    better = core.is_better(loss, fooled, s["out_loss"], s["out_fooled"])
+    n_increase = s["n_increase"] + (loss > s["loss_prev"])
 
     # Step-size rule, applied only at the last iteration of a window (is_check).
     few_increases = n_increase <= window * rho
-    stalled = ~s['reduced_last_check'] & (s['loss_best_last_check'] >= loss_best)
+    stalled = ~s["reduced_last_check"] & (s["loss_best_last_check"] >= loss_best)
     halve = is_check & (few_increases | stalled)
     new = dict(
         x_adv=jnp.where(expand(halve), x_best, x_new),
         x_old=x_adv,
         grad=jnp.where(expand(halve), grad_best, grad),
         x_best=x_best, grad_best=grad_best, loss_best=loss_best,
-        step=jnp.where(expand(halve), s['step'] / 2.0, s['step']),
+        step=jnp.where(expand(halve), s["step"] / 2.0, s["step"]),
         loss_prev=loss,
         n_increase=jnp.where(is_check, 0.0, n_increase),
-        loss_best_last_check=jnp.where(is_check, loss_best, s['loss_best_last_check']),
-        reduced_last_check=jnp.where(is_check, halve, s['reduced_last_check']),
-        x_out=jnp.where(expand(better), x_new, s['x_out']),
-        out_loss=jnp.where(better, loss, s['out_loss']),
-        out_fooled=s['out_fooled'] | fooled)
+        loss_best_last_check=jnp.where(is_check, loss_best, s["loss_best_last_check"]),
+        reduced_last_check=jnp.where(is_check, halve, s["reduced_last_check"]),
+        x_out=jnp.where(expand(better), x_new, s["x_out"]),
+        out_loss=jnp.where(better, loss, s["out_loss"]),
+        out_fooled=s["out_fooled"] | fooled)
     return new, loss_best
 
   is_check, window = _schedule(steps)
   end, trace = jax.lax.scan(body, start, (jnp.arange(steps), is_check, window))
   trace = jnp.concatenate([loss[None], trace], axis=0)
-  return end['x_out'], end['out_loss'], end['out_fooled'], trace
+  return end["x_out"], end["out_loss"], end["out_fooled"], trace
 
 
 def _best_over_runs(logits_fn: LogitsFn, x: jax.Array, *, key: jax.Array, eps: core.Eps,
@@ -161,9 +161,9 @@ def _best_over_runs(logits_fn: LogitsFn, x: jax.Array, *, key: jax.Array, eps: c
   runs). The clean image is the first candidate: an example the model already gets wrong (or that
   already reaches its target) returns x itself.
   """
-  for name, value in (('steps', steps), ('runs', num_runs), ('eot_iter', eot_iter)):
+  for name, value in (("steps", steps), ("runs", num_runs), ("eot_iter", eot_iter)):
     if value < 1:
-      raise ValueError(f'APGD needs {name} >= 1, got {value}.')
+      raise ValueError(f"APGD needs {name} >= 1, got {value}.")
   x = jax.lax.stop_gradient(x)
   # A stochastic model (eot_iter > 1) is asked for its clean logits with a fixed key.
   clean_logits = logits_fn(x) if eot_iter == 1 else logits_fn(x, jax.random.fold_in(key, 0x7FFFFFFF))
@@ -195,7 +195,7 @@ def _best_over_runs(logits_fn: LogitsFn, x: jax.Array, *, key: jax.Array, eps: c
 
 
 def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps: core.Eps,
-         norm: str = 'linf', loss: Union[str, core.LossFn] = 'ce', steps: int = 100,
+         norm: str = "linf", loss: str | core.LossFn = "ce", steps: int = 100,
          n_restarts: int = 1, rho: float = 0.75, eot_iter: int = 1,
          return_trace: bool = False):
   """Untargeted APGD (APGD-CE with loss='ce', APGD-DLR with loss='dlr'), linf or l2.
@@ -221,9 +221,9 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps
 
 
 def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps: core.Eps,
-           norm: str = 'linf', steps: int = 100, n_restarts: int = 1, num_targets: int = 9,
-           y_target: Optional[jax.Array] = None, rho: float = 0.75, return_trace: bool = False,
-           first_target: Union[int, jax.Array] = 0):
+           norm: str = "linf", steps: int = 100, n_restarts: int = 1, num_targets: int = 9,
+           y_target: jax.Array | None = None, rho: float = 0.75, return_trace: bool = False,
+           first_target: int | jax.Array = 0):
   """Targeted APGD on AutoAttack's targeted DLR loss (APGD-T), linf or l2. Needs >= 4 classes.
 
   Without y_target (AutoAttack): runs against each of the `num_targets` classes with the highest
@@ -240,8 +240,8 @@ def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, e
     num_classes = jax.eval_shape(logits_fn, x).shape[-1]
     last = num_targets + (first_target if isinstance(first_target, int) else 0)
     if not 1 <= num_targets <= last <= num_classes - 1:
-      raise ValueError(f'num_targets (+ first_target) must be in [1, {num_classes - 1}] for a '
-                       f'{num_classes}-class model, got {num_targets} (+ {first_target}).')
+      raise ValueError(f"num_targets (+ first_target) must be in [1, {num_classes - 1}] for a "
+                       f"{num_classes}-class model, got {num_targets} (+ {first_target}).")
 
     def objective(run, clean_logits):
       ranked = jnp.argsort(clean_logits, axis=-1)  # ascending: the top class is last

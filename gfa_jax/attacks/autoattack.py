@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,42 +50,42 @@ from gfa_jax.attacks.fab import fab
 from gfa_jax.attacks.square import square
 
 LogitsFn = Callable[[jax.Array], jax.Array]
-LOGGER = logging.getLogger('gfa_jax.autoattack')
+LOGGER = logging.getLogger("gfa_jax.autoattack")
 
-_APGD = (('steps', 100), ('n_restarts', 1), ('rho', 0.75))
-_FAB = (('num_targets', 9), ('steps', 100), ('n_restarts', 1), ('alpha_max', 0.1),
-        ('eta', 1.05), ('beta', 0.9))
+_APGD = (("steps", 100), ("n_restarts", 1), ("rho", 0.75))
+_FAB = (("num_targets", 9), ("steps", 100), ("n_restarts", 1), ("alpha_max", 0.1),
+        ("eta", 1.05), ("beta", 0.9))
 # name -> (attack, hyper-parameters): the reference's settings of its standard version.
 ATTACKS = {
-    'apgd-ce': (apgd, (('loss', 'ce'),) + _APGD),
-    'apgd-dlr': (apgd, (('loss', 'dlr'),) + _APGD),
-    'apgd-t': (apgd_t, _APGD + (('num_targets', 9),)),
-    'fab': (fab, (('targeted', False),) + _FAB[1:]),
-    'fab-t': (fab, (('targeted', True),) + _FAB),
-    'square': (square, (('n_queries', 5000), ('p_init', 0.8), ('n_restarts', 1),
-                        ('loss', 'margin'), ('rescale_schedule', False))),
+    "apgd-ce": (apgd, (("loss", "ce"),) + _APGD),
+    "apgd-dlr": (apgd, (("loss", "dlr"),) + _APGD),
+    "apgd-t": (apgd_t, _APGD + (("num_targets", 9),)),
+    "fab": (fab, (("targeted", False),) + _FAB[1:]),
+    "fab-t": (fab, (("targeted", True),) + _FAB),
+    "square": (square, (("n_queries", 5000), ("p_init", 0.8), ("n_restarts", 1),
+                        ("loss", "margin"), ("rescale_schedule", False))),
 }
-STANDARD_SEQUENCE = ('apgd-ce', 'apgd-t', 'fab-t', 'square')
+STANDARD_SEQUENCE = ("apgd-ce", "apgd-t", "fab-t", "square")
 # version -> (attack names, per-attack hyper-parameter overrides); custom takes `attacks`.
 VERSIONS = {
-    'standard': (STANDARD_SEQUENCE, {}),
-    'rand': (('apgd-ce', 'apgd-dlr'), {'apgd-ce': (('eot_iter', 20),),
-                                       'apgd-dlr': (('eot_iter', 20),)}),
-    'fast': (('apgd-ce', 'apgd-t'), {}),
-    'custom': ((), {}),
+    "standard": (STANDARD_SEQUENCE, {}),
+    "rand": (("apgd-ce", "apgd-dlr"), {"apgd-ce": (("eot_iter", 20),),
+                                       "apgd-dlr": (("eot_iter", 20),)}),
+    "fast": (("apgd-ce", "apgd-t"), {}),
+    "custom": ((), {}),
 }
-NORMS = ('linf', 'l2')
+NORMS = ("linf", "l2")
 STANDARD = tuple((name, *ATTACKS[name]) for name in STANDARD_SEQUENCE)
 
 
 def label(version: str, attacks: Sequence[str] = ()) -> str:
   """The name to report for a version: only `standard` is plain "AutoAttack"."""
-  if version == 'standard':
-    return 'AutoAttack (standard)'
-  if version == 'fast':
-    return 'AutoAttack-fast (APGD-CE + APGD-T only; not the standard AutoAttack)'
-  if version == 'rand':
-    return 'AutoAttack (rand: APGD-CE + APGD-DLR, EOT 20)'
+  if version == "standard":
+    return "AutoAttack (standard)"
+  if version == "fast":
+    return "AutoAttack-fast (APGD-CE + APGD-T only; not the standard AutoAttack)"
+  if version == "rand":
+    return "AutoAttack (rand: APGD-CE + APGD-DLR, EOT 20)"
   return f'AutoAttack (custom: {" + ".join(a.upper() for a in attacks)}; not the standard version)'
 
 
@@ -93,17 +93,17 @@ def sequence(version: str, attacks: Sequence[str] = ()) -> list[tuple[str, Calla
   """[(name, attack, hyper-parameters)] that `version` runs, in order; raises ValueError for an
   unknown version or attack, or an attack list given to another version than custom."""
   if version not in VERSIONS:
-    raise ValueError(f'AutoAttack version {version!r} is unknown; use one of {list(VERSIONS)}.')
+    raise ValueError(f"AutoAttack version {version!r} is unknown; use one of {list(VERSIONS)}.")
   names, overrides = VERSIONS[version]
-  if version == 'custom':
+  if version == "custom":
     unknown = [a for a in attacks if a not in ATTACKS]
     if not attacks or unknown or len(set(attacks)) != len(attacks):
-      raise ValueError(f'version custom needs a list of distinct attacks from {list(ATTACKS)}, '
-                       f'got {list(attacks)}.')
+      raise ValueError(f"version custom needs a list of distinct attacks from {list(ATTACKS)}, "
+                       f"got {list(attacks)}.")
     names = tuple(attacks)
   elif attacks:
-    raise ValueError(f'an attack list is for version custom only; version {version!r} runs '
-                     f'{list(names)}.')
+    raise ValueError(f"an attack list is for version custom only; version {version!r} runs "
+                     f"{list(names)}.")
   return [(n, ATTACKS[n][0], ATTACKS[n][1] + overrides.get(n, ())) for n in names]
 
 
@@ -112,8 +112,8 @@ def sequence(version: str, attacks: Sequence[str] = ()) -> list[tuple[str, Calla
 
 def _check(name: str, warning: str | None, **numbers) -> dict:
   if warning:
-    LOGGER.warning('AutoAttack check %s: %s', name, warning)
-  return {'check': name, 'status': 'warn' if warning else 'ok', 'message': warning, **numbers}
+    LOGGER.warning("AutoAttack check %s: %s", name, warning)
+  return {"check": name, "status": "warn" if warning else "ok", "message": warning, **numbers}
 
 
 def check_randomized(logits_fn: LogitsFn, x, y, n: int = 5, alpha: float = 1e-4) -> dict:
@@ -126,8 +126,8 @@ def check_randomized(logits_fn: LogitsFn, x, y, n: int = 5, alpha: float = 1e-4)
   diff = max((float(np.linalg.norm(a - b, axis=-1).max())
               for i, a in enumerate(unit) for b in unit[i + 1:]), default=0.0)
   randomized = len(set(correct)) > 1 or diff > alpha
-  return _check('randomized', 'the forward pass is randomised (repeated passes differ); use '
-                'version rand.' if randomized else None, max_output_difference=diff)
+  return _check("randomized", "the forward pass is randomised (repeated passes differ); use "
+                "version rand." if randomized else None, max_output_difference=diff)
 
 
 def check_range_output(logits, alpha: float = 1e-5) -> dict:
@@ -135,7 +135,7 @@ def check_range_output(logits, alpha: float = 1e-5) -> dict:
   logits = np.asarray(logits)
   probabilities = (logits.max() < 1 + alpha and logits.min() > -alpha
                    and bool(np.all(np.abs(logits.sum(-1) - 1) < alpha)))
-  return _check('range_output', 'the outputs look like probabilities: attack the logits.'
+  return _check("range_output", "the outputs look like probabilities: attack the logits."
                 if probabilities else None)
 
 
@@ -145,38 +145,38 @@ def check_zero_gradients(logits_fn: LogitsFn, x, y) -> dict:
   grad = np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(core.ce_loss(logits_fn(x), y))))(
       jnp.asarray(x)))
   zero = int((np.abs(grad.reshape(len(x), -1)).sum(-1) == 0).sum())
-  return _check('zero_gradients', f'{zero} of {len(x)} points have a zero gradient: gradient-'
-                'based attacks may be unreliable on them.' if zero else None,
+  return _check("zero_gradients", f"{zero} of {len(x)} points have a zero gradient: gradient-"
+                "based attacks may be unreliable on them." if zero else None,
                 zero_gradient_points=zero, points_checked=int(len(x)))
 
 
 def check_square_sr(robust_after: dict, alpha: float = 0.002) -> dict:
   """Warns if Square lowered robust accuracy by more than alpha below every other attack."""
-  if 'square' not in robust_after or len(robust_after) <= 2:
-    return _check('square_sr', None, status_note='Square did not run after another attack')
-  before = min(v for k, v in robust_after.items() if k != 'square')
-  drop = before - robust_after['square']
-  return _check('square_sr', f'Square lowered robust accuracy by {100 * drop:.2f} points after '
-                'the white-box attacks: the evaluation may be unreliable (gradient masking?); '
-                'run Square with more queries and restarts, or an adaptive attack.'
+  if "square" not in robust_after or len(robust_after) <= 2:
+    return _check("square_sr", None, status_note="Square did not run after another attack")
+  before = min(v for k, v in robust_after.items() if k != "square")
+  drop = before - robust_after["square"]
+  return _check("square_sr", f"Square lowered robust accuracy by {100 * drop:.2f} points after "
+                "the white-box attacks: the evaluation may be unreliable (gradient masking?); "
+                "run Square with more queries and restarts, or an adaptive attack."
                 if drop > alpha else None, square_drop=float(drop))
 
 
 def check_n_classes(n_classes: int, names: Sequence[str], hparams: dict) -> dict:
   """Warns if the model has too few classes for the (targeted) DLR losses or the targets."""
   warning = None
-  if {'apgd-dlr', 'apgd-t'} & set(names) and n_classes <= 3:
-    warning = f'with {n_classes} classes the (targeted) DLR loss is undefined.'
-  for name in ('apgd-t', 'fab-t'):
-    targets = dict(hparams.get(name, ())).get('num_targets', 0)
+  if {"apgd-dlr", "apgd-t"} & set(names) and n_classes <= 3:
+    warning = f"with {n_classes} classes the (targeted) DLR loss is undefined."
+  for name in ("apgd-t", "fab-t"):
+    targets = dict(hparams.get(name, ())).get("num_targets", 0)
     if name in names and targets + 1 > n_classes:
-      warning = (warning or '') + (f' {name} uses {targets} target classes, but only '
-                                   f'{n_classes - 1} exist.')
-  return _check('n_classes', warning and warning.strip(), num_classes=int(n_classes))
+      warning = (warning or "") + (f" {name} uses {targets} target classes, but only "
+                                   f"{n_classes - 1} exist.")
+  return _check("n_classes", warning and warning.strip(), num_classes=int(n_classes))
 
 
-def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: str = 'linf',
-               version: str = 'standard', attacks: Sequence[str] = (), batch_size: int = 500,
+def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: str = "linf",
+               version: str = "standard", attacks: Sequence[str] = (), batch_size: int = 500,
                progress: bool = False) -> tuple[np.ndarray, dict]:
   """AutoAttack of `version` (module docstring); returns (x_adv [N, H, W, C] numpy, breakdown).
 
@@ -197,7 +197,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
   """
   steps = sequence(version, attacks)
   if norm not in NORMS:
-    raise ValueError(f'AutoAttack supports norm in {list(NORMS)}, got {norm!r}.')
+    raise ValueError(f"AutoAttack supports norm in {list(NORMS)}, got {norm!r}.")
   core.check_images(x)
   core.check_eps(eps, norm)
   x = np.asarray(x, np.float32)
@@ -206,30 +206,30 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
   first = slice(0, min(batch_size, n))
   clean_logits = np.asarray(jax.jit(logits_fn)(jnp.asarray(x[first]))) if n else np.zeros((0, 2))
   checks = []
-  if version != 'rand':
+  if version != "rand":
     checks.append(check_randomized(logits_fn, x[first], y[first]) if n else
-                  _check('randomized', None))
-  checks.append(check_range_output(clean_logits) if n else _check('range_output', None))
-  checks.append({'check': 'dynamic', 'status': 'not run', 'message': 'no JAX counterpart: a '
-                 'jit-compiled forward pass cannot hide autograd calls from the attack.'})
+                  _check("randomized", None))
+  checks.append(check_range_output(clean_logits) if n else _check("range_output", None))
+  checks.append({"check": "dynamic", "status": "not run", "message": "no JAX counterpart: a "
+                 "jit-compiled forward pass cannot hide autograd calls from the attack."})
   checks.append(check_n_classes(clean_logits.shape[-1], [s[0] for s in steps],
                                 {s[0]: s[2] for s in steps}))
   robust = batching.predict(logits_fn, x, batch_size) == y
   if robust.any():
     todo = np.flatnonzero(robust)[:batch_size]
     checks.append(check_zero_gradients(logits_fn, x[todo], y[todo]))
-  broken_by = np.where(robust, None, 'clean').astype(object)
-  robust_after = {'clean': float(robust.mean()) if n else 0.0}
+  broken_by = np.where(robust, None, "clean").astype(object)
+  robust_after = {"clean": float(robust.mean()) if n else 0.0}
   x_adv = x.copy()
   for index, (name, attack, hparams) in enumerate(steps):
     todo = np.flatnonzero(robust)
     if len(todo):
-      bar = tqdm.tqdm(total=-(-len(todo) // batch_size), desc=f'autoattack/{name}',
+      bar = tqdm.tqdm(total=-(-len(todo) // batch_size), desc=f"autoattack/{name}",
                       disable=not progress, leave=False)
       fn = logits_fn
-      if dict(hparams).get('eot_iter', 1) > 1:
+      if dict(hparams).get("eot_iter", 1) > 1:
         fn = jax.tree_util.Partial(_ignore_key, batching.as_pytree(logits_fn))
-      call_hparams = (('norm', norm),) + hparams
+      call_hparams = (("norm", norm),) + hparams
       # APGD-T and FAB-T: one target at a time on the points still robust, as the reference.
       run = (core.run_per_target if core.splits_per_target(attack, call_hparams)
              else functools.partial(core.run_in_batches, bucket=True))
@@ -242,10 +242,10 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
       broken_by[todo[fooled]] = name
     robust_after[name] = float(robust.mean()) if n else 0.0
   checks.append(check_square_sr(robust_after))
-  breakdown = {'broken_by': broken_by.tolist(), 'robust_accuracy_after': robust_after,
-               'hyperparameters': {name: dict(hp) for name, _, hp in steps},
-               'version': version, 'attacks': [name for name, _, _ in steps],
-               'label': label(version, [name for name, _, _ in steps]), 'checks': checks}
+  breakdown = {"broken_by": broken_by.tolist(), "robust_accuracy_after": robust_after,
+               "hyperparameters": {name: dict(hp) for name, _, hp in steps},
+               "version": version, "attacks": [name for name, _, _ in steps],
+               "label": label(version, [name for name, _, _ in steps]), "checks": checks}
   return x_adv, breakdown
 
 

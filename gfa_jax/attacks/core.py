@@ -12,7 +12,7 @@ import fractions
 import functools
 import inspect
 import math
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +26,12 @@ from gfa_jax.numerics import (LOSSES, LogitsFn, LossFn, check_images, dlr_loss, 
                               safe_norm, targeted_dlr_loss)
 from gfa_jax.numerics import cross_entropy as ce_loss  # noqa: F401
 
-NORMS = ('linf', 'l2')
+NORMS = ("linf", "l2")
 # l1 is supported by the geometry helpers (projection, norms) for the L1 attacks (EAD), but no
 # gradient attack here steps in l1, so it is not in NORMS.
-_GEOMETRY_NORMS = ('linf', 'l2', 'l1')
+_GEOMETRY_NORMS = ("linf", "l2", "l1")
 
-Eps = Union[float, jax.Array]
+Eps = float | jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,16 +49,16 @@ def batch_broadcast(value: Eps, x: jax.Array) -> jax.Array:
 
 def _check_norm(norm: str, allowed: Sequence[str] = _GEOMETRY_NORMS) -> None:
   if norm not in allowed:
-    raise ValueError(f'Unknown or unsupported norm {norm!r}: use one of {list(allowed)}.')
+    raise ValueError(f"Unknown or unsupported norm {norm!r}: use one of {list(allowed)}.")
 
 
 def lp_norm(v: jax.Array, norm: str) -> jax.Array:
   """Per-example norm over all non-batch axes, [B]. The l2 norm has gradient 0 (not NaN) at 0."""
   _check_norm(norm)
   flat = v.reshape(v.shape[0], -1)
-  if norm == 'linf':
+  if norm == "linf":
     return jnp.max(jnp.abs(flat), axis=1)
-  if norm == 'l1':
+  if norm == "l1":
     return jnp.sum(jnp.abs(flat), axis=1)
   return safe_norm(flat, axis=1)
 
@@ -90,10 +90,10 @@ def project(x_adv: jax.Array, x: jax.Array, eps: Eps, norm: str) -> jax.Array:
   _check_norm(norm)
   delta = x_adv - x
   eps_b = batch_broadcast(eps, x)
-  if norm == 'linf':
+  if norm == "linf":
     delta = jnp.clip(delta, -eps_b, eps_b)
-  elif norm == 'l2':
-    length = batch_broadcast(lp_norm(delta, 'l2'), x)
+  elif norm == "l2":
+    length = batch_broadcast(lp_norm(delta, "l2"), x)
     delta = delta * jnp.minimum(1.0, eps_b / jnp.maximum(length, 1e-12))
   else:
     flat_eps = jnp.broadcast_to(jnp.asarray(eps, x.dtype).reshape(-1, 1), (x.shape[0], 1))
@@ -107,9 +107,9 @@ def steepest_ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
   A zero gradient gives a zero direction (the attack then does not move).
   """
   _check_norm(norm, NORMS)
-  if norm == 'linf':
+  if norm == "linf":
     return jnp.sign(grad)
-  length = batch_broadcast(lp_norm(grad, 'l2'), grad)
+  length = batch_broadcast(lp_norm(grad, "l2"), grad)
   return grad / (length + 1e-12)  # AutoAttack's normalisation, also for vanishing gradients
 
 
@@ -124,12 +124,12 @@ def random_init(key: jax.Array, x: jax.Array, eps: Eps, norm: str, *,
   _check_norm(norm, NORMS)
   eps_b = batch_broadcast(eps, x)
   key_dir, key_radius = jax.random.split(key)
-  if norm == 'linf':
+  if norm == "linf":
     u = jax.random.uniform(key_dir, x.shape, x.dtype, -1.0, 1.0)
     if on_sphere:
-      u = u / batch_broadcast(jnp.maximum(lp_norm(u, 'linf'), 1e-12), x)
+      u = u / batch_broadcast(jnp.maximum(lp_norm(u, "linf"), 1e-12), x)
   else:
-    u = steepest_ascent_direction(jax.random.normal(key_dir, x.shape, x.dtype), 'l2')
+    u = steepest_ascent_direction(jax.random.normal(key_dir, x.shape, x.dtype), "l2")
     if not on_sphere:
       u = u * batch_broadcast(jax.random.uniform(key_radius, x.shape[:1], x.dtype), x)
   return jnp.clip(x + eps_b * u, 0.0, 1.0)
@@ -151,12 +151,12 @@ def check_eps(eps: Eps, norm: str, allowed_norms: Sequence[str] = NORMS) -> None
     return
   values = np.asarray(eps, dtype=np.float64)
   if not np.all(np.isfinite(values)):
-    raise ValueError(f'eps must be finite, got {eps!r}.')
+    raise ValueError(f"eps must be finite, got {eps!r}.")
   if np.any(values < 0):
-    raise ValueError(f'eps must be >= 0, got {eps!r}.')
-  if norm == 'linf' and np.any(values > 1):
-    raise ValueError(f'Linf eps must be <= 1 for images in [0, 1], got {eps!r}. '
-                     'Did you mean a fraction such as 8/255?')
+    raise ValueError(f"eps must be >= 0, got {eps!r}.")
+  if norm == "linf" and np.any(values > 1):
+    raise ValueError(f"Linf eps must be <= 1 for images in [0, 1], got {eps!r}. "
+                     "Did you mean a fraction such as 8/255?")
 
 
 def check_adversarial(x_adv, x, eps: Eps, norm: str, atol: float = 1e-5) -> np.ndarray:
@@ -170,21 +170,21 @@ def check_adversarial(x_adv, x, eps: Eps, norm: str, atol: float = 1e-5) -> np.n
   x_adv = np.asarray(x_adv, dtype=np.float64)
   x = np.asarray(x, dtype=np.float64)
   if x_adv.shape != x.shape:
-    raise ValueError(f'x_adv has shape {x_adv.shape} but x has shape {x.shape}.')
+    raise ValueError(f"x_adv has shape {x_adv.shape} but x has shape {x.shape}.")
   flat_adv = x_adv.reshape(x.shape[0], -1)
   out_of_box = np.maximum(-flat_adv.min(axis=1), flat_adv.max(axis=1) - 1.0)
   bad_box = out_of_box > atol
   if np.any(bad_box):
-    raise ValueError(f'{int(bad_box.sum())} of {len(bad_box)} adversarial examples leave [0, 1] '
-                     f'(by up to {out_of_box.max():.3g}).')
+    raise ValueError(f"{int(bad_box.sum())} of {len(bad_box)} adversarial examples leave [0, 1] "
+                     f"(by up to {out_of_box.max():.3g}).")
   delta = (flat_adv - x.reshape(x.shape[0], -1))
-  order = {'linf': np.inf, 'l2': 2, 'l1': 1}[norm]
+  order = {"linf": np.inf, "l2": 2, "l1": 1}[norm]
   norms = np.linalg.norm(delta, ord=order, axis=1)
   excess = norms - np.broadcast_to(np.asarray(eps, dtype=np.float64), norms.shape)
   bad_eps = excess > atol
   if np.any(bad_eps):
-    raise ValueError(f'{int(bad_eps.sum())} of {len(bad_eps)} adversarial examples exceed '
-                     f'{norm} eps={eps!r} (by up to {excess.max():.3g}).')
+    raise ValueError(f"{int(bad_eps.sum())} of {len(bad_eps)} adversarial examples exceed "
+                     f"{norm} eps={eps!r} (by up to {excess.max():.3g}).")
   return norms
 
 
@@ -193,7 +193,7 @@ def check_adversarial(x_adv, x, eps: Eps, norm: str, atol: float = 1e-5) -> np.n
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_eps(text: Union[str, float]) -> float:
+def parse_eps(text: str | float) -> float:
   """Parses '8/255', '0.03' or '0' (or a number) into a finite float >= 0."""
   if isinstance(text, (int, float)) and not isinstance(text, bool):
     value = float(text)
@@ -201,19 +201,19 @@ def parse_eps(text: Union[str, float]) -> float:
     try:
       value = float(fractions.Fraction(str(text).strip()))
     except (ValueError, ZeroDivisionError) as e:
-      raise ValueError(f'Cannot parse eps {text!r}: write a number or a fraction such as '
-                       '8/255.') from e
+      raise ValueError(f"Cannot parse eps {text!r}: write a number or a fraction such as "
+                       "8/255.") from e
   if not math.isfinite(value) or value < 0:
-    raise ValueError(f'eps must be a finite number >= 0, got {text!r}.')
+    raise ValueError(f"eps must be a finite number >= 0, got {text!r}.")
   return value
 
 
 def parse_eps_list(text: str) -> list[float]:
   """Parses a comma-separated list such as '0,1/255,8/255' into floats."""
-  items = [item.strip() for item in str(text).split(',')]
+  items = [item.strip() for item in str(text).split(",")]
   if not items or any(not item for item in items):
-    raise ValueError(f'Cannot parse eps list {text!r}: write comma-separated values such as '
-                     '0,1/255,8/255 (no empty entries).')
+    raise ValueError(f"Cannot parse eps list {text!r}: write comma-separated values such as "
+                     "0,1/255,8/255 (no empty entries).")
   return [parse_eps(item) for item in items]
 
 
@@ -222,11 +222,11 @@ def parse_eps_list(text: str) -> list[float]:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=('attack', 'hparams'))
+@functools.partial(jax.jit, static_argnames=("attack", "hparams"))
 def _attack_batch(x, y, key, eps, traced, logits_fn, *, attack, hparams):
   kwargs = {**dict(hparams), **traced}
   if eps is not None:
-    kwargs['eps'] = eps
+    kwargs["eps"] = eps
   return attack(logits_fn, x, y, key=key, **kwargs)
 
 
@@ -234,13 +234,13 @@ def splits_per_target(attack: Callable, hparams: Sequence[tuple]) -> bool:
   """Whether `run_per_target` should run this attack: a targeted attack over several targets
   (APGD-T, FAB-T: a `first_target` argument and num_targets > 1 in `hparams`)."""
   hp = dict(hparams)
-  return ('first_target' in inspect.signature(attack).parameters and hp.get('num_targets', 1) > 1
-          and hp.get('targeted', True))
+  return ("first_target" in inspect.signature(attack).parameters and hp.get("num_targets", 1) > 1
+          and hp.get("targeted", True))
 
 
 def run_per_target(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
-                   key: jax.Array, batch_size: int, eps: Optional[float] = None,
-                   hparams: Sequence[tuple] = (), progress: Optional[tqdm.tqdm] = None,
+                   key: jax.Array, batch_size: int, eps: float | None = None,
+                   hparams: Sequence[tuple] = (), progress: tqdm.tqdm | None = None,
                    bucket: bool = True) -> np.ndarray:
   """A multi-target attack one target at a time, each on the points no earlier target fooled.
 
@@ -253,8 +253,8 @@ def run_per_target(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.n
   target's example. `x` must hold only points to attack (correct clean).
   """
   hp = dict(hparams)
-  num_targets = hp.pop('num_targets')
-  hp['num_targets'] = 1
+  num_targets = hp.pop("num_targets")
+  hp["num_targets"] = 1
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.int32)
   x_adv = x.copy()
@@ -265,7 +265,7 @@ def run_per_target(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.n
     candidates = run_in_batches(attack, logits_fn, x[todo], y[todo],
                                 key=jax.random.fold_in(key, target), batch_size=batch_size,
                                 eps=eps, hparams=tuple(hp.items()), bucket=bucket,
-                                traced={'first_target': target})
+                                traced={"first_target": target})
     x_adv[todo] = candidates
     fooled = batching.predict(logits_fn, candidates, batch_size) != y[todo]
     todo = todo[~fooled]
@@ -275,9 +275,9 @@ def run_per_target(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.n
 
 
 def run_in_batches(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
-                   key: jax.Array, batch_size: int, eps: Optional[float] = None,
-                   hparams: Sequence[tuple] = (), progress: Optional[tqdm.tqdm] = None,
-                   bucket: bool = False, traced: Optional[dict] = None) -> np.ndarray:
+                   key: jax.Array, batch_size: int, eps: float | None = None,
+                   hparams: Sequence[tuple] = (), progress: tqdm.tqdm | None = None,
+                   bucket: bool = False, traced: dict | None = None) -> np.ndarray:
   """Runs `attack(logits_fn, x, y, key=..., [eps=...], **hparams)` over batches; numpy [N, ...].
 
   Batch i gets the key fold_in(key, i). `hparams` is a tuple of (name, value) pairs (hashable:

@@ -10,7 +10,7 @@ iteration budget: 1000 as in cleverhans' CarliniWagnerL2 (the original script us
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -100,13 +100,13 @@ def check_const_search_args(binary_search_steps: int, initial_const: float, step
                             learning_rate: float, confidence: float) -> None:
   """Raises ValueError for hyper-parameters CW and EAD cannot run with."""
   if binary_search_steps < 1 or steps < 1:
-    raise ValueError(f'binary_search_steps and steps must be >= 1, got {binary_search_steps} '
-                     f'and {steps}.')
+    raise ValueError(f"binary_search_steps and steps must be >= 1, got {binary_search_steps} "
+                     f"and {steps}.")
   if initial_const <= 0 or learning_rate <= 0:
-    raise ValueError(f'initial_const and learning_rate must be > 0, got {initial_const} and '
-                     f'{learning_rate}.')
+    raise ValueError(f"initial_const and learning_rate must be > 0, got {initial_const} and "
+                     f"{learning_rate}.")
   if confidence < 0:
-    raise ValueError(f'confidence must be >= 0, got {confidence}.')
+    raise ValueError(f"confidence must be >= 0, got {confidence}.")
 
 
 def squared_l2(delta: jax.Array) -> jax.Array:
@@ -115,7 +115,7 @@ def squared_l2(delta: jax.Array) -> jax.Array:
 
 
 def cw_l2(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
-          key: Optional[jax.Array] = None, binary_search_steps: int = 9,
+          key: jax.Array | None = None, binary_search_steps: int = 9,
           initial_const: float = 1e-3, steps: int = 1000, learning_rate: float = 1e-2,
           confidence: float = 0.0, abort_early: bool = True) -> jax.Array:
   """Untargeted CW-L2; returns adversarial images [B, H, W, C] in [0, 1].

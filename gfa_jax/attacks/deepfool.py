@@ -8,7 +8,7 @@ L2DeepFoolAttack / LinfDeepFoolAttack (steps 50, candidates 10, overshoot 0.02, 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from gfa_jax.attacks import core
 
 # Norm used to measure a linearised distance |f| / ||g||_dual when stepping in `norm`.
-DUAL_NORM = {'linf': 'l1', 'l2': 'l2'}
+DUAL_NORM = {"linf": "l1", "l2": "l2"}
 
 
 def class_difference_grads(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array,
@@ -58,7 +58,7 @@ def per_class_norm(grads: jax.Array, norm: str) -> jax.Array:
 
 
 def deepfool(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
-             key: Optional[jax.Array] = None, norm: str = 'l2', steps: int = 50,
+             key: jax.Array | None = None, norm: str = "l2", steps: int = 50,
              overshoot: float = 0.02, num_classes_considered: int = 10) -> jax.Array:
   """DeepFool on logits; returns the adversarial images [B, H, W, C] in [0, 1].
 
@@ -81,14 +81,14 @@ def deepfool(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.A
   del key
   core.check_images(x)
   if norm not in core.NORMS:
-    raise ValueError(f'DeepFool supports norm in {list(core.NORMS)}, got {norm!r}.')
+    raise ValueError(f"DeepFool supports norm in {list(core.NORMS)}, got {norm!r}.")
   if steps < 1:
-    raise ValueError(f'steps must be >= 1, got {steps}.')
+    raise ValueError(f"steps must be >= 1, got {steps}.")
   if overshoot < 0:
-    raise ValueError(f'overshoot must be >= 0, got {overshoot}.')
+    raise ValueError(f"overshoot must be >= 0, got {overshoot}.")
   if num_classes_considered < 2:
-    raise ValueError(f'num_classes_considered must be >= 2 (the true class and at least one '
-                     f'other), got {num_classes_considered}.')
+    raise ValueError(f"num_classes_considered must be >= 2 (the true class and at least one "
+                     f"other), got {num_classes_considered}.")
   x = jax.lax.stop_gradient(x)
   y = y.astype(jnp.int32)
   clean_logits = logits_fn(x)
@@ -109,8 +109,8 @@ def deepfool(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.A
     # + 1e-4 (foolbox) guarantees progress when a boundary is reached exactly.
     distance = jnp.take_along_axis(distances, nearest[:, None], axis=1)[:, 0] + 1e-4
     grad = jnp.take_along_axis(grads, expand(nearest)[:, None], axis=1)[:, 0]
-    if norm == 'l2':
-      p_step = expand(distance / (core.lp_norm(grad, 'l2') + 1e-8)) * grad
+    if norm == "l2":
+      p_step = expand(distance / (core.lp_norm(grad, "l2") + 1e-8)) * grad
     else:
       p_step = expand(distance) * jnp.sign(grad)
     p_total = p_total + jnp.where(expand(active), p_step, 0.0)

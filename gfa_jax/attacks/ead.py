@@ -13,7 +13,7 @@ k / (k + 3), shrinkage threshold beta; the iteration budget is 1000 (the script'
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from gfa_jax.attacks import core
 from gfa_jax.attacks.cw import check_const_search_args, const_search, hinge, squared_l2
 
-DECISION_RULES = ('EN', 'L1')
+DECISION_RULES = ("EN", "L1")
 
 
 def shrink(z: jax.Array, x: jax.Array, beta: float) -> jax.Array:
@@ -32,10 +32,10 @@ def shrink(z: jax.Array, x: jax.Array, beta: float) -> jax.Array:
 
 
 def ead(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
-        key: Optional[jax.Array] = None, beta: float = 1e-3, binary_search_steps: int = 9,
+        key: jax.Array | None = None, beta: float = 1e-3, binary_search_steps: int = 9,
         initial_const: float = 1e-3, steps: int = 1000, learning_rate: float = 1e-2,
         confidence: float = 0.0, abort_early: bool = True,
-        decision_rule: str = 'EN') -> jax.Array:
+        decision_rule: str = "EN") -> jax.Array:
   """Untargeted EAD; returns adversarial images [B, H, W, C] in [0, 1].
 
   Args:
@@ -57,13 +57,13 @@ def ead(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
   core.check_images(x)
   check_const_search_args(binary_search_steps, initial_const, steps, learning_rate, confidence)
   if decision_rule not in DECISION_RULES:
-    raise ValueError(f'decision_rule must be one of {DECISION_RULES}, got {decision_rule!r}.')
+    raise ValueError(f"decision_rule must be one of {DECISION_RULES}, got {decision_rule!r}.")
   if beta < 0:
-    raise ValueError(f'beta must be >= 0, got {beta}.')
+    raise ValueError(f"beta must be >= 0, got {beta}.")
   x = jax.lax.stop_gradient(x)
   y = y.astype(jnp.int32)
-  l1 = lambda delta: core.lp_norm(delta, 'l1')
-  if decision_rule == 'EN':
+  l1 = lambda delta: core.lp_norm(delta, "l1")
+  if decision_rule == "EN":
     distance = lambda delta: squared_l2(delta) + beta * l1(delta)
   else:
     distance = l1

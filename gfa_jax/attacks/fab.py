@@ -11,7 +11,7 @@ theirs: 100 iterations, alpha_max 0.1, eta 1.05, beta 0.9, 9 target classes for 
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ from gfa_jax.attacks import core
 from gfa_jax.attacks.deepfool import DUAL_NORM, class_difference_grads, per_class_norm
 
 # Radius of the random restarts when no eps is given (fab_pt.py's DEFAULT_EPS_DICT_BY_NORM).
-DEFAULT_RESTART_EPS = {'linf': 0.3, 'l2': 1.0}
+DEFAULT_RESTART_EPS = {"linf": 0.3, "l2": 1.0}
 # Stands in for an infinite breakpoint / step length; finite so that 0 * _FAR = 0.
 _FAR = 1e12
 
@@ -51,7 +51,7 @@ def project_onto_hyperplane_in_box(t: jax.Array, w: jax.Array, b: jax.Array,
   gap = jnp.abs(gap)
   abs_w = jnp.abs(w)
   room = jnp.where(w > 0, 1.0 - t, t)
-  rate = abs_w if norm == 'l2' else jnp.ones_like(w)
+  rate = abs_w if norm == "l2" else jnp.ones_like(w)
   breaks = jnp.where(rate > 0, jnp.minimum(room / jnp.where(rate > 0, rate, 1.0), _FAR), _FAR)
 
   order = jnp.argsort(breaks, axis=1)
@@ -73,10 +73,10 @@ def project_onto_hyperplane_in_box(t: jax.Array, w: jax.Array, b: jax.Array,
 
 
 def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
-        key: jax.Array, norm: str = 'linf', eps: Optional[core.Eps] = None, steps: int = 100,
+        key: jax.Array, norm: str = "linf", eps: core.Eps | None = None, steps: int = 100,
         n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
         targeted: bool = False, num_targets: int = 9,
-        first_target: Union[int, jax.Array] = 0) -> jax.Array:
+        first_target: int | jax.Array = 0) -> jax.Array:
   """FAB in linf or l2; returns adversarial images [B, H, W, C] in [0, 1].
 
   Args:
@@ -108,15 +108,15 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
   """
   core.check_images(x)
   if norm not in core.NORMS:
-    raise ValueError(f'FAB supports norm in {list(core.NORMS)}, got {norm!r}.')
+    raise ValueError(f"FAB supports norm in {list(core.NORMS)}, got {norm!r}.")
   if eps is not None:
     core.check_eps(eps, norm)
-  for name, value in (('steps', steps), ('n_restarts', n_restarts), ('num_targets', num_targets)):
+  for name, value in (("steps", steps), ("n_restarts", n_restarts), ("num_targets", num_targets)):
     if value < 1:
-      raise ValueError(f'{name} must be >= 1, got {value}.')
+      raise ValueError(f"{name} must be >= 1, got {value}.")
   if not (0 <= alpha_max <= 1 and eta >= 1 and 0 < beta <= 1):
-    raise ValueError(f'FAB needs 0 <= alpha_max <= 1, eta >= 1, 0 < beta <= 1; got '
-                     f'alpha_max={alpha_max}, eta={eta}, beta={beta}.')
+    raise ValueError(f"FAB needs 0 <= alpha_max <= 1, eta >= 1, 0 < beta <= 1; got "
+                     f"alpha_max={alpha_max}, eta={eta}, beta={beta}.")
   x = jax.lax.stop_gradient(x)
   y = y.astype(jnp.int32)
   batch = x.shape[0]
@@ -136,7 +136,7 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
 
   def random_start(run_key, best_norm):
     radius = 0.5 * jnp.minimum(best_norm, restart_eps)[:, None]
-    if norm == 'linf':
+    if norm == "linf":
       u = jax.random.uniform(run_key, x0.shape, x0.dtype, -1.0, 1.0)
     else:
       u = jax.random.normal(run_key, x0.shape, x0.dtype)

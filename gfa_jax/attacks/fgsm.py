@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
 
 import jax
 
@@ -10,8 +10,8 @@ from gfa_jax.attacks import core
 
 
 def fgsm(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
-         key: jax.Array | None = None, eps: core.Eps, norm: str = 'linf',
-         loss: Union[str, core.LossFn] = 'ce') -> jax.Array:
+         key: jax.Array | None = None, eps: core.Eps, norm: str = "linf",
+         loss: str | core.LossFn = "ce") -> jax.Array:
   """One full-size gradient step: x + eps * sign(g) (linf) or x + eps * g / ||g||_2 (l2).
 
   g is the gradient of `loss` at the clean x; the result is clipped into [0, 1] and so lies within

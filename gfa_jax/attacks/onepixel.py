@@ -16,7 +16,7 @@ waste the least work on examples already fooled.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,7 @@ def _distinct_others(key, shape, population):
 
 def onepixel(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
              key: jax.Array, pixels: int = 1, population: int = 400, iterations: int = 100,
-             mutation: float = 0.5, chunk_size: Optional[int] = None) -> jax.Array:
+             mutation: float = 0.5, chunk_size: int | None = None) -> jax.Array:
   """Untargeted one-pixel (L0) attack; returns images [B, H, W, C] differing from x in at most
   `pixels` pixels, in [0, 1].
 
@@ -88,14 +88,14 @@ def onepixel(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.A
   """
   core.check_images(x)
   if pixels < 1:
-    raise ValueError(f'pixels must be >= 1, got {pixels}.')
+    raise ValueError(f"pixels must be >= 1, got {pixels}.")
   if population < 4:
-    raise ValueError(f'population must be >= 4 (DE/rand/1 needs three others), got {population}.')
+    raise ValueError(f"population must be >= 4 (DE/rand/1 needs three others), got {population}.")
   if iterations < 0:
-    raise ValueError(f'iterations must be >= 0, got {iterations}.')
+    raise ValueError(f"iterations must be >= 0, got {iterations}.")
   chunk_size = population if chunk_size is None else chunk_size
   if chunk_size < 1 or population % chunk_size:
-    raise ValueError(f'chunk_size must divide population={population}, got {chunk_size}.')
+    raise ValueError(f"chunk_size must divide population={population}, got {chunk_size}.")
   b, h, w, c = x.shape
   x = jax.lax.stop_gradient(x)
   upper = jnp.array([h, w] + [1.0] * c) - jnp.array([1e-3, 1e-3] + [0.0] * c)

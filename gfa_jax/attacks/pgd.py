@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +11,9 @@ from gfa_jax.attacks import core
 
 
 def pgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
-        key: jax.Array, eps: core.Eps, norm: str = 'linf', steps: int = 10,
-        step_size: Optional[core.Eps] = None, loss: Union[str, core.LossFn] = 'ce',
-        random_start: bool = True, x_init: Optional[jax.Array] = None,
+        key: jax.Array, eps: core.Eps, norm: str = "linf", steps: int = 10,
+        step_size: core.Eps | None = None, loss: str | core.LossFn = "ce",
+        random_start: bool = True, x_init: jax.Array | None = None,
         keep_best: bool = True) -> jax.Array:
   """Untargeted PGD in linf or l2; returns adversarial images [B, H, W, C] within eps, in [0, 1].
 
@@ -38,7 +38,7 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
   core.check_images(x)
   core.check_eps(eps, norm)
   if steps < 0:
-    raise ValueError(f'steps must be >= 0, got {steps}.')
+    raise ValueError(f"steps must be >= 0, got {steps}.")
   loss_fn = core.resolve_loss(loss)
   value_and_grad = core.loss_and_grad(logits_fn, loss_fn)
   x = jax.lax.stop_gradient(x)

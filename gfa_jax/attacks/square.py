@@ -16,7 +16,7 @@ Differences from the reference, all deliberate:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from gfa_jax.attacks import core
 
 # Iteration thresholds after which p halves again (reference p_selection, on a 10,000 scale).
 _P_THRESHOLDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
-LOSSES = ('margin', 'ce')
+LOSSES = ("margin", "ce")
 
 
 def p_schedule(i: jax.Array, n_queries: int, p_init: float, rescale: bool) -> jax.Array:
@@ -105,7 +105,7 @@ def _margin_and_loss(logits: jax.Array, y: jax.Array, loss: str):
   """(margin, loss) to MINIMISE, as the reference: margin = z_y - max_{i!=y} z_i (<= 0 means
   misclassified); loss is the margin or minus the cross-entropy."""
   margin = -core.margin_loss(logits, y)
-  return margin, (margin if loss == 'margin' else -core.ce_loss(logits, y))
+  return margin, (margin if loss == "margin" else -core.ce_loss(logits, y))
 
 
 def _linf_init(key, x, eps):
@@ -126,7 +126,7 @@ def _linf_proposal(key, i, x, x_best, eps, n_queries, p_init, rescale):
 
 
 def _l2_normalize(delta, eps):
-  norm = core.lp_norm(delta, 'l2').reshape(-1, 1, 1, 1)
+  norm = core.lp_norm(delta, "l2").reshape(-1, 1, 1, 1)
   return delta / (norm + 1e-12) * eps
 
 
@@ -178,8 +178,8 @@ def _l2_proposal(key, i, x, x_best, eps, n_queries, p_init, rescale):
     return jnp.sqrt(jnp.sum(v ** 2, axis=(1, 2), keepdims=True))
 
   old = jnp.where(in_1, delta, 0.0)
-  norm_image = core.lp_norm(delta, 'l2').reshape(-1, 1, 1, 1)
-  norm_windows = core.lp_norm(jnp.where(in_1 | in_2, delta, 0.0), 'l2').reshape(-1, 1, 1, 1)
+  norm_image = core.lp_norm(delta, "l2").reshape(-1, 1, 1, 1)
+  norm_windows = core.lp_norm(jnp.where(in_1 | in_2, delta, 0.0), "l2").reshape(-1, 1, 1, 1)
   eta = _eta(rows, cols, in_1[..., 0], s, jax.random.bernoulli(key_t, 0.5, (b,)))
   new = eta[..., None] * _signs(key_sign, (b, 1, 1, c)) + old / (1e-12 + channel_norm(old))
   budget = jnp.sqrt(jnp.maximum(eps ** 2 - norm_image ** 2, 0.0) / c + norm_windows ** 2)
@@ -190,7 +190,7 @@ def _l2_proposal(key, i, x, x_best, eps, n_queries, p_init, rescale):
 
 def _single_run(logits_fn, x, y, key, eps, norm, n_queries, p_init, loss, rescale):
   """One random search; returns (x_best [B,H,W,C], margin_min [B])."""
-  init, proposal = (_linf_init, _linf_proposal) if norm == 'linf' else (_l2_init, _l2_proposal)
+  init, proposal = (_linf_init, _linf_proposal) if norm == "linf" else (_l2_init, _l2_proposal)
   key_init, key = jax.random.split(key)
   x_best = init(key_init, x, eps)
   margin_min, loss_min = _margin_and_loss(logits_fn(x_best), y, loss)
@@ -217,8 +217,8 @@ def _single_run(logits_fn, x, y, key, eps, norm, n_queries, p_init, loss, rescal
 
 
 def square(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
-           key: jax.Array, eps: core.Eps, norm: str = 'linf', n_queries: int = 5000,
-           p_init: float = 0.8, loss: str = 'margin', rescale_schedule: bool = True,
+           key: jax.Array, eps: core.Eps, norm: str = "linf", n_queries: int = 5000,
+           p_init: float = 0.8, loss: str = "margin", rescale_schedule: bool = True,
            n_restarts: int = 1) -> jax.Array:
   """Untargeted Square Attack; returns adversarial images [B, H, W, C] within eps, in [0, 1].
 
@@ -242,13 +242,13 @@ def square(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Arr
   core.check_images(x)
   core.check_eps(eps, norm)
   if n_queries < 1:
-    raise ValueError(f'n_queries must be >= 1, got {n_queries}.')
+    raise ValueError(f"n_queries must be >= 1, got {n_queries}.")
   if not 0.0 < p_init <= 1.0:
-    raise ValueError(f'p_init must be in (0, 1], got {p_init}.')
+    raise ValueError(f"p_init must be in (0, 1], got {p_init}.")
   if loss not in LOSSES:
-    raise ValueError(f'Square supports loss in {LOSSES}, got {loss!r}.')
+    raise ValueError(f"Square supports loss in {LOSSES}, got {loss!r}.")
   if n_restarts < 1:
-    raise ValueError(f'n_restarts must be >= 1, got {n_restarts}.')
+    raise ValueError(f"n_restarts must be >= 1, got {n_restarts}.")
   x = jax.lax.stop_gradient(x)
   eps = core.batch_broadcast(eps, x)  # scalar or per-example [B] -> broadcastable to x
   best_x, best_margin = None, None

@@ -30,7 +30,7 @@ from gfa_jax.checklist.producers import (BUDGETS, Budget, check_determinism, che
                                          eps_sweep)
 
 __all__ = [
-    'BUDGETS', 'Budget', 'FAIL', 'PASS', 'Runs', 'STEPS', 'WARN', 'check_black_box',
-    'check_convergence', 'check_determinism', 'check_eps_sweep', 'check_fgsm',
-    'check_gradients', 'check_losses', 'check_noise', 'eps_sweep', 'eps_text',
-    'grade_determinism', 'grade_gradients', 'run_checklist']
+    "BUDGETS", "Budget", "FAIL", "PASS", "Runs", "STEPS", "WARN", "check_black_box",
+    "check_convergence", "check_determinism", "check_eps_sweep", "check_fgsm",
+    "check_gradients", "check_losses", "check_noise", "eps_sweep", "eps_text",
+    "grade_determinism", "grade_gradients", "run_checklist"]

@@ -51,10 +51,10 @@ class Runs:
     s, b = self.setup, self.budget
     values = producers.eps_sweep(s.eps, s.norm, s.x.shape[1:])
     masks = {
-        'fgsm': producers.registry_masks(s, 'fgsm', values),
-        f'pgd-{b.sweep_pgd_steps}': producers.registry_masks(
-            s, 'pgd', values, {'steps': b.sweep_pgd_steps}),
-        f'apgd-ce-{b.sweep_apgd_steps}': np.stack([
+        "fgsm": producers.registry_masks(s, "fgsm", values),
+        f"pgd-{b.sweep_pgd_steps}": producers.registry_masks(
+            s, "pgd", values, {"steps": b.sweep_pgd_steps}),
+        f"apgd-ce-{b.sweep_apgd_steps}": np.stack([
             self.apgd_ce(b.sweep_apgd_steps, e)[0] for e in values])}
     return values, masks
 
@@ -74,10 +74,10 @@ class Runs:
     for steps in b.convergence_steps:
       mask, trace = self.apgd_ce(steps)
       masks.append(mask)
-      traces[f'{steps} iterations'] = trace
+      traces[f"{steps} iterations"] = trace
     runs = [self.apgd_ce(b.restart_steps, run=r) for r in range(b.restarts)]
     restart_mask = np.logical_and.reduce([m for m, _ in runs])
-    traces[f'{b.restarts} restarts x {b.restart_steps}'] = np.max([t for _, t in runs], axis=0)
+    traces[f"{b.restarts} restarts x {b.restart_steps}"] = np.max([t for _, t in runs], axis=0)
     return masks, restart_mask, traces
 
   @functools.cached_property
@@ -86,17 +86,17 @@ class Runs:
     s, b, k = self.setup, self.budget, self.setup.num_classes
     others, skipped = {}, {}
     if k >= 3:
-      others['dlr'] = producers.registry_masks(s, 'apgd-dlr', [s.eps], {'steps': b.loss_steps})[0]
+      others["dlr"] = producers.registry_masks(s, "apgd-dlr", [s.eps], {"steps": b.loss_steps})[0]
     else:
-      skipped['dlr'] = f'needs >= 3 classes, the model has {k}'
+      skipped["dlr"] = f"needs >= 3 classes, the model has {k}"
     if k >= 4:
       targets = min(b.targets, k - 1)
-      others[f'targeted-dlr ({targets} targets)'] = producers.registry_masks(
-          s, 'apgd-t', [s.eps], {'steps': b.loss_steps, 'num_targets': targets})[0]
+      others[f"targeted-dlr ({targets} targets)"] = producers.registry_masks(
+          s, "apgd-t", [s.eps], {"steps": b.loss_steps, "num_targets": targets})[0]
     else:
-      skipped['targeted-dlr'] = f'needs >= 4 classes, the model has {k}'
-    others['margin'] = producers.registry_masks(s, 'apgd', [s.eps], {'steps': b.loss_steps,
-                                                                     'loss': 'margin'})[0]
+      skipped["targeted-dlr"] = f"needs >= 4 classes, the model has {k}"
+    others["margin"] = producers.registry_masks(s, "apgd", [s.eps], {"steps": b.loss_steps,
+                                                                     "loss": "margin"})[0]
     return others, skipped
 
   @functools.cached_property
@@ -107,9 +107,9 @@ class Runs:
     index = int(np.argmin(np.abs(np.asarray(values) - self.setup.eps)))
     runs = {name: m[index] for name, m in masks.items()}
     convergence, restart_mask, _ = self.convergence
-    runs.update({f'apgd-ce-{s}': m for s, m in zip(b.convergence_steps, convergence)})
-    runs[f'apgd-ce-{b.restart_steps}x{b.restarts}'] = restart_mask
-    runs.update({f'apgd-{name.split()[0]}': m for name, m in self.losses[0].items()})
+    runs.update({f"apgd-ce-{s}": m for s, m in zip(b.convergence_steps, convergence)})
+    runs[f"apgd-ce-{b.restart_steps}x{b.restarts}"] = restart_mask
+    runs.update({f"apgd-{name.split()[0]}": m for name, m in self.losses[0].items()})
     return runs
 
   @functools.cached_property
@@ -120,15 +120,15 @@ class Runs:
   def black_box(self) -> dict[str, np.ndarray | None]:
     """Check 3: Square and, with a surrogate model, transfer from PGD on it (None: not run)."""
     s, b = self.setup, self.budget
-    out = {f'square ({b.square_queries} queries)': producers.registry_masks(
-        s, 'square', [s.eps], {'n_queries': b.square_queries})[0]}
-    transfer = f'transfer (pgd-{b.transfer_steps} on surrogate)'
+    out = {f"square ({b.square_queries} queries)": producers.registry_masks(
+        s, "square", [s.eps], {"n_queries": b.square_queries})[0]}
+    transfer = f"transfer (pgd-{b.transfer_steps} on surrogate)"
     out[transfer] = None
     if self.surrogate is not None:
       x_adv = core.run_in_batches(pgd, batching.bind(*self.surrogate), s.x[s.todo], s.y[s.todo],
                                   key=jax.random.fold_in(self.key, 300), batch_size=s.batch_size,
-                                  eps=s.eps, hparams=(('norm', s.norm),
-                                                      ('steps', b.transfer_steps)))
+                                  eps=s.eps, hparams=(("norm", s.norm),
+                                                      ("steps", b.transfer_steps)))
       out[transfer] = producers.still_robust(s, x_adv, s.eps)
     return out
 
@@ -150,8 +150,8 @@ def _eps_sweep_checks(r: Runs) -> list[dict]:
   return [grading.check_eps_sweep(values, masks, clean_accuracy=float(s.clean_correct.mean()),
                                   chance=1.0 / s.num_classes, grey_bound=r.grey_bound,
                                   tolerance=s.tolerance),
-          grading.check_fgsm(values, masks['fgsm'],
-                             {n: m for n, m in masks.items() if n != 'fgsm'},
+          grading.check_fgsm(values, masks["fgsm"],
+                             {n: m for n, m in masks.items() if n != "fgsm"},
                              tolerance=s.tolerance)]
 
 
@@ -165,7 +165,7 @@ def _convergence_check(r: Runs) -> list[dict]:
 def _losses_check(r: Runs) -> list[dict]:
   # CE's worst case: every FGSM, PGD and APGD-CE run.
   ce = np.logical_and.reduce([m for n, m in r.whitebox_runs.items()
-                              if n.startswith(('fgsm', 'pgd', 'apgd-ce'))])
+                              if n.startswith(("fgsm", "pgd", "apgd-ce"))])
   others, skipped = r.losses
   return [grading.check_losses(ce, others, skipped=skipped, tolerance=r.setup.tolerance)]
 
@@ -192,31 +192,31 @@ def _determinism_check(r: Runs) -> list[dict]:
 
 # (phase, the checks it grades): the report lists the checks by id, the seconds by phase.
 STEPS: tuple[tuple[str, Callable[[Runs], list[dict]]], ...] = (
-    ('eps_sweep', _eps_sweep_checks), ('convergence', _convergence_check),
-    ('losses', _losses_check), ('black_box', _black_box_check), ('noise', _noise_check),
-    ('gradients', _gradients_check), ('determinism', _determinism_check))
+    ("eps_sweep", _eps_sweep_checks), ("convergence", _convergence_check),
+    ("losses", _losses_check), ("black_box", _black_box_check), ("noise", _noise_check),
+    ("gradients", _gradients_check), ("determinism", _determinism_check))
 
 
 def _check_inputs(x, y, eps: float, norm: str, budget) -> tuple[np.ndarray, np.ndarray, Budget]:
   x, y = numerics.check_batch(x, y)
   core.check_eps(eps, norm)
   if eps <= 0:
-    raise ValueError(f'eps must be > 0 for the checklist, got {eps}.')
+    raise ValueError(f"eps must be > 0 for the checklist, got {eps}.")
   if isinstance(budget, str):
     if budget not in BUDGETS:
-      raise ValueError(f'unknown budget {budget!r}: choose one of {sorted(BUDGETS)} or pass a '
-                       'checklist.Budget.')
+      raise ValueError(f"unknown budget {budget!r}: choose one of {sorted(BUDGETS)} or pass a "
+                       "checklist.Budget.")
     budget = BUDGETS[budget]
   if budget.restart_steps not in budget.convergence_steps or len(budget.convergence_steps) < 2:
-    raise ValueError('Budget.convergence_steps needs >= 2 entries including restart_steps, got '
-                     f'{budget.convergence_steps} and restart_steps={budget.restart_steps}.')
+    raise ValueError("Budget.convergence_steps needs >= 2 entries including restart_steps, got "
+                     f"{budget.convergence_steps} and restart_steps={budget.restart_steps}.")
   return x, y, budget
 
 
 def run_checklist(apply_fn: Callable, variables: Any, x, y, *, key: jax.Array,
                   eps: float = 8 / 255, out_dir: str | Path | None,
                   surrogate: tuple[Callable, Any] | None = None,
-                  budget: str | Budget = 'default', norm: str = 'linf', batch_size: int = 500,
+                  budget: str | Budget = "default", norm: str = "linf", batch_size: int = 500,
                   progress: bool = False) -> dict:
   """Runs the eight gradient-masking checks on a model and writes the report.
 
@@ -243,8 +243,8 @@ def run_checklist(apply_fn: Callable, variables: Any, x, y, *, key: jax.Array,
   logits_fn = batching.bind(apply_fn, variables)
   clean_correct = batching.predict(logits_fn, x, batch_size) == y
   if not clean_correct.any():
-    raise ValueError('the model classifies none of the examples correctly: there is nothing to '
-                     'attack. Check the checkpoint, the labels and the data set.')
+    raise ValueError("the model classifies none of the examples correctly: there is nothing to "
+                     "attack. Check the checkpoint, the labels and the data set.")
   num_classes = int(jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((1, *x.shape[1:]),
                                                                    jnp.float32)).shape[-1])
   setup = Setup(logits_fn, x, y, float(eps), norm, clean_correct, num_classes, batch_size,
@@ -255,28 +255,28 @@ def run_checklist(apply_fn: Callable, variables: Any, x, y, *, key: jax.Array,
     tick = time.perf_counter()
     checks += grade(runs)
     seconds[phase] = time.perf_counter() - tick
-  checks.sort(key=lambda c: c['id'])
+  checks.sort(key=lambda c: c["id"])
 
   all_masks = {**runs.whitebox_runs,
                **{n: m for n, m in runs.black_box.items() if m is not None},
-               f'noise ({b.noise_draws} draws)': runs.noise}
+               f"noise ({b.noise_draws} draws)": runs.noise}
   worst = np.logical_and.reduce(list(all_masks.values()))
   report = {
-      'eps': setup.eps, 'eps_text': grading.eps_text(setup.eps), 'norm': norm,
-      'num_examples': int(len(x)), 'num_classes': num_classes,
-      'budget': budget if isinstance(budget, str) else 'custom',
-      'budget_settings': dataclasses.asdict(b), 'seed': setup.seed,
-      'clean_accuracy': float(clean_correct.mean()),
-      'robust_accuracy': float(worst.mean()),
-      'attacks': {name: float(m.mean()) for name, m in all_masks.items()},
-      'summary': {s: sum(c['status'] == s for c in checks) for s in (PASS, WARN, FAIL)},
-      'checks': checks,
+      "eps": setup.eps, "eps_text": grading.eps_text(setup.eps), "norm": norm,
+      "num_examples": int(len(x)), "num_classes": num_classes,
+      "budget": budget if isinstance(budget, str) else "custom",
+      "budget_settings": dataclasses.asdict(b), "seed": setup.seed,
+      "clean_accuracy": float(clean_correct.mean()),
+      "robust_accuracy": float(worst.mean()),
+      "attacks": {name: float(m.mean()) for name, m in all_masks.items()},
+      "summary": {s: sum(c["status"] == s for c in checks) for s in (PASS, WARN, FAIL)},
+      "checks": checks,
       # Mean over the attacked points of the best CE loss after each iteration (row 0: start).
-      'convergence_trace': {name: t.mean(axis=1).tolist()
+      "convergence_trace": {name: t.mean(axis=1).tolist()
                             for name, t in runs.convergence[2].items()},
-      'clean_correct': clean_correct.tolist(), 'still_robust': worst.tolist(),
-      'seconds': seconds}
-  report['seconds']['total'] = time.perf_counter() - start
+      "clean_correct": clean_correct.tolist(), "still_robust": worst.tolist(),
+      "seconds": seconds}
+  report["seconds"]["total"] = time.perf_counter() - start
   if out_dir is not None:
-    report['files'] = reporting.write_checklist(report, Path(out_dir))
+    report["files"] = reporting.write_checklist(report, Path(out_dir))
   return report

@@ -42,12 +42,12 @@ class Budget:
 
 BUDGETS = {
     # Carlini et al. / AutoAttack scale: 1000-iteration convergence check, 5,000 Square queries.
-    'default': Budget(sweep_pgd_steps=20, sweep_apgd_steps=100, convergence_steps=(10, 100, 1000),
+    "default": Budget(sweep_pgd_steps=20, sweep_apgd_steps=100, convergence_steps=(10, 100, 1000),
                       restarts=5, restart_steps=100, loss_steps=100, targets=9,
                       square_queries=5000, transfer_steps=100, noise_draws=100,
                       fd_directions=16),
     # Minutes on a CPU for ~100 SmallCNN images; the same checks, smaller budgets.
-    'quick': Budget(sweep_pgd_steps=10, sweep_apgd_steps=10, convergence_steps=(10, 50, 100),
+    "quick": Budget(sweep_pgd_steps=10, sweep_apgd_steps=10, convergence_steps=(10, 50, 100),
                     restarts=3, restart_steps=50, loss_steps=50, targets=3,
                     square_queries=1000, transfer_steps=20, noise_draws=20, fd_directions=8),
 }
@@ -81,7 +81,7 @@ def eps_sweep(eps: float, norm: str, image_shape: Sequence[int]) -> list[float]:
   """eps * 2**k for k = -3, -2, ... below the largest radius, then the largest radius: Linf 0.5
   or L2 sqrt(D)/2, where the mid-grey image lies in every ball, so any classifier can be
   brought down to the share of its most frequent prediction (check 1's end point)."""
-  largest = 0.5 if norm == 'linf' else float(np.sqrt(np.prod(image_shape))) / 2
+  largest = 0.5 if norm == "linf" else float(np.sqrt(np.prod(image_shape))) / 2
   values = [eps * 2.0 ** k for k in range(-3, 64) if eps * 2.0 ** k < largest * (1 - 1e-9)]
   return values + [max(largest, eps)]
 
@@ -93,7 +93,7 @@ def registry_masks(setup: Setup, name: str, eps: Sequence[float],
                                norm=setup.norm, clean_correct=setup.clean_correct,
                                batch_size=setup.batch_size, seed=setup.seed,
                                overrides=overrides, progress=setup.progress)
-  return np.asarray(result['still_robust'], bool)
+  return np.asarray(result["still_robust"], bool)
 
 
 def still_robust(setup: Setup, x_adv_todo: np.ndarray, eps: float) -> np.ndarray:
@@ -107,9 +107,9 @@ def still_robust(setup: Setup, x_adv_todo: np.ndarray, eps: float) -> np.ndarray
                                 == setup.y)
 
 
-@functools.partial(jax.jit, static_argnames=('norm', 'steps'))
+@functools.partial(jax.jit, static_argnames=("norm", "steps"))
 def _apgd_ce_traced(logits_fn, eps, x, y, key, *, norm, steps):
-  x_adv, trace = apgd(logits_fn, x, y, key=key, eps=eps, norm=norm, loss='ce', steps=steps,
+  x_adv, trace = apgd(logits_fn, x, y, key=key, eps=eps, norm=norm, loss="ce", steps=steps,
                       return_trace=True)
   return x_adv, trace.T  # batch first
 
@@ -131,14 +131,14 @@ def apgd_ce_run(setup: Setup, steps: int, key: jax.Array, eps: float | None = No
   return still_robust(setup, x_adv, eps), trace.T
 
 
-@functools.partial(jax.jit, static_argnames=('norm', 'draws'))
+@functools.partial(jax.jit, static_argnames=("norm", "draws"))
 def _noise_fooled(logits_fn, eps, x, y, key, *, norm, draws):
   """Per example: does any of `draws` random points at distance eps fool the model? Linf:
   random corners of the cube (x + eps * random signs, the farthest noise in every pixel);
   L2: random directions on the sphere. Both clipped into [0, 1]."""
   def body(i, fooled):
     k = jax.random.fold_in(key, i)
-    if norm == 'linf':
+    if norm == "linf":
       x_noisy = jnp.clip(x + eps * jax.random.rademacher(k, x.shape, x.dtype), 0.0, 1.0)
     else:
       x_noisy = core.random_init(k, x, eps, norm, on_sphere=True)
@@ -146,33 +146,33 @@ def _noise_fooled(logits_fn, eps, x, y, key, *, norm, draws):
   return jax.lax.fori_loop(0, draws, body, jnp.zeros(x.shape[:1], bool))
 
 
-@functools.partial(jax.jit, static_argnames=('directions',))
+@functools.partial(jax.jit, static_argnames=("directions",))
 def _gradient_probe(logits_fn, x, y, key, *, directions):
   """Per example: CE and margin losses, their input gradients' L1/L2 norms, whether they are
   all zero or contain non-finite values, and, for the margin loss, the analytic directional
   derivative and its central finite difference along `directions` random sign directions."""
   out, grads = {}, {}
-  for name, loss_fn in (('ce', numerics.cross_entropy), ('margin', numerics.margin_loss)):
+  for name, loss_fn in (("ce", numerics.cross_entropy), ("margin", numerics.margin_loss)):
     loss, _, grads[name] = numerics.loss_and_grad(logits_fn, loss_fn)(x, y)
     flat = grads[name].reshape(x.shape[0], -1)
-    out[name] = {'loss': loss, 'l1': jnp.sum(jnp.abs(flat), axis=1),
-                 'l2': numerics.safe_norm(flat, axis=1), 'zero': jnp.all(flat == 0, axis=1),
-                 'finite': jnp.all(jnp.isfinite(flat), axis=1) & jnp.isfinite(loss)}
+    out[name] = {"loss": loss, "l1": jnp.sum(jnp.abs(flat), axis=1),
+                 "l2": numerics.safe_norm(flat, axis=1), "zero": jnp.all(flat == 0, axis=1),
+                 "finite": jnp.all(jnp.isfinite(flat), axis=1) & jnp.isfinite(loss)}
 
   def along(k):
     v = jax.random.rademacher(k, x.shape, x.dtype)
-    analytic = jnp.sum((grads['margin'] * v).reshape(x.shape[0], -1), axis=1)
+    analytic = jnp.sum((grads["margin"] * v).reshape(x.shape[0], -1), axis=1)
     plus = numerics.margin_loss(logits_fn(x + grading.FD_STEP * v), y)
     minus = numerics.margin_loss(logits_fn(x - grading.FD_STEP * v), y)
     return analytic, (plus - minus) / (2 * grading.FD_STEP)
 
   analytic, finite_difference = jax.lax.map(along, jax.random.split(key, directions))
-  out['directional'] = {'analytic': analytic.T, 'finite_difference': finite_difference.T}
+  out["directional"] = {"analytic": analytic.T, "finite_difference": finite_difference.T}
   return out
 
 
 def check_gradients(logits_fn: Callable[[jax.Array], jax.Array], x, y, *, key: jax.Array,
-                    eps: float, norm: str = 'linf', directions: int = 16,
+                    eps: float, norm: str = "linf", directions: int = 16,
                     batch_size: int = 500, tolerance: float = grading.TOLERANCE) -> dict:
   """Check 6 on images x [N, H, W, C] and int labels y [N]: input-gradient health at every
   point, for the CE and margin losses, and `directions` finite-difference probes per point."""
@@ -195,12 +195,12 @@ def determinism_probe(apply_fn: Callable, variables: Any, x) -> dict:
   alone = np.asarray(apply_fn(variables, x[:half]))
   argmax = [p.argmax(-1) for p in passes]
   numbers = {
-      'repeat_max_relative_difference': max(float(np.abs(p - passes[0]).max()) / scale
+      "repeat_max_relative_difference": max(float(np.abs(p - passes[0]).max()) / scale
                                             for p in passes[1:]),
-      'repeat_prediction_changes': int(sum((a != argmax[0]).sum() for a in argmax[1:])),
-      'batch_max_relative_difference': float(np.abs(alone - passes[0][:half]).max()) / scale,
-      'batch_prediction_changes': int((alone.argmax(-1) != argmax[0][:half]).sum()),
-      'num_examples': int(len(x))}
+      "repeat_prediction_changes": int(sum((a != argmax[0]).sum() for a in argmax[1:])),
+      "batch_max_relative_difference": float(np.abs(alone - passes[0][:half]).max()) / scale,
+      "batch_prediction_changes": int((alone.argmax(-1) != argmax[0][:half]).sum()),
+      "num_examples": int(len(x))}
   return numbers
 
 
