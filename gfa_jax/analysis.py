@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gfa_jax import batching, plots
+from gfa_jax import batching
 from gfa_jax.numerics import check_batch, is_better, misclassified, resolve_loss
 from gfa_jax.penalty import FEATURES, TAPS, gfa_objective, safe_norm, zero_taps
 
@@ -305,7 +305,7 @@ def _landscape_batch(apply_fn, variables, x, y, key, *, layer, loss_fn, coordina
 def loss_landscape(apply_fn: ApplyFn, variables: Any, x, y, *, key: jax.Array,
                    layer: str = "layer0", loss: LossArg = "ce", extent: float = 0.1,
                    num: int = 21, random_planes: int = 1, batch_size: int = 64,
-                   png_path: str | None = None, label: str = "model") -> dict[str, Any]:
+                   ) -> dict[str, Any]:
   """Loss of each image on 2-D grids around its layer input h (the paper's Figure 2, with axes).
 
   Planes through h, coordinates (a, b) in [-extent, extent] on `num` points each, the loss at
@@ -316,8 +316,8 @@ def loss_landscape(apply_fn: ApplyFn, variables: Any, x, y, *, key: jax.Array,
   Returns a JSON-ready dict: 'layer', 'loss', 'units', 'coordinates' [num], 'num_points',
   'clean_loss' [B], 'planes' {name: {'axes': [u label, v label], 'loss' [B][num][num]
   (first index along u), 'mean_loss' [num][num]}}; 'tangential_is_zero' counts images whose
-  gradient has no tangential part (their v is 0, the plane degenerates to a line). With
-  `png_path`, also draws it through ``plots.plot_landscapes`` under `label`.
+  gradient has no tangential part (their v is 0, the plane degenerates to a line). Drawn by
+  ``plots.plot_landscapes`` (the mechanism evaluator does).
   """
   x, y = check_batch(x, y)
   _check_layers(apply_fn, variables, x, (layer,))
@@ -343,8 +343,6 @@ def loss_landscape(apply_fn: ApplyFn, variables: Any, x, y, *, key: jax.Array,
       "planes": {name: {"axes": axes[name], "loss": grids.tolist(),
                         "mean_loss": grids.mean(axis=0).tolist()}
                  for name, grids in raw["grids"].items()}}
-  if png_path is not None:
-    plots.plot_landscapes(png_path, {label: landscape})
   return landscape
 
 

@@ -9,7 +9,11 @@ checklist's probes, the analyses, training's periodic evaluation) goes through `
 - with `bucket=True` full batches, then the remainder padded up to a power of two, so calls on
   varying numbers of rows (AutoAttack's shrinking robust sets) reuse at most
   log2(batch_size) + 1 compiled shapes while padding less than half of the last batch;
-- batch i gets the key `fold_in(key, i)`, so results are a pure function of (key, batch size).
+- batch i gets the key `fold_in(key, i)`, so results are a pure function of (key, batch size);
+- with several local devices (GPUs, or `--xla_force_host_platform_device_count=N` CPUs) each
+  batch is split over them along its first axis (a one-axis `Mesh`; the model's variables are
+  replicated by jit), padded to a multiple of the device count. JAX's random numbers do not
+  depend on the sharding, so the masks are those of one device (tests/test_batching.py).
 
 Models are passed as `bind(apply_fn, variables)`: a `jax.tree_util.Partial` whose leaves (the
 weights) are traced arguments of the jitted functions, never constants baked into them.
@@ -23,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def bind(apply_fn: Callable, variables) -> jax.tree_util.Partial:
@@ -68,6 +73,15 @@ def batches(n: int, batch_size: int, bucket: bool = False) -> list[tuple[int, in
   return out
 
 
+def data_parallel_sharding() -> NamedSharding | None:
+  """Batch-first sharding over every local device, or None with one device (the arrays then
+  stay where jit puts them: nothing changes on one CPU)."""
+  devices = jax.local_devices()
+  if len(devices) == 1:
+    return None
+  return NamedSharding(Mesh(np.asarray(devices), ("data",)), PartitionSpec("data"))
+
+
 def num_batches(n: int, batch_size: int) -> int:
   """How many batches `map_batches` runs over n rows without buckets (progress bars)."""
   return len(batches(n, batch_size))
@@ -92,9 +106,14 @@ def map_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int, *,
   n = len(arrays[0])
   if any(len(a) != n for a in arrays):
     raise ValueError(f"map_batches needs arrays of one length, got {[len(a) for a in arrays]}.")
+  sharding = data_parallel_sharding()
+  devices = 1 if sharding is None else len(sharding.mesh.devices)
   outs = []
   for i, (start, stop, size) in enumerate(batches(n, batch_size, bucket)):
+    size = -(-size // devices) * devices  # every device gets the same number of rows
     args = [pad(a[start:stop], size) for a in arrays]
+    if sharding is not None:
+      args = [jax.device_put(a, sharding) for a in args]
     if key is not None:
       args.append(jax.random.fold_in(key, i))
     out = jax.device_get(fn(*args))

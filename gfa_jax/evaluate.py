@@ -47,7 +47,7 @@ SCHEMA_VERSION = 1
 # Kinds of attack, by how robust accuracy at an eps is obtained from their output.
 EPS_BOUNDED = "eps_bounded"  # run once per eps; returns points within eps
 MIN_NORM = "min_norm"  # run once; smallest adversarial example found, thresholded per eps
-L0 = "l0"  # pixel budget instead of eps (OnePixel); one robust accuracy, no eps
+L0 = "l0"  # pixel budget instead of eps (OnePixel): masks [1, N] at its budget, whatever eps
 ENSEMBLE = "ensemble"  # AutoAttack: host-side sequence, per-point worst case
 LP_NORMS = ("linf", "l2", "l1")
 
@@ -183,7 +183,7 @@ def _norm_stats(values: np.ndarray) -> dict[str, float | None]:
 
 def _attack_key(seed: int, name: str) -> jax.Array:
   """Key of one attack, independent of which other attacks run (so `all` repeats single runs)."""
-  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
@@ -273,12 +273,11 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
       raise ValueError(f'{int((changed > hparams["pixels"]).sum())} OnePixel examples change '
                        f'more than pixels={hparams["pixels"]} pixels (up to {changed.max()}).')
     mask = still_robust(x_adv)
+    masks = [mask]  # one "eps": the pixel budget
     result["threat_model"] = {"norm": "l0", "pixels": hparams["pixels"]}
-    result["robust_accuracy"] = float(mask.mean())
-    result["still_robust"] = mask.tolist()
     result["success_rate"] = float((clean_correct & ~mask).sum() / max(clean_correct.sum(), 1))
-    result["elapsed_seconds"] = time.perf_counter() - start
-    return result
+    result["perturbation_norm"] = [int(c) if f else None for c, f in zip(changed, ~mask & clean_correct)]
+  # One result type for every kind: masks [n_eps, N] (OnePixel: [1, N], its pixel budget).
   result["robust_accuracy"] = [float(m.mean()) for m in masks]
   result["still_robust"] = [m.tolist() for m in masks]
   result["elapsed_seconds"] = time.perf_counter() - start
@@ -333,8 +332,8 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
   if eps_results:
     worst = np.logical_and.reduce([np.asarray(r["still_robust"]) for r in eps_results])
     robust_accuracy = worst.mean(axis=1).tolist()
-  else:  # a single OnePixel run
-    worst = np.asarray(results[names[0]]["still_robust"])[None]
+  else:  # a single OnePixel run: its pixel budget is the one threat model
+    worst = np.asarray(results[names[0]]["still_robust"])
     robust_accuracy = results[names[0]]["robust_accuracy"]
 
   report = {
@@ -348,7 +347,7 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
       "clean_accuracy": float(clean_correct.mean()),
       "robust_accuracy": robust_accuracy,
       "clean_correct": clean_correct.tolist(),
-      "still_robust": worst.tolist() if eps_results else worst[0].tolist(),
+      "still_robust": worst.tolist(),
       "attacks": results,
       "skipped": skipped,
       "subset": None,
@@ -360,8 +359,7 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
       r["subset_robust_accuracy"] = _subset_mean(masks, subset)
     report["subset"] = {"indices": subset.tolist(), "num_examples": int(len(subset)),
                         "clean_accuracy": _subset_mean(clean_correct, subset),
-                        "robust_accuracy": _subset_mean(worst if eps_results else worst[0],
-                                                        subset)}
+                        "robust_accuracy": _subset_mean(worst, subset)}
   report["elapsed_seconds"] = time.perf_counter() - start
   return report
 

@@ -54,7 +54,7 @@ def attack_summary(report: dict) -> str:
   eps_text = ", ".join(f"{e:.4g}" for e in report["eps"])
   for name, r in report["attacks"].items():
     if r["kind"] == "l0":
-      acc = f"{100 * r['robust_accuracy']:.2f}% with {r['threat_model']['pixels']} pixel(s)"
+      acc = f"{100 * r['robust_accuracy'][0]:.2f}% with {r['threat_model']['pixels']} pixel(s)"
     else:
       acc = ", ".join(f"{100 * a:.2f}%" for a in r["robust_accuracy"]) + f" at eps [{eps_text}]"
     extra = ""

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gfa_jax import analysis, reporting, tap
+from gfa_jax import analysis, plots, reporting, tap
 from gfa_jax.objectives import cross_entropy
 
 NUM_CLASSES = 3
@@ -32,8 +32,8 @@ class NormNet(nn.Module):
 
 def setup(angular=False, n=8):
   model = NormNet(angular=angular)
-  x = jax.random.uniform(jax.random.PRNGKey(0), (n, 2, 2, 3))
-  variables = model.init(jax.random.PRNGKey(1), x)
+  x = jax.random.uniform(jax.random.key(0), (n, 2, 2, 3))
+  variables = model.init(jax.random.key(1), x)
   y = jnp.arange(n) % NUM_CLASSES
   return model.apply, variables, np.asarray(x), np.asarray(y)
 
@@ -76,9 +76,8 @@ def test_angular_loss_has_zero_radial_derivative():
 def test_landscape_grid_is_centred_and_symmetric_for_a_radial_loss(tmp_path):
   apply_fn, variables, x, y = setup(n=4)
   png = tmp_path / "landscape.png"
-  land = analysis.loss_landscape(apply_fn, variables, x, y, key=jax.random.PRNGKey(0),
-                                 layer="layer1", num=5, extent=0.2, random_planes=2,
-                                 png_path=png)
+  land = analysis.loss_landscape(apply_fn, variables, x, y, key=jax.random.key(0),
+                                 layer="layer1", num=5, extent=0.2, random_planes=2)
   assert set(land["planes"]) == {"radial_tangential", "random_0", "random_1"}
   assert land["coordinates"] == pytest.approx([-0.2, -0.1, 0.0, 0.1, 0.2])
   clean = np.asarray(land["clean_loss"])
@@ -93,6 +92,7 @@ def test_landscape_grid_is_centred_and_symmetric_for_a_radial_loss(tmp_path):
   np.testing.assert_allclose(grid[:, 2, :], grid[:, 2, ::-1], rtol=1e-5)
   assert np.abs(grid[:, :, 2] - grid[:, ::-1, 2]).max() > 1e-3
   json.dumps(land, allow_nan=False)
+  plots.plot_landscapes(png, {"model": land})
   assert png.stat().st_size > 10_000
 
 
@@ -117,4 +117,4 @@ def test_unknown_layer_is_a_clear_error():
     analysis.radial_tangential(apply_fn, variables, x, y, layers=("layer7",))
   with pytest.raises(ValueError, match="no tapped layer"):
     plain = lambda v, x, mutable=(): (x.reshape(len(x), -1)[:, :3], {})
-    analysis.loss_landscape(plain, {}, x, y, key=jax.random.PRNGKey(0))
+    analysis.loss_landscape(plain, {}, x, y, key=jax.random.key(0))

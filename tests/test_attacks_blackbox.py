@@ -18,7 +18,7 @@ NUM_CLASSES = 10
 def linear_model(seed=0, quantise=False):
   """Random linear 10-class model on flattened images; optionally on images rounded to 1/255
   steps, a staircase whose input gradient is exactly zero everywhere."""
-  w = jax.random.normal(jax.random.PRNGKey(seed), (int(np.prod(SHAPE)), NUM_CLASSES))
+  w = jax.random.normal(jax.random.key(seed), (int(np.prod(SHAPE)), NUM_CLASSES))
 
   def logits_fn(x):
     if quantise:
@@ -37,7 +37,7 @@ def linf_distance(logits_fn, w, x, y):
 
 
 def images(batch, seed=1, low=0.0, high=1.0):
-  return jax.random.uniform(jax.random.PRNGKey(seed), (batch, *SHAPE), minval=low, maxval=high)
+  return jax.random.uniform(jax.random.key(seed), (batch, *SHAPE), minval=low, maxval=high)
 
 
 def test_square_breaks_a_zero_gradient_model_where_pgd_fails():
@@ -50,9 +50,9 @@ def test_square_breaks_a_zero_gradient_model_where_pgd_fails():
   # eps = 2x the largest distance to the boundary (of the unquantised model, up to rounding).
   eps = float(2 * jnp.max(linf_distance(lambda v: (v.reshape(len(v), -1) - 0.5) @ w, w, x, y)))
   assert eps < 0.2  # so the [0, 1] box never binds
-  x_pgd = jax.jit(lambda x: pgd(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=eps,
+  x_pgd = jax.jit(lambda x: pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps,
                                 steps=20))(x)
-  x_sq = jax.jit(lambda x: square(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=eps,
+  x_sq = jax.jit(lambda x: square(logits_fn, x, y, key=jax.random.key(0), eps=eps,
                                   n_queries=1000))(x)
   core.check_adversarial(x_sq, x, eps, "linf")
   assert float(jnp.mean(jnp.argmax(logits_fn(x_pgd), -1) == y)) == 1.0
@@ -65,11 +65,11 @@ def test_square_respects_eps_and_box_and_is_deterministic(norm, eps):
   x = images(6)  # full [0, 1] range, so clipping at 0 and 1 matters
   y = jnp.argmax(logits_fn(x), -1)
   run = jax.jit(lambda key: square(logits_fn, x, y, key=key, eps=eps, norm=norm, n_queries=60))
-  x_adv = run(jax.random.PRNGKey(3))
+  x_adv = run(jax.random.key(3))
   norms = core.check_adversarial(x_adv, x, eps, norm)
   assert norms.max() > 0.5 * eps  # it does perturb
-  np.testing.assert_array_equal(x_adv, run(jax.random.PRNGKey(3)))
-  assert not np.array_equal(x_adv, run(jax.random.PRNGKey(4)))
+  np.testing.assert_array_equal(x_adv, run(jax.random.key(3)))
+  assert not np.array_equal(x_adv, run(jax.random.key(4)))
 
 
 def test_square_spends_exactly_n_queries_on_an_unbreakable_model():
@@ -83,7 +83,7 @@ def test_square_spends_exactly_n_queries_on_an_unbreakable_model():
     return io_callback(count, jax.ShapeDtypeStruct((x.shape[0], 3), jnp.float32),
                                         x)
   x = images(2)
-  square(logits_fn, x, jnp.zeros(2, jnp.int32), key=jax.random.PRNGKey(0), eps=0.1,
+  square(logits_fn, x, jnp.zeros(2, jnp.int32), key=jax.random.key(0), eps=0.1,
          n_queries=7)
   assert len(calls) == 7
 
@@ -98,7 +98,7 @@ def test_square_stops_when_every_point_is_fooled():
   def logits_fn(x):  # always class 1: label 0 is fooled at the starting point
     return io_callback(count, jax.ShapeDtypeStruct((x.shape[0], 2), jnp.float32),
                                         x)
-  square(logits_fn, images(2), jnp.zeros(2, jnp.int32), key=jax.random.PRNGKey(0), eps=0.1,
+  square(logits_fn, images(2), jnp.zeros(2, jnp.int32), key=jax.random.key(0), eps=0.1,
          n_queries=50)
   assert len(calls) == 1
 
@@ -151,13 +151,13 @@ def test_onepixel_changes_at_most_pixels_and_finds_the_pixel(pixels):
   y = jnp.zeros(4, jnp.int32)
   run = jax.jit(lambda key: onepixel(pixel_detector, x, y, key=key, pixels=pixels,
                                      population=20, iterations=10, chunk_size=10))
-  x_adv = run(jax.random.PRNGKey(0))
+  x_adv = run(jax.random.key(0))
   core.check_adversarial(x_adv, x, 1.0, "linf")
   changed = np.any(np.asarray(x_adv) != np.asarray(x), axis=-1).reshape(4, -1).sum(1)
   assert changed.max() <= pixels and changed.min() >= 1
   assert np.all(np.argmax(pixel_detector(x_adv), -1) == 1)
-  np.testing.assert_array_equal(x_adv, run(jax.random.PRNGKey(0)))
-  assert not np.array_equal(x_adv, run(jax.random.PRNGKey(1)))
+  np.testing.assert_array_equal(x_adv, run(jax.random.key(0)))
+  assert not np.array_equal(x_adv, run(jax.random.key(1)))
 
 
 def test_onepixel_reports_no_success_on_a_model_no_pixel_can_flip():
@@ -165,7 +165,7 @@ def test_onepixel_reports_no_success_on_a_model_no_pixel_can_flip():
   y = jnp.zeros(3, jnp.int32)
   # Class 0 unless the whole image is bright: one pixel moves the mean by at most 1/64.
   mean_model = lambda v: jnp.stack([jnp.full(len(v), 0.9), v.mean(axis=(1, 2, 3))], axis=1)
-  x_adv = onepixel(mean_model, x, y, key=jax.random.PRNGKey(0), population=8, iterations=3,
+  x_adv = onepixel(mean_model, x, y, key=jax.random.key(0), population=8, iterations=3,
                    chunk_size=4)
   assert np.all(np.argmax(mean_model(x_adv), -1) == y)
   changed = np.any(np.asarray(x_adv) != np.asarray(x), axis=-1).reshape(3, -1).sum(1)
@@ -178,7 +178,7 @@ def test_square_rejects_bad_arguments(bad):
   logits_fn, _ = linear_model()
   x = images(2)
   with pytest.raises(ValueError):
-    square(logits_fn, x, jnp.zeros(2, jnp.int32), key=jax.random.PRNGKey(0), **bad)
+    square(logits_fn, x, jnp.zeros(2, jnp.int32), key=jax.random.key(0), **bad)
 
 
 def test_blackbox_attacks_reject_images_outside_unit_box():
@@ -186,6 +186,6 @@ def test_blackbox_attacks_reject_images_outside_unit_box():
   x = images(2) * 2.0
   y = jnp.zeros(2, jnp.int32)
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
-    square(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=0.1)
+    square(logits_fn, x, y, key=jax.random.key(0), eps=0.1)
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
-    onepixel(logits_fn, x, y, key=jax.random.PRNGKey(0))
+    onepixel(logits_fn, x, y, key=jax.random.key(0))

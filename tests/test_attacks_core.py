@@ -30,7 +30,7 @@ def test_losses_match_hand_computed_values():
 
 
 def test_dlr_is_invariant_to_shift_and_scale():
-  logits = jax.random.normal(jax.random.PRNGKey(0), (5, 10))
+  logits = jax.random.normal(jax.random.key(0), (5, 10))
   y = jnp.arange(5)
   np.testing.assert_allclose(core.dlr_loss(3.0 * logits + 7.0, y), core.dlr_loss(logits, y),
                              rtol=1e-4)
@@ -46,9 +46,9 @@ def test_losses_need_enough_classes_and_known_names():
 
 
 def test_loss_and_grad_gives_per_example_gradients():
-  w = jax.random.normal(jax.random.PRNGKey(0), (12, 4))
+  w = jax.random.normal(jax.random.key(0), (12, 4))
   logits_fn = lambda x: x.reshape(x.shape[0], -1) @ w
-  x = jax.random.uniform(jax.random.PRNGKey(1), (3, 2, 2, 3))
+  x = jax.random.uniform(jax.random.key(1), (3, 2, 2, 3))
   y = jnp.array([0, 1, 2])
   loss, logits, grad = core.loss_and_grad(logits_fn, core.ce_loss)(x, y)
   for i in range(3):
@@ -77,7 +77,7 @@ def test_lp_norm_values_and_safe_gradient_at_zero():
 
 @pytest.mark.parametrize("norm, eps", [("linf", 0.05), ("l2", 0.3), ("l1", 1.0)])
 def test_project_is_idempotent_and_inside_ball_and_box(norm, eps):
-  key_x, key_d = jax.random.split(jax.random.PRNGKey(0))
+  key_x, key_d = jax.random.split(jax.random.key(0))
   x = jax.random.uniform(key_x, (6, 4, 4, 1))
   x_far = x + 0.5 * jax.random.normal(key_d, x.shape)
   projected = core.project(x_far, x, eps, norm)
@@ -94,7 +94,7 @@ def test_project_l1_is_the_euclidean_projection():
   # Away from the box edges, the projection onto the l1 ball is sign(d) * max(|d| - theta, 0)
   # with theta found by bisection so that the l1 norm equals eps.
   x = jnp.full((1, 4, 4, 1), 0.5)
-  delta = 0.1 * jax.random.normal(jax.random.PRNGKey(3), x.shape)
+  delta = 0.1 * jax.random.normal(jax.random.key(3), x.shape)
   eps = 0.3
   d = np.abs(np.asarray(delta, np.float64).ravel())
   lo, hi = 0.0, d.max()
@@ -122,15 +122,15 @@ def test_steepest_ascent_direction(norm):
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_random_init_inside_ball_and_box_and_on_sphere(norm):
-  x = jax.random.uniform(jax.random.PRNGKey(0), (64, 4, 4, 1), minval=0.2, maxval=0.8)
+  x = jax.random.uniform(jax.random.key(0), (64, 4, 4, 1), minval=0.2, maxval=0.8)
   eps = 0.1
-  start = core.random_init(jax.random.PRNGKey(1), x, eps, norm)
+  start = core.random_init(jax.random.key(1), x, eps, norm)
   core.check_adversarial(start, x, eps, norm)
   radius = np.asarray(core.lp_norm(start - x, norm))
   assert radius.min() < 0.9 * eps  # l2 radii are spread, not all on the surface
-  on_sphere = core.random_init(jax.random.PRNGKey(1), x, eps, norm, on_sphere=True)
+  on_sphere = core.random_init(jax.random.key(1), x, eps, norm, on_sphere=True)
   np.testing.assert_allclose(core.lp_norm(on_sphere - x, norm), eps, rtol=1e-5)
-  assert not np.array_equal(start, core.random_init(jax.random.PRNGKey(2), x, eps, norm))
+  assert not np.array_equal(start, core.random_init(jax.random.key(2), x, eps, norm))
 
 
 def test_check_images():

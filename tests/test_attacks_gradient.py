@@ -89,7 +89,7 @@ ATTACKS = {
 def test_attack_crosses_boundary_exactly_when_eps_allows(name, norm):
   logits_fn, x, y, eps, n = boundary_setup(norm)
   attack = jax.jit(functools.partial(ATTACKS[name], logits_fn, norm=norm))
-  x_adv = attack(x, y, key=jax.random.PRNGKey(0), eps=eps)
+  x_adv = attack(x, y, key=jax.random.key(0), eps=eps)
   core.check_adversarial(x_adv, x, np.asarray(eps), norm)
   assert robust_accuracy(logits_fn, x_adv[:n], y[:n]) == 0.0  # eps beyond the boundary
   assert robust_accuracy(logits_fn, x_adv[n:], y[n:]) == 1.0  # eps short of it
@@ -129,7 +129,7 @@ def test_pgd_keeps_a_fooling_iterate_over_a_higher_loss_one():
   x_init = x + eps[:, None, None, None] * sign * np.sign(v).reshape(SHAPE)
   assert robust_accuracy(logits_fn, x_init, y) == 0.0
 
-  run = functools.partial(pgd, logits_fn, x, y, key=jax.random.PRNGKey(0), eps=eps, steps=5,
+  run = functools.partial(pgd, logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=5,
                           loss=lambda logits, y: -core.margin_loss(logits, y), x_init=x_init)
   assert robust_accuracy(logits_fn, run(keep_best=True), y) == 0.0
   assert robust_accuracy(logits_fn, run(keep_best=False), y) == 1.0
@@ -141,8 +141,8 @@ def test_pgd_callable_loss_receives_y_unchanged():
   x = images(4)
   p_clean = jax.nn.softmax(logits_fn(x))
   kl = lambda logits, p: jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(logits)), axis=-1)
-  x_init = x + 0.001 * jax.random.normal(jax.random.PRNGKey(1), x.shape)
-  x_adv = pgd(logits_fn, x, p_clean, key=jax.random.PRNGKey(0), eps=0.03, loss=kl, x_init=x_init)
+  x_init = x + 0.001 * jax.random.normal(jax.random.key(1), x.shape)
+  x_adv = pgd(logits_fn, x, p_clean, key=jax.random.key(0), eps=0.03, loss=kl, x_init=x_init)
   core.check_adversarial(x_adv, x, 0.03, "linf")
   assert float(jnp.mean(kl(logits_fn(x_adv), p_clean))) > float(jnp.mean(kl(logits_fn(x), p_clean)))
 
@@ -152,7 +152,7 @@ def test_pgd_inside_a_gradient_of_the_training_loss():
   # itself must contribute no gradient (its output is data).
   x, y = images(4), jnp.array([0, 1, 0, 1])
   w0 = jnp.asarray(np.random.default_rng(3).normal(size=(DIM, 2)), jnp.float32)
-  key = jax.random.PRNGKey(0)
+  key = jax.random.key(0)
 
   def adversarial_loss(w):
     logits_fn = linear_model(w, 0.0)
@@ -197,7 +197,7 @@ def test_apgd_t_reaches_the_least_likely_target_when_possible():
   needed = np.array([min_linf_eps_to_target(w, b, np.asarray(x[i]).ravel(), target[i])
                      for i in range(len(x))])
   eps = jnp.asarray(1.25 * needed, jnp.float32)  # some slack: targeted DLR ignores third classes
-  x_adv = apgd_t(logits_fn, x, jnp.asarray(y), key=jax.random.PRNGKey(0), eps=eps,
+  x_adv = apgd_t(logits_fn, x, jnp.asarray(y), key=jax.random.key(0), eps=eps,
                           y_target=jnp.asarray(target), steps=20)
   core.check_adversarial(x_adv, x, np.asarray(eps), "linf")
   np.testing.assert_array_equal(np.asarray(logits_fn(x_adv)).argmax(1), target)
@@ -210,7 +210,7 @@ def test_apgd_runs_exactly_the_requested_iterations():
   x = images(4)
   y = jnp.argmax(logits_fn(x), axis=-1)
   steps = 37
-  _, trace = apgd(logits_fn, x, y, key=jax.random.PRNGKey(0), eps=0.5, norm="l2",
+  _, trace = apgd(logits_fn, x, y, key=jax.random.key(0), eps=0.5, norm="l2",
                            steps=steps, return_trace=True)
   chex.assert_shape(trace, (steps + 1, 4))
   assert np.all(np.diff(np.asarray(trace), axis=0) >= 0)
@@ -269,7 +269,7 @@ def test_apgd_matches_a_port_of_the_reference(norm, eps, loss):
   logits_fn = wiggly_model(num_classes=10, scale=0.5)
   x = images(8, low=0.0, high=1.0)
   y = jnp.argmax(logits_fn(x), axis=-1)
-  key, steps = jax.random.PRNGKey(0), 25  # 25 steps: windows 5, 4, 3, 2, 1, 1, ... many checks
+  key, steps = jax.random.key(0), 25  # 25 steps: windows 5, 4, 3, 2, 1, 1, ... many checks
   _, trace = apgd(logits_fn, x, y, key=key, eps=eps, norm=norm, loss=loss,
                            steps=steps, return_trace=True)
   grad_fn = jax.jit(lambda v: core.loss_and_grad(logits_fn, core.LOSSES[loss])(v, y))
@@ -309,16 +309,16 @@ def test_same_key_same_output_and_one_compile_per_shape(attack):
 
   x = images(4)
   y = jnp.argmax(logits_fn(x), axis=-1)  # a misclassified point would return x for any key
-  first = run(x, y, jax.random.PRNGKey(0))
-  np.testing.assert_array_equal(first, run(x, y, jax.random.PRNGKey(0)))
-  assert not np.array_equal(first, run(x, y, jax.random.PRNGKey(1)))
-  run(images(4, seed=5), jnp.array([1, 1, 0, 0]), jax.random.PRNGKey(2))  # no retrace
+  first = run(x, y, jax.random.key(0))
+  np.testing.assert_array_equal(first, run(x, y, jax.random.key(0)))
+  assert not np.array_equal(first, run(x, y, jax.random.key(1)))
+  run(images(4, seed=5), jnp.array([1, 1, 0, 0]), jax.random.key(2))  # no retrace
 
 
 @pytest.mark.parametrize("attack", [fgsm, pgd, apgd, apgd_t])
 def test_bad_input_raises(attack):
   logits_fn, _ = two_sided_model()
-  x, y, key = images(2), jnp.array([0, 1]), jax.random.PRNGKey(0)
+  x, y, key = images(2), jnp.array([0, 1]), jax.random.key(0)
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
     attack(logits_fn, x * 255, y, key=key, eps=0.03)
   with pytest.raises(ValueError, match="eps"):
@@ -330,7 +330,7 @@ def test_bad_input_raises(attack):
 def test_apgd_t_rejects_more_targets_than_classes():
   logits_fn, _ = two_sided_model(num_classes=4)
   with pytest.raises(ValueError, match="num_targets"):
-    apgd_t(logits_fn, images(2), jnp.array([0, 1]), key=jax.random.PRNGKey(0), eps=0.03)
+    apgd_t(logits_fn, images(2), jnp.array([0, 1]), key=jax.random.key(0), eps=0.03)
 
 
 def test_first_target_attacks_the_class_of_that_rank():

@@ -1,5 +1,7 @@
 """gfa_jax.batching: the one batching path every evaluator uses."""
 
+import json
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -56,3 +58,35 @@ def test_predict_traces_the_weights_so_a_second_model_compiles_nothing():
   flat = x.reshape(10, 4)
   np.testing.assert_array_equal(p1, flat[:, :3].argmax(1))
   np.testing.assert_array_equal(p2, flat[:, 1:].argmax(1))
+
+
+SHARDED_EVAL = """
+import json, jax, numpy as np
+from gfa_jax import evaluate, models, batching
+model = models.create_model("mlp", hidden=(32,))
+x = np.random.default_rng(0).uniform(size=(20, 8, 8, 3)).astype(np.float32)
+params = models.init_params(model, jax.random.key(0), x.shape[1:])
+logits_fn = batching.bind(model.apply, {"params": params})
+y = batching.predict(logits_fn, x, 8)  # every point correct clean
+masks = {}
+for attack, eps in (("pgd", 0.004), ("apgd", 0.004), ("autoattack", 0.004)):
+  report = evaluate.evaluate(logits_fn, x, y, attack=attack, eps=[eps], batch_size=8,
+                             seed=1, progress=False)
+  masks[attack] = report["still_robust"]
+print(json.dumps({"devices": jax.local_device_count(), "masks": masks}))
+"""
+
+
+def test_two_devices_give_the_masks_of_one_for_pgd_apgd_and_autoattack():
+  """Sharded evaluation (each batch split over the local devices) changes no robust mask."""
+  from tests.conftest import run_python
+  runs = []
+  for devices in (1, 2):
+    proc = run_python(SHARDED_EVAL, devices=devices)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  assert [r["devices"] for r in runs] == [1, 2]
+  for attack in ("pgd", "apgd", "autoattack"):
+    one, two = np.asarray(runs[0]["masks"][attack]), np.asarray(runs[1]["masks"][attack])
+    assert 0 < one.sum() < one.size, (attack, one.sum())  # some points robust, some broken
+    np.testing.assert_array_equal(one, two, err_msg=attack)

@@ -17,7 +17,7 @@ SHAPE = (4, 4, 3)
 NUM_CLASSES = 5  # >= 4, so targeted DLR runs
 N = 32
 EPS = 0.05
-W = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (int(np.prod(SHAPE)), NUM_CLASSES)))
+W = np.asarray(jax.random.normal(jax.random.key(0), (int(np.prod(SHAPE)), NUM_CLASSES)))
 
 
 def linear(variables, x):
@@ -40,14 +40,14 @@ def sign_flipped(variables, x):
 
 
 def data(n=N):
-  x = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (n, *SHAPE)))
+  x = np.asarray(jax.random.uniform(jax.random.key(1), (n, *SHAPE)))
   y = np.asarray(linear({"w": W}, x)).argmax(1).astype(np.int32)  # clean accuracy 100%
   return x, y
 
 
 def run(apply_fn, tmp_path, **kwargs):
   x, y = data()
-  return checklist.run_checklist(apply_fn, {"w": W}, x, y, key=jax.random.PRNGKey(2), eps=EPS,
+  return checklist.run_checklist(apply_fn, {"w": W}, x, y, key=jax.random.key(2), eps=EPS,
                                  out_dir=tmp_path, budget="quick", batch_size=16, **kwargs)
 
 
@@ -56,7 +56,7 @@ def statuses(report):
 
 
 def test_healthy_linear_model_passes_every_check(tmp_path):
-  surrogate_w = W + 0.3 * np.asarray(jax.random.normal(jax.random.PRNGKey(3), W.shape))
+  surrogate_w = W + 0.3 * np.asarray(jax.random.normal(jax.random.key(3), W.shape))
   report = run(linear, tmp_path, surrogate=(linear, {"w": surrogate_w}))
   assert statuses(report) == {i: PASS for i in range(1, 9)}, [c["verdict"] for c in
                                                               report["checks"]]
@@ -99,7 +99,7 @@ def test_missing_surrogate_is_a_warning_not_a_pass():
 def test_masked_gradients_fail_check_6(model, failing):
   x, y = data()
   check = checklist.check_gradients(functools.partial(model, {"w": W}), x, y,
-                                    key=jax.random.PRNGKey(0), eps=EPS, directions=4)
+                                    key=jax.random.key(0), eps=EPS, directions=4)
   numbers = check["numbers"]
   assert check["status"] == FAIL, check["verdict"]
   if failing == "zero":
@@ -113,7 +113,7 @@ def test_masked_gradients_fail_check_6(model, failing):
 def test_healthy_gradients_pass_check_6():
   x, y = data()
   check = checklist.check_gradients(functools.partial(linear, {"w": W}), x, y,
-                                    key=jax.random.PRNGKey(0), eps=EPS, directions=4)
+                                    key=jax.random.key(0), eps=EPS, directions=4)
   assert check["status"] == PASS
   assert check["numbers"]["finite_difference"]["max_relative_error"] < 1e-2
 
@@ -195,8 +195,8 @@ def test_eps_sweep_values():
 def test_bad_inputs_are_clear_errors(tmp_path):
   x, y = data(4)
   with pytest.raises(ValueError, match="unknown budget"):
-    checklist.run_checklist(linear, {"w": W}, x, y, key=jax.random.PRNGKey(0),
+    checklist.run_checklist(linear, {"w": W}, x, y, key=jax.random.key(0),
                             out_dir=tmp_path, budget="fast")
   with pytest.raises(ValueError, match="none of the examples"):
     checklist.run_checklist(linear, {"w": W}, x, (y + 1) % NUM_CLASSES,
-                            key=jax.random.PRNGKey(0), out_dir=tmp_path, budget="quick")
+                            key=jax.random.key(0), out_dir=tmp_path, budget="quick")

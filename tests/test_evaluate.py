@@ -29,7 +29,7 @@ def linear_problem(num_classes, seed=0, scale=4.0):
   each x to the decision boundary (min_j (z_y - z_j) / ||w_y - w_j||_dual); the [0, 1] box never
   binds because x lies in [0.3, 0.7] and every distance is below 0.3.
   """
-  key_w, key_x = jax.random.split(jax.random.PRNGKey(seed))
+  key_w, key_x = jax.random.split(jax.random.key(seed))
   w = np.asarray(jax.random.normal(key_w, (int(np.prod(SHAPE)), num_classes))) * scale
   logits_fn = lambda v: (v.reshape(v.shape[0], -1) - 0.5) @ w
   x = np.asarray(jax.random.uniform(key_x, (N, *SHAPE), minval=0.3, maxval=0.7))
@@ -205,8 +205,12 @@ def test_onepixel_reports_success_rate_over_correct_points():
                              overrides={"population": 8, "iterations": 2})
   result = report["attacks"]["onepixel"]
   assert result["threat_model"] == {"norm": "l0", "pixels": 1}
-  robust = np.asarray(result["still_robust"])
+  chex.assert_shape(result["still_robust"], (1, len(y)))  # one result type: [n_eps, N]
+  robust = np.asarray(result["still_robust"])[0]
   assert not robust[~clean_correct].any()
+  assert report["still_robust"] == result["still_robust"]
+  fooled = clean_correct & ~robust
+  assert all((n is not None) == f for n, f in zip(result["perturbation_norm"], fooled))
   assert result["success_rate"] == pytest.approx(1 - robust.sum() / clean_correct.sum())
 
 
@@ -264,7 +268,7 @@ def test_eval_command_line_end_to_end(tmp_path):
   config = tiny.get_config()
   config.model = ml_collections.ConfigDict({"name": "mlp", "hidden": (8,)})
   model = models.from_config(config.model)
-  params = models.init_params(model, jax.random.PRNGKey(0), data.image_shape(config.data_source))
+  params = models.init_params(model, jax.random.key(0), data.image_shape(config.data_source))
   checkpoints.export_params(tmp_path / "model.msgpack", config, params)
   (tmp_path / "subset.txt").write_text("# paper protocol\n0 2\n5\n")
   out = tmp_path / "out.json"
@@ -288,7 +292,7 @@ def test_eval_alignment_reports_every_layer_for_both_splits(tmp_path):
   from gfa_jax import data
   config = tiny.get_config()
   model = models.from_config(config.model)
-  params = models.init_params(model, jax.random.PRNGKey(0), data.image_shape(config.data_source))
+  params = models.init_params(model, jax.random.key(0), data.image_shape(config.data_source))
   checkpoints.export_params(tmp_path / "model.msgpack", config, params)
   out = tmp_path / "alignment.json"
   proc = _run_eval("--workdir", str(tmp_path / "model.msgpack"), "--attack", "alignment",
@@ -309,7 +313,7 @@ def test_eval_mechanism_compares_two_models(tmp_path):
   model = models.from_config(config.model)
   shape = data.image_shape(config.data_source)
   for seed in (0, 1):
-    params = models.init_params(model, jax.random.PRNGKey(seed), shape)
+    params = models.init_params(model, jax.random.key(seed), shape)
     checkpoints.export_params(tmp_path / f"m{seed}.msgpack", config, params)
   proc = _run_eval("--workdir", str(tmp_path / "m0.msgpack"), "--compare",
                    str(tmp_path / "m1.msgpack"), "--attack", "mechanism", "--num_examples", "6",
