@@ -9,10 +9,9 @@ of the test split of the run's data set, in order.
 import os
 from pathlib import Path
 
-import ml_collections
 from absl import flags, logging
 
-from gfa_jax import checkpoints, cli, data, evaluate, evaluators, reporting, torch_import, xla_flags
+from gfa_jax import checkpoints, cli, data, evaluate, evaluators, reporting, xla_flags
 from gfa_jax.attacks import core
 
 F = flags
@@ -52,16 +51,6 @@ DEFAULT_EPS = {"linf": "8/255", "l2": "0.5", "l1": "12"}
 DEFAULT_OUTPUT = {"alignment": "alignment.json", "mechanism": "mechanism"}
 
 
-def load(path: str, step=None) -> evaluators.Model:
-  """The model of a workdir or params-only file, or of a torch state_dict (--torch_model)."""
-  if path == _TORCH_MODEL.value:
-    config = ml_collections.ConfigDict({"data_source": "auto", "data_dir": ""})
-    return evaluators.Model(*torch_import.load_torch_model(path, _ARCH.value), Path(path).stem, config)
-  p = Path(path)  # results/<run>/params.msgpack is named after its run folder
-  label = p.parent.name if p.suffix == ".msgpack" and p.stem == "params" else p.stem
-  return evaluators.Model(*checkpoints.load_model(path, step=step), label, checkpoints.load_run_config(path))
-
-
 def check_flags(path: Path) -> None:
   """Flag combinations that would fail (or mislead) only after the work: refused first."""
   folder_output = _ATTACK.value in ("checklist", "mechanism")
@@ -90,13 +79,13 @@ def run() -> None:
   overrides = None
   if _ATTACK.value == "autoattack" and (_AA_VERSION.value != "standard" or _AA_ATTACKS.value):
     overrides = {"version": _AA_VERSION.value, "attacks": tuple(_AA_ATTACKS.value)}
-  model = load(str(path), _STEP.value)
+  model = evaluators.load_model(path, _STEP.value, torch_arch=_TORCH_MODEL.value and _ARCH.value)
   request = evaluators.Request(
       norm=_NORM.value, eps=eps, eps_text=eps_text, num_examples=_NUM_EXAMPLES.value,
       batch_size=_BATCH_SIZE.value, seed=_SEED.value, overrides=overrides, budget=_BUDGET.value,
       subset=tuple(cli.read_indices(_SUBSET.value)) if _SUBSET.value else None,
-      surrogate=load(_SURROGATE.value) if _SURROGATE.value else None,
-      compare=load(_COMPARE.value) if _COMPARE.value else None)
+      surrogate=_SURROGATE.value and evaluators.load_model(_SURROGATE.value) or None,
+      compare=_COMPARE.value and evaluators.load_model(_COMPARE.value) or None)
   data_dir = _DATA_DIR.value or os.environ.get(data.DATA_DIR_ENV) or model.config.data_dir or None
   dataset = data.load_dataset(model.config.data_source, data_dir)
   result = evaluator(model, lambda split, n: data.first_examples(dataset, split, n), request)

@@ -95,19 +95,21 @@ def pad(a: np.ndarray, size: int) -> np.ndarray:
 
 def map_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int, *,
                 key: jax.Array | None = None, bucket: bool = False,
-                progress: Any = None) -> Any:
+                progress: Any = None, sharding: NamedSharding | None = None) -> Any:
   """``fn(*batch[, key_i])`` over padded batches of `arrays` (equal first axes), concatenated.
 
   Returns the outputs (a pytree of batch-first arrays) as numpy, padded rows removed. With
   `key`, batch i is called with ``fold_in(key, i)`` as its last argument. `progress`, a tqdm
-  bar, advances by one per batch. An empty input calls nothing and returns None.
+  bar, advances by one per batch. `sharding` places each batch (default:
+  `data_parallel_sharding()`; training passes its own mesh's). An empty input calls nothing
+  and returns None.
   """
   arrays = [np.asarray(a) for a in arrays]
   n = len(arrays[0])
   if any(len(a) != n for a in arrays):
     raise ValueError(f"map_batches needs arrays of one length, got {[len(a) for a in arrays]}.")
-  sharding = data_parallel_sharding()
-  devices = 1 if sharding is None else len(sharding.mesh.devices)
+  sharding = sharding or data_parallel_sharding()
+  devices = 1 if sharding is None else sharding.mesh.devices.size
   outs = []
   for i, (start, stop, size) in enumerate(batches(n, batch_size, bucket)):
     size = -(-size // devices) * devices  # every device gets the same number of rows

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
-from gfa_jax import analysis, batching, checklist, evaluate, objectives, plots, reporting
+from gfa_jax import (analysis, batching, checklist, checkpoints, evaluate, objectives, plots,
+                     reporting, torch_import)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,18 @@ class Result:
   lines: list[str]
   write: Callable[[Path], list[Path]]
   output_is_folder: bool = False
+
+
+def load_model(path: str | Path, step: int | None = None, torch_arch: str | None = None) -> Model:
+  """The Model of a training workdir or params-only .msgpack file (named after its run
+  folder for results/<run>/params.msgpack), or with `torch_arch` of a PyTorch state_dict
+  (gfa_jax.torch_import; its data set is found by `data.load_dataset`'s 'auto')."""
+  path = Path(path)
+  if torch_arch:
+    config = ml_collections.ConfigDict({"data_source": "auto", "data_dir": ""})
+    return Model(*torch_import.load_torch_model(path, torch_arch), path.stem, config)
+  label = path.parent.name if path.suffix == ".msgpack" and path.stem == "params" else path.stem
+  return Model(*checkpoints.load_model(path, step=step), label, checkpoints.load_run_config(path))
 
 
 # Data: (split, number of examples) -> (images float32 [N, H, W, C] in [0, 1], labels [N]).

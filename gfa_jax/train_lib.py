@@ -144,12 +144,13 @@ def make_eval_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
                  out_shardings=batch_sharded)
 
 
-def evaluate(eval_step, params, images: np.ndarray, labels: np.ndarray,
-             batch_size: int) -> dict[str, float]:
+def evaluate(eval_step, params, images: np.ndarray, labels: np.ndarray, batch_size: int,
+             mesh: Mesh) -> dict[str, float]:
   """Accuracy, task loss and (where ``eval_step`` computes it) per-layer alignment over
-  ``images``, as ``{name: mean over the images}``, in padded batches of one shape."""
+  ``images``, as ``{name: mean over the images}``, in padded batches of one shape split over
+  the training mesh."""
   per_example = batching.map_batches(functools.partial(eval_step, params), [images, labels],
-                                     batch_size)
+                                     batch_size, sharding=NamedSharding(mesh, PartitionSpec("data")))
   means = {k: float(np.mean(v, dtype=np.float64)) for k, v in per_example.items()}
   return {"accuracy": means.pop("correct"), **means}
 
@@ -272,9 +273,9 @@ def _evaluate_splits(eval_step, params, splits: Splits, config: ml_collections.C
   ``train/<metric>`` over the first ``num_train_eval_examples`` training images."""
   n = min(config.num_train_eval_examples, len(splits.train_images))
   test = evaluate(eval_step, params, splits.test_images, splits.test_labels,
-                  config.eval_batch_size)
+                  config.eval_batch_size, mesh)
   train = evaluate(eval_step, params, splits.train_images[:n], splits.train_labels[:n],
-                   config.eval_batch_size)
+                   config.eval_batch_size, mesh)
   return {"step": step, "kind": "eval", **{f"test/{k}": v for k, v in test.items()},
           **{f"train/{k}": v for k, v in train.items()}}
 

@@ -55,4 +55,5 @@ for spec in "${RUNS[@]}"; do
   mkdir -p "$out"
   python scripts/export_params.py "$run" "$out/params.msgpack"
   cp "$run/metrics.jsonl" "$out/metrics.jsonl"
+  python scripts/scrub_paths.py "$out"  # the exported config names this machine's data folder
 done

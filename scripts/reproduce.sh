@@ -84,6 +84,8 @@ python scripts/beta_sweep.py --data-dir "$DATA" --workdir runs/round2 \
 # The 30-epoch runs on the full training set (resumable across sessions; `snapshot` first
 # when a session ends): standard (MSE), GFA detached beta 1, PGD-AT.
 taskset -c 1 bash scripts/converged.sh
+# Their evaluation (AutoAttack and the APGD-CE curve on 1,000 test images, checklist, alignment).
+for m in standard_mse gfa_detached_b1 pgd_at; do taskset -c 0 bash scripts/converged_eval.sh $m; done
 
 # --- docs/validation.md (issue 14): gfa-jax beside the reference AutoAttack, per example -----
 # Needs the [crosscheck] extra. Resumable: each command skips the runs already in its JSON.
