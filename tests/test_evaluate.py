@@ -205,7 +205,7 @@ def test_onepixel_reports_success_rate_over_correct_points():
                              overrides={"population": 8, "iterations": 2})
   result = report["attacks"]["onepixel"]
   assert result["threat_model"] == {"norm": "l0", "pixels": 1}
-  chex.assert_shape(result["still_robust"], (1, len(y)))  # one result type: [n_eps, N]
+  chex.assert_shape(np.asarray(result["still_robust"]), (1, len(y)))  # one type: [n_eps, N]
   robust = np.asarray(result["still_robust"])[0]
   assert not robust[~clean_correct].any()
   assert report["still_robust"] == result["still_robust"]
