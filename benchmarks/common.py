@@ -260,6 +260,9 @@ def parser(description: str, *, steps: int, warmup: int, rounds: int) -> argpars
   p.add_argument("--threads", type=int, default=len(usable_cores()),
                  help="cores per worker, the same for JAX and PyTorch (default: all; fewer "
                       "pins the workers to the first ones)")
+  p.add_argument("--plain-xla", action="store_true",
+                 help="leave $XLA_FLAGS as it is (default: add the flags train.py and eval.py "
+                      "set, gfa_jax.xla_flags, so the numbers are what users get)")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # Internal: run one case.
   return p
 
@@ -306,6 +309,9 @@ def main(module: str, cases: dict[str, Callable[[argparse.Namespace], Case]],
     serve(cases[args.worker])
     return []
   specs = [(module, n) for n in select_cases(list(cases), args.cases)] + list(extra_specs)
+  if not args.plain_xla:  # Before the workers start: they inherit $XLA_FLAGS.
+    from gfa_jax import xla_flags
+    xla_flags.use_fast_cpu_convolutions()
   print(json.dumps(machine(args.threads)), flush=True)
   results = run_interleaved(specs, args)
   for record in results:
