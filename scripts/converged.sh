@@ -22,6 +22,7 @@ snapshot() {  # the latest complete checkpoint step of each run, config and metr
     read -r name _ <<<"$spec"
     local run=runs/converged/$name out=results/converged/$name
     [[ -d $run/checkpoints ]] || continue
+    [[ -f $out/params.msgpack ]] && continue  # finished: its params-only file is what counts
     local step
     step=$(ls "$run/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
     [[ -n $step ]] || continue
