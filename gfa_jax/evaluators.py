@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gfa_jax import (analysis, batching, checklist, checkpoints, evaluate, objectives, plots,
+from gfa_jax import (analysis, batching, checklist, checkpoints, evaluate, objectives,
                      reporting, torch_import)
 
 
@@ -181,12 +181,6 @@ def _mechanism(model: Model, data: Data, request: Request) -> Result:
            for layer, numbers in r["radial_tangential"]["layers"].items()]
 
   def write(folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    plots.plot_radial_tangential(folder / "radial_tangential.png",
-                                 {k: v["radial_tangential"] for k, v in per_model.items()})
-    plots.plot_landscapes(folder / "landscape.png",
-                          {k: v["landscape"] for k, v in per_model.items()})
-    return [reporting.write_json(folder / "mechanism.json", report),
-            folder / "radial_tangential.png", folder / "landscape.png"]
+    return reporting.write_mechanism(report, folder)
 
   return Result(report, lines, write, output_is_folder=True)

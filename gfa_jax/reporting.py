@@ -124,8 +124,7 @@ def write_checklist(report: dict, out_dir: Path) -> dict[str, str]:
   files = {"json": "checklist.json", "markdown": "checklist.md",
            "eps_sweep": "eps_sweep.png", "convergence": "convergence.png"}
   write_atomically(out_dir / "checklist.md", checklist_markdown(report, files).encode())
-  write_atomically(out_dir / "checklist.json",
-                   json.dumps({**report, "files": files}, indent=1, allow_nan=False).encode())
+  write_json(out_dir / "checklist.json", {**report, "files": files}, indent=1)
   return files
 
 
@@ -177,3 +176,15 @@ def alignment_markdown(table: Mapping[str, Mapping[str, float]]) -> str:
   lines += [f"| {split} | " + " | ".join(f"{row[name]:+.4f}" for name in layers) + " |"
             for split, row in table.items()]
   return "\n".join(lines)
+
+
+def write_mechanism(report: Mapping[str, Any], folder: Path) -> list[Path]:
+  """mechanism.json and its two figures (radial vs tangential, loss landscapes), one curve or
+  panel per model of report['models']; returns the paths written."""
+  folder.mkdir(parents=True, exist_ok=True)
+  per_model = report["models"]
+  plots.plot_radial_tangential(folder / "radial_tangential.png",
+                               {k: v["radial_tangential"] for k, v in per_model.items()})
+  plots.plot_landscapes(folder / "landscape.png", {k: v["landscape"] for k, v in per_model.items()})
+  return [write_json(folder / "mechanism.json", report),
+          folder / "radial_tangential.png", folder / "landscape.png"]

@@ -136,7 +136,7 @@ class Runs:
   def noise(self) -> np.ndarray:
     """Check 7: still-robust mask [N] under `noise_draws` random points at distance eps."""
     s = self.setup
-    fn = functools.partial(producers._noise_fooled, batching.as_pytree(s.logits_fn),
+    fn = functools.partial(producers.noise_fooled, batching.as_pytree(s.logits_fn),
                            jnp.float32(s.eps), norm=s.norm, draws=self.budget.noise_draws)
     fooled = batching.map_batches(fn, [s.x[s.todo], s.y[s.todo]], s.batch_size,
                                   key=jax.random.fold_in(self.key, 400))

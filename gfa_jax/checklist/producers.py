@@ -99,12 +99,11 @@ def registry_masks(setup: Setup, name: str, eps: Sequence[float],
 def still_robust(setup: Setup, x_adv_todo: np.ndarray, eps: float) -> np.ndarray:
   """[N] mask: clean-correct points still classified correctly at their adversarial example
   (given for the attacked points, setup.todo), after checking every example lies within eps
-  and in [0, 1]. The same bookkeeping as evaluate.run_attack, for runs it cannot express."""
+  and in [0, 1]: evaluate.checked_robust_mask, for the runs evaluate.run_attack cannot express."""
   x_adv = setup.x.copy()
   x_adv[setup.todo] = x_adv_todo
-  core.check_adversarial(x_adv, setup.x, eps, setup.norm)
-  return setup.clean_correct & (batching.predict(setup.logits_fn, x_adv, setup.batch_size)
-                                == setup.y)
+  return evaluate.checked_robust_mask(setup.logits_fn, x_adv, setup.x, setup.y,
+                                      setup.clean_correct, eps, setup.norm, setup.batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "steps"))
@@ -132,7 +131,7 @@ def apgd_ce_run(setup: Setup, steps: int, key: jax.Array, eps: float | None = No
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "draws"))
-def _noise_fooled(logits_fn, eps, x, y, key, *, norm, draws):
+def noise_fooled(logits_fn, eps, x, y, key, *, norm, draws):
   """Per example: does any of `draws` random points at distance eps fool the model? Linf:
   random corners of the cube (x + eps * random signs, the farthest noise in every pixel);
   L2: random directions on the sphere. Both clipped into [0, 1]."""
