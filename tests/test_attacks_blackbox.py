@@ -189,3 +189,50 @@ def test_blackbox_attacks_reject_images_outside_unit_box():
     square(logits_fn, x, y, key=jax.random.key(0), eps=0.1)
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
     onepixel(logits_fn, x, y, key=jax.random.key(0))
+
+
+def test_square_queries_only_the_points_still_robust():
+  calls = []
+
+  def count(x):
+    calls.append(x.shape[0])
+    return np.tile(np.array([[100.0, 0.0, 0.0]], np.float32), (x.shape[0], 1))
+
+  def logits_fn(x):  # class 0 whatever the input: label 0 is unbreakable, the others fooled
+    return io_callback(count, jax.ShapeDtypeStruct((x.shape[0], 3), jnp.float32), x)
+  y = jnp.asarray([1, 1, 0, 1, 1, 1, 1, 1], jnp.int32)
+  x = images(8)
+  x_adv = square(logits_fn, x, y, key=jax.random.key(0), eps=0.1, n_queries=6)
+  # The starting point is queried for the whole batch, then only the one robust point.
+  assert calls == [8] + [1] * 5
+  core.check_adversarial(x_adv, x, 0.1, "linf")
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 6 / 255), ("l2", 0.5)])
+def test_square_compaction_changes_no_result(norm, eps):
+  """Querying only the robust points (compact) gives, per example, the search of the whole
+  batch: the premise is a mix of points fooled early, late and never."""
+  logits_fn, _ = linear_model()
+  x = images(13)
+  y = jnp.argmax(logits_fn(x), -1)
+
+  def run(compact):
+    return np.asarray(jax.jit(lambda x: square(logits_fn, x, y, key=jax.random.key(5), eps=eps,
+                                                norm=norm, n_queries=150, compact=compact))(x))
+  compacted, whole = run(True), run(False)
+  fooled = np.asarray(jnp.argmax(logits_fn(compacted), -1) != y)
+  assert 0 < fooled.sum() < len(y), fooled
+  np.testing.assert_allclose(compacted, whole, atol=1e-6)
+
+
+def test_square_search_of_an_example_does_not_depend_on_the_other_rows():
+  logits_fn, _ = linear_model()
+  x = images(6)
+  y = jnp.argmax(logits_fn(x), -1)
+  run = jax.jit(lambda x, y: square(logits_fn, x, y, key=jax.random.key(2), eps=6 / 255,
+                                    n_queries=80))
+  full = np.asarray(run(x, y))
+  # Rows 0-2 beside other images: points fooled at other times change the slices the search
+  # runs on, not rows 0-2's search.
+  other = x.at[3:].set(images(3, seed=9))
+  np.testing.assert_allclose(np.asarray(run(other, y))[:3], full[:3], atol=1e-6)

@@ -136,6 +136,41 @@ def random_init(key: jax.Array, x: jax.Array, eps: Eps, norm: str, *,
 
 
 # ----------------------------------------------------------------------------------------------
+# Compaction: stepping only the rows still in play.
+# ----------------------------------------------------------------------------------------------
+
+
+def on_active_rows(update: Callable, active: jax.Array, state, consts=()):
+  """``update(state_rows, const_rows) -> state_rows`` on the rows where `active` is True only.
+
+  Returns `state` (a pytree of [B, ...] arrays) with the updated rows written back. Why: an
+  attack that keeps searching only for the points not yet fooled (Square, as the reference)
+  would otherwise pay a whole-batch model call per step for the few points left. The active
+  rows go first (stable order), and `update` runs on the smallest slice, of size B or a power
+  of two below it, that holds them: one `lax.switch` branch per size, so the shapes stay
+  static, everything stays in one compiled loop, and the model compiles once per size. The
+  inactive rows that pad a slice are updated too and written back, so `update` must leave an
+  inactive row unchanged (as an accept-if-still-robust step does).
+  """
+  b = active.shape[0]
+  sizes = sorted({b} | {2 ** k for k in range(b.bit_length()) if 2 ** k < b})
+  order = jnp.argsort(~active, stable=True)  # active rows first, in their batch order
+
+  def branch(size):
+    def run(state, consts):
+      rows = order[:size]
+      take = functools.partial(jax.tree.map, lambda a: a[rows])
+      new = update(take(state), take(consts))
+      return jax.tree.map(lambda full, part: full.at[rows].set(part), state, new)
+    return run
+
+  if len(sizes) == 1:
+    return branch(b)(state, consts)
+  index = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(active))  # the first size >= count
+  return jax.lax.switch(index, [branch(size) for size in sizes], state, consts)
+
+
+# ----------------------------------------------------------------------------------------------
 # Input checks (Python level, before tracing work) and the output check evaluation relies on.
 # ----------------------------------------------------------------------------------------------
 

@@ -7,15 +7,18 @@ are still classified correctly take new proposals. The model is only ever *queri
 passes, no gradients), so the attack is immune to masked or zero gradients.
 
 Differences from the reference, all deliberate:
-- square positions, colours and the eta orientation are drawn per example (the reference draws
-  one position per batch); the original authors' code (max-andr/square-attack) also draws them
-  per example, and independent draws make batch composition irrelevant to each example's search.
+- square positions, colours and the eta orientation are drawn per example, each example from its
+  own key stream (the reference draws one position per batch); the original authors' code
+  (max-andr/square-attack) also draws them per example, and own streams make batch composition
+  irrelevant to each example's search, which is what lets the search query only the points
+  still robust (`compact`) without changing any result.
 - the query budget counts the starting point: at most `n_queries` forward passes per example
   (the reference spends n_queries + 1).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -188,20 +191,33 @@ def _l2_proposal(key, i, x, x_best, eps, n_queries, p_init, rescale):
   return jnp.clip(x + _l2_normalize(delta, eps), 0.0, 1.0)
 
 
-def _single_run(logits_fn, x, y, key, eps, norm, n_queries, p_init, loss, rescale):
-  """One random search; returns (x_best [B,H,W,C], margin_min [B])."""
+def _per_example(fn):
+  """fn(key, x, ...) of batch-first arrays, run as one example at a time (vmap): each example's
+  draws then come from its own key, whatever rows it shares a slice with."""
+  return jax.vmap(lambda key, *rows: fn(key, *(r[None] for r in rows))[0])
+
+
+def _single_run(logits_fn, x, y, key, eps, norm, n_queries, p_init, loss, rescale, robust,
+                compact):
+  """One random search on the points where `robust` [B] is True; returns (x_best [B,H,W,C],
+  margin_min [B]); the other points keep x with margin -1 (already fooled) and cost nothing
+  after the first query."""
   init, proposal = (_linf_init, _linf_proposal) if norm == "linf" else (_l2_init, _l2_proposal)
   key_init, key = jax.random.split(key)
-  x_best = init(key_init, x, eps)
+  keys = jax.random.split(key, x.shape[0])  # one stream of proposals per example
+  eps = jnp.broadcast_to(eps, (x.shape[0],) + (1,) * (x.ndim - 1))
+  x_best = _per_example(init)(jax.random.split(key_init, x.shape[0]), x, eps)
   margin_min, loss_min = _margin_and_loss(logits_fn(x_best), y, loss)
+  margin_min = jnp.where(robust, margin_min, -1.0)
+  x_best = jnp.where(robust[:, None, None, None], x_best, x)
 
-  def cond(state):
-    i, _, margin_min, _ = state
-    return (i < n_queries - 1) & jnp.any(margin_min > 0)
-
-  def body(state):
-    i, x_best, margin_min, loss_min = state
-    x_new = proposal(jax.random.fold_in(key, i), i, x, x_best, eps, n_queries, p_init, rescale)
+  def step(i, rows, consts):
+    """One query for each of `rows`; accepts for the points still robust only."""
+    x_best, margin_min, loss_min = rows
+    x, y, keys, eps = consts
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+    x_new = _per_example(lambda k, x, xb, e: proposal(k, i, x, xb, e, n_queries, p_init,
+                                                      rescale))(step_keys, x, x_best, eps)
     margin, loss_new = _margin_and_loss(logits_fn(x_new), y, loss)
     still_robust = margin_min > 0  # points already fooled keep their adversarial example
     lower_loss = still_robust & (loss_new < loss_min)
@@ -209,7 +225,20 @@ def _single_run(logits_fn, x, y, key, eps, norm, n_queries, p_init, loss, rescal
     loss_min = jnp.where(lower_loss, loss_new, loss_min)
     margin_min = jnp.where(accept, margin, margin_min)
     x_best = jnp.where(accept[:, None, None, None], x_new, x_best)
-    return i + 1, x_best, margin_min, loss_min
+    return x_best, margin_min, loss_min
+
+  def cond(state):
+    i, _, margin_min, _ = state
+    return (i < n_queries - 1) & jnp.any(margin_min > 0)
+
+  def body(state):
+    i, *rows = state
+    rows, consts = tuple(rows), (x, y, keys, eps)
+    if compact:  # query only the points still robust (the reference's idx_to_fool)
+      rows = core.on_active_rows(functools.partial(step, i), rows[1] > 0, rows, consts)
+    else:
+      rows = step(i, rows, consts)
+    return (i + 1, *rows)
 
   state = (jnp.zeros((), jnp.int32), x_best, margin_min, loss_min)
   _, x_best, margin_min, _ = jax.lax.while_loop(cond, body, state)
@@ -219,7 +248,7 @@ def _single_run(logits_fn, x, y, key, eps, norm, n_queries, p_init, loss, rescal
 def square(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
            key: jax.Array, eps: core.Eps, norm: str = "linf", n_queries: int = 5000,
            p_init: float = 0.8, loss: str = "margin", rescale_schedule: bool = True,
-           n_restarts: int = 1) -> jax.Array:
+           n_restarts: int = 1, compact: bool = True) -> jax.Array:
   """Untargeted Square Attack; returns adversarial images [B, H, W, C] within eps, in [0, 1].
 
   Args:
@@ -234,7 +263,12 @@ def square(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Arr
     loss: 'margin' (reference default) or 'ce'.
     rescale_schedule: stretch the p schedule (defined for 10,000 queries) over n_queries, the
       reference's default (AutoAttack's standard run sets it False with 5,000 queries).
-    n_restarts: independent searches; per example the one with the lowest margin is kept.
+    n_restarts: independent searches; a restart searches only the points every earlier one
+      left robust (as the reference); per example the lowest margin is kept.
+    compact: query only the points still robust, in the smallest power-of-two slice that holds
+      them (`core.on_active_rows`). The result is the same as without (each example draws
+      from its own key); False queries the whole batch at every step, for a model whose
+      outputs depend on the batch's composition.
 
   Per example the returned point is the first fooling one found, otherwise the lowest-loss one.
   The search stops as soon as every example is misclassified.
@@ -251,14 +285,12 @@ def square(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Arr
     raise ValueError(f"n_restarts must be >= 1, got {n_restarts}.")
   x = jax.lax.stop_gradient(x)
   eps = core.batch_broadcast(eps, x)  # scalar or per-example [B] -> broadcastable to x
-  best_x, best_margin = None, None
+  best_x, best_margin = x, jnp.full(x.shape[:1], jnp.inf, jnp.float32)
   for restart in range(n_restarts):
     x_run, margin = _single_run(logits_fn, x, y, jax.random.fold_in(key, restart), eps, norm,
-                                n_queries, p_init, loss, rescale_schedule)
-    if best_x is None:
-      best_x, best_margin = x_run, margin
-    else:
-      better = margin < best_margin
-      best_x = jnp.where(better[:, None, None, None], x_run, best_x)
-      best_margin = jnp.minimum(margin, best_margin)
+                                n_queries, p_init, loss, rescale_schedule, best_margin > 0,
+                                compact)
+    better = (best_margin > 0) & (margin < best_margin)
+    best_x = jnp.where(better[:, None, None, None], x_run, best_x)
+    best_margin = jnp.where(better, margin, best_margin)
   return best_x
