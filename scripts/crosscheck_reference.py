@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -150,6 +151,14 @@ def run_reference(name, net, x, y, eps, norm, seed, batch_size):
   return robust_mask(predict, x_adv, x, y, clean, eps, norm), seconds, warnings
 
 
+def _descends(commit: str | None, ancestor: str) -> bool:
+  """Whether `commit` (a run's recorded commit, maybe '-dirty') has `ancestor` in its history."""
+  if not commit:
+    return False
+  return subprocess.run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", ancestor,
+                         commit.removesuffix("-dirty")], capture_output=True).returncode == 0
+
+
 def crosscheck(args) -> Path:
   import torch
 
@@ -165,10 +174,18 @@ def crosscheck(args) -> Path:
   if record["num_examples"] != len(x):
     raise SystemExit(f"{out} holds runs on {record['num_examples']} images, not {len(x)}; "
                      "pass the same --num-examples or another --output.")
+  # --ours-since: our runs of these attacks by code older than that commit are redone (our
+  # attack changed since); resumable, as the new runs carry a newer commit.
+  if args.ours_since:
+    record["runs"] = [r for r in record["runs"]
+                      if not (r["impl"] == "gfa-jax" and r["attack"] in args.attacks
+                              and not _descends(r.get("commit"), args.ours_since))]
   done = {(r["attack"], r["impl"], r["seed"]) for r in record["runs"]}
   net, ref_description = reference_model(args.model)
   apply_fn, variables = ours_model(args.model)
   record["reference_model"] = ref_description
+  from gfa_jax import evaluate
+  commit = evaluate.git_commit(ROOT)  # which gfa-jax produced each run (runs span sessions)
   for seed in args.seeds:
     for name in args.attacks:
       for impl in ("gfa-jax", "reference"):
@@ -182,7 +199,8 @@ def crosscheck(args) -> Path:
                                                 args.batch_size)
         record["runs"].append({"attack": name, "impl": impl, "seed": seed,
                                "robust_accuracy": float(mask.mean()), "seconds": seconds,
-                               "still_robust": mask.astype(int).tolist(), "checks": checks})
+                               "still_robust": mask.astype(int).tolist(), "checks": checks,
+                               "commit": commit})
         print(f"{label} {args.norm} {args.eps} {name:>10} {impl:>9} seed {seed}: robust "
               f"{100 * mask.mean():.1f}%  ({seconds:.0f} s)", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -267,6 +285,9 @@ def main(argv=None) -> None:
                  help=f"comma-separated, from {list(ATTACKS)}")
   p.add_argument("--seeds", default="0,1", help="comma-separated seeds of both sides")
   p.add_argument("--batch-size", type=int, default=250, help="the reference's default")
+  p.add_argument("--ours-since", default=None, metavar="COMMIT",
+                 help="redo our runs of --attacks made by code older than COMMIT (after a "
+                      "change to our attack); the reference's runs are kept")
   p.add_argument("--data-dir", default=None)
   p.add_argument("--output", default=str(OUT_DIR))
   p.add_argument("--tables", action="store_true", help="only rewrite docs/validation.md")
@@ -278,6 +299,8 @@ def main(argv=None) -> None:
   if unknown:
     p.error(f"unknown attacks {unknown}; choose from {list(ATTACKS)}")
   args.seeds = [int(s) for s in args.seeds.split(",")]
+  if args.ours_since and not _descends("HEAD", args.ours_since):
+    p.error(f"--ours-since {args.ours_since}: not a commit this checkout descends from")
   from gfa_jax import xla_flags
   xla_flags.use_fast_cpu_convolutions()
   crosscheck(args)
