@@ -11,7 +11,8 @@ from pathlib import Path
 
 from absl import flags, logging
 
-from gfa_jax import checkpoints, cli, data, evaluate, evaluators, reporting, xla_flags
+from gfa_jax import (checkpoints, cli, data, distributed, evaluate, evaluators, reporting,
+                     xla_flags)
 from gfa_jax.attacks import core
 
 F = flags
@@ -96,6 +97,10 @@ def run() -> None:
                             ("" if result.output_is_folder else ".json"))
   output = Path(_OUTPUT.value or (path if path.is_dir() else path.parent) / "eval" / name)
   hint = "" if data_dir else f" (for all of CIFAR-10 pass --data_dir or set ${data.DATA_DIR_ENV})"
+  # With several processes each one evaluates every image on its own devices (the result is
+  # the same on all of them); process 0 reports and writes.
+  if not distributed.is_primary():
+    return
   print("\n".join([f"data: {dataset.description}{hint}", *result.lines]))
   for written in result.write(output):
     print(f"wrote {written}")

@@ -82,6 +82,38 @@ def data_parallel_sharding() -> NamedSharding | None:
   return NamedSharding(Mesh(np.asarray(devices), ("data",)), PartitionSpec("data"))
 
 
+def put(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """``a`` (the same value on every process) placed with `sharding`. With several processes
+  each one transfers only the part its own devices hold (``jax.device_put`` cannot place a
+  host array on another process's devices)."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(a, sharding)
+  return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def put_rows(source: np.ndarray, rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """``source[rows]`` placed with `sharding` (batch first); with several processes each one
+  gathers only the rows of its own devices: a training step's batch is read per process."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(source[rows], sharding)
+  shape = (len(rows),) + source.shape[1:]
+  return jax.make_array_from_callback(
+      shape, sharding, lambda index: source[rows[index[0]]][(slice(None),) + index[1:]])
+
+
+def fetch(tree: Any) -> Any:
+  """A numpy copy of a pytree of arrays, the whole value on every process: arrays sharded
+  over several processes are gathered (a collective: every process must call it)."""
+  def one(a):
+    if not isinstance(a, jax.Array) or a.is_fully_addressable:
+      return np.asarray(jax.device_get(a))
+    if a.is_fully_replicated:
+      return np.asarray(a.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+  return jax.tree.map(one, tree)
+
+
 def num_batches(n: int, batch_size: int) -> int:
   """How many batches `map_batches` runs over n rows without buckets (progress bars)."""
   return len(batches(n, batch_size))
@@ -115,10 +147,10 @@ def map_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int, *,
     size = -(-size // devices) * devices  # every device gets the same number of rows
     args = [pad(a[start:stop], size) for a in arrays]
     if sharding is not None:
-      args = [jax.device_put(a, sharding) for a in args]
+      args = [put(a, sharding) for a in args]
     if key is not None:
       args.append(jax.random.fold_in(key, i))
-    out = jax.device_get(fn(*args))
+    out = fetch(fn(*args))
     outs.append(jax.tree.map(lambda o, k=stop - start: np.asarray(o)[:k], out))
     if progress is not None:
       progress.update(1)

@@ -15,10 +15,17 @@ from collections.abc import Callable
 
 from absl import app, flags
 
+from gfa_jax import distributed
+
 # Failures that come from what the user asked for, not from a bug here.
 # OSError: missing files, and ml_collections' lazily loaded --config file.
 EXPECTED = (ValueError, OSError, FloatingPointError, ImportError, KeyError)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an expected error too.")
+# One of several processes (gfa_jax.distributed; unset: the environment, SLURM or Open MPI say).
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's number, 0 to N - 1.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0 in a multi-process run.")
 
 
 def one_line(error: BaseException) -> str:
@@ -54,6 +61,8 @@ def run(main: Callable[[list[str]], None]) -> None:
     if len(argv) > 1:
       fail(f"unexpected arguments {argv[1:]} — every option is a --flag (see --helpfull)")
     try:
+      # Before the first computation, as JAX requires; a bad launch line is one line too.
+      distributed.initialize(_NUM_PROCESSES.value, _PROCESS_ID.value, _COORDINATOR.value)
       main(argv)
     except EXPECTED as e:
       if _VERBOSE.value:

@@ -9,13 +9,16 @@ metrics file live in ``run_files``.
 The step is compiled once and runs data-parallel over every local device: the batch is sharded
 over a 1-D ``Mesh`` axis ``'data'``, parameters and optimiser state are replicated, and XLA
 inserts the gradient all-reduce. The same code runs on 1 CPU, N fake CPU devices, GPU and
-TPU (multi-host: call ``jax.distributed.initialize()`` first). Randomness is
+TPU, and over several processes (``gfa_jax.distributed``: each process puts only its own
+devices' rows of the batch, and only process 0 locks the workdir and writes config, metrics
+and the log; all of them write the checkpoints, through Orbax). Randomness is
 ``fold_in(key(seed), step)`` and the batch order a function of (seed, step), so resuming from a
 checkpoint reproduces an uninterrupted run exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -33,7 +36,8 @@ import tqdm
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gfa_jax import batching, checkpoints, data, models, objectives, run_files, validation
+from gfa_jax import (batching, checkpoints, data, distributed, models, objectives, run_files,
+                     validation)
 from gfa_jax.penalty import gfa_objective
 from gfa_jax.run_files import workdir_lock  # Also train_lib.workdir_lock, as before.
 
@@ -73,7 +77,10 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
 
 def make_mesh() -> Mesh:
   """A 1-D mesh over all devices; the batch is split along its axis ``'data'``."""
-  return jax.make_mesh((jax.device_count(),), ("data",))
+  # Auto axes (jax.make_mesh's default became Explicit): the step's vmaps take unannotated
+  # per-example arrays, and XLA chooses their sharding from the batch's.
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def check_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
@@ -201,7 +208,7 @@ def save_checkpoint(manager, state: TrainState, step: int, workdir: Path) -> Non
   finite at the old parameters while the update overflows them, and a checkpoint must always
   be a state training can resume from.
   """
-  if not all(np.isfinite(p).all() for p in jax.tree.leaves(jax.device_get(state.params))):
+  if not all(np.isfinite(p).all() for p in jax.tree.leaves(batching.fetch(state.params))):
     raise FloatingPointError(
         f"the parameters became non-finite by step {step} (the loss was finite at the "
         f"old ones); not saved. The last good checkpoint is step {manager.latest_step()} "
@@ -218,11 +225,15 @@ def restore_checkpoint(manager, state: TrainState, workdir: Path) -> tuple[int, 
   folder = workdir / "checkpoints"
 
   def set_aside(step, why):
-    # Out of the manager's folder: a later save of that step must not collide with it.
+    # Out of the manager's folder: a later save of that step must not collide with it. Every
+    # process gets here for the same step (they read the same files); one moves it.
     target = workdir / "damaged_checkpoints" / str(step)
-    target.parent.mkdir(exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    (folder / str(step)).rename(target)
+    distributed.sync(f"set aside checkpoint {step}")
+    if distributed.is_primary():
+      target.parent.mkdir(exist_ok=True)
+      shutil.rmtree(target, ignore_errors=True)
+      (folder / str(step)).rename(target)
+    distributed.sync(f"set aside checkpoint {step}: done")
     warnings.warn(f"skipping the damaged checkpoint {folder}/{step} ({why}); moved it to "
                   f"{target}", stacklevel=4)
 
@@ -308,13 +319,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                              steps_per_epoch)
   run_files.check_config_matches(workdir, config)
 
-  with workdir_lock(workdir):
-    checkpoints.save_config(workdir, config)
+  primary = distributed.is_primary()  # the one process that writes files and logs
+  log = print if primary else lambda *_: None
+  with workdir_lock(workdir) if primary else contextlib.nullcontext():
+    distributed.sync("workdir locked")  # no process writes before process 0 holds the lock
+    if primary:
+      checkpoints.save_config(workdir, config)
     manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.max_to_keep)
     metrics_path = workdir / "metrics.jsonl"
     start_step, state = restore_checkpoint(manager, state, workdir)
-    run_files.drop_metrics_after(metrics_path, start_step)
+    if primary:
+      run_files.drop_metrics_after(metrics_path, start_step)
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     if not start_step:
       _preflight(config, model, state.params, splits)
     train_step = make_train_step(config, model, mesh, steps_per_epoch)
@@ -322,23 +339,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     def run_eval(step):
       record = _evaluate_splits(eval_step, state.params, splits, config, mesh, step)
-      run_files.write_metrics(metrics_path, record)
+      if primary:
+        run_files.write_metrics(metrics_path, record)
       return record
 
-    print(f"Training {config.model.name} ({config.objective}) on {splits.description}: "
+    log(f"Training {config.model.name} ({config.objective}) on {splits.description}: "
           f"{num_train} images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-          f"{mesh.size} device(s) [{jax.devices()[0].platform}], workdir {workdir}"
+          f"{mesh.size} device(s) [{jax.devices()[0].platform}]"
+          + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+          + f", workdir {workdir}"
           + (f", resumed at step {start_step}" if start_step else ""))
-    progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                         disable=not primary)
     record = {}
     last_time, last_step = time.perf_counter(), start_step
     try:
       for step in range(start_step, total_steps):
         indices = data.train_batch_indices(num_train, config.batch_size, config.seed, step)
-        state, metrics = train_step(state, splits.train_images[indices],
-                                    splits.train_labels[indices], step_key)
+        state, metrics = train_step(state,
+                                    batching.put_rows(splits.train_images, indices, batch_sharding),
+                                    batching.put_rows(splits.train_labels, indices, batch_sharding),
+                                    step_key)
         done = step + 1
-        metrics = jax.device_get(metrics)
+        metrics = batching.fetch(metrics)
         _check_finite(metrics, done, manager, workdir)
         progress.update(1)
         if done % config.log_every_steps == 0 or done == total_steps:
@@ -347,11 +370,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     "seconds_per_step": (now - last_time) / (done - last_step),
                     **{k: float(v) for k, v in metrics.items()}}
           last_time, last_step = now, done
-          run_files.write_metrics(metrics_path, record)
+          if primary:
+            run_files.write_metrics(metrics_path, record)
           progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
         if (config.eval_every_steps and done % config.eval_every_steps == 0) or done == total_steps:
           record = run_eval(done)
-          progress.write(_format_eval(record))
+          if primary:
+            progress.write(_format_eval(record))
         if done % config.checkpoint_every_steps == 0 or done == total_steps:
           save_checkpoint(manager, state, done, workdir)
     finally:
@@ -361,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       logged = [json.loads(line) for line in metrics_path.read_text().splitlines()]
       final = [r for r in logged if r["kind"] == "eval" and r["step"] == total_steps]
       record = final[-1] if final else run_eval(total_steps)
-      print(_format_eval(record))
+      log(_format_eval(record))
     return record
 
 

@@ -46,6 +46,13 @@ CASES = {
     "unknown reduction": TRAIN + ["--config.gfa_reduction=max"],
     "unknown mse outputs": TRAIN + ["--config.mse_outputs=probs"],
     "no tapped layer": TRAIN + ["--config.gfa_layers=()"],
+    # train.py / eval.py: a multi-process launch line missing a part (gfa_jax.distributed).
+    "processes without an id": TRAIN + ["--num_processes", "2",
+                                        "--coordinator_address", "127.0.0.1:1"],
+    "process id out of range": TRAIN + ["--num_processes", "2", "--process_id", "2",
+                                        "--coordinator_address", "127.0.0.1:1"],
+    "eval processes without a coordinator": EVAL + ["--attack", "fgsm", "--num_processes", "2",
+                                                    "--process_id", "0"],
     # eval.py: flags checked before any attack runs.
     "zero eval batch size": EVAL + ["--attack", "fgsm", "--batch_size", "0"],
     "unknown custom attack": EVAL + ["--attack", "autoattack", "--aa_version", "custom",
