@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -104,7 +105,8 @@ def robust_mask(predict, x_adv, x, y, clean_correct, eps, norm):
 
 
 def run_ours(name, apply_fn, variables, x, y, eps, norm, seed, batch_size):
-  """(robust mask [N], seconds, AutoAttack checks or None) of our attack `name`."""
+  """(robust mask [N], seconds, AutoAttack checks or None, seconds per AutoAttack stage or
+  None) of our attack `name`."""
   from gfa_jax import batching, evaluate
   logits_fn = batching.bind(apply_fn, variables)
   start = time.perf_counter()
@@ -115,24 +117,34 @@ def run_ours(name, apply_fn, variables, x, y, eps, norm, seed, batch_size):
                                overrides=overrides, progress=False)
   seconds = time.perf_counter() - start
   mask = np.asarray(result["still_robust"][0])
-  return mask, seconds, result.get("checks", [None])[0]
+  return (mask, seconds, result.get("checks", [None])[0],
+          result.get("stage_seconds", [None])[0])
 
 
 def run_reference(name, net, x, y, eps, norm, seed, batch_size):
-  """(robust mask [N], seconds, the reference's check warnings) of the reference attack."""
+  """(robust mask [N], seconds, the reference's check warnings, seconds per stage from its
+  log) of the reference attack."""
   import torch
   from pyautoattack import AutoAttack
 
-  warnings = []
+  warnings, totals = [], {}
 
   class Capture(logging.Handler):
     def emit(self, record):
+      message = record.getMessage()
       if record.levelno >= logging.WARNING:
-        warnings.append(record.getMessage())
+        warnings.append(message)
+      # "robust accuracy after APGD-CE: 23.00% (total time 61.2 s)": cumulative stage times.
+      stage = re.match(r"robust accuracy after (\S+): .*\(total time ([\d.]+) s\)", message)
+      if stage:
+        totals[stage[1].lower()] = float(stage[2])
 
   logger = logging.getLogger("auto-attack")
   handler = Capture()
   logger.addHandler(handler)
+  level, propagate = logger.level, logger.propagate
+  logger.setLevel(logging.DEBUG)  # the stage times are DEBUG lines: captured, not printed
+  logger.propagate = False
   try:
     aa = AutoAttack(net, norm=REF_NORM[norm], eps=eps, version="standard", seed=seed,
                     device="cpu")
@@ -145,6 +157,13 @@ def run_reference(name, net, x, y, eps, norm, seed, batch_size):
     seconds = time.perf_counter() - start
   finally:
     logger.removeHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = propagate
+  # Cumulative "total time" per stage -> seconds of each stage (the clean pass and the checks
+  # before the first stage are in the run's total only).
+  stage_seconds, previous = {}, 0.0
+  for stage, total in totals.items():
+    stage_seconds[stage], previous = total - previous, total
 
   def predict(images):
     with torch.no_grad():
@@ -154,7 +173,7 @@ def run_reference(name, net, x, y, eps, norm, seed, batch_size):
 
   x_adv = x_adv.detach().numpy().transpose(0, 2, 3, 1)
   clean = predict(x) == y
-  return robust_mask(predict, x_adv, x, y, clean, eps, norm), seconds, warnings
+  return robust_mask(predict, x_adv, x, y, clean, eps, norm), seconds, warnings, stage_seconds
 
 
 def _descends(commit: str | None, ancestor: str) -> bool:
@@ -198,14 +217,15 @@ def crosscheck(args) -> Path:
         if (name, impl, seed) in done:
           continue
         if impl == "gfa-jax":
-          mask, seconds, checks = run_ours(name, apply_fn, variables, x, y, eps, args.norm, seed,
+          mask, seconds, checks, stages = run_ours(name, apply_fn, variables, x, y, eps, args.norm, seed,
                                            args.batch_size)
         else:
-          mask, seconds, checks = run_reference(name, net, x, y, eps, args.norm, seed,
+          mask, seconds, checks, stages = run_reference(name, net, x, y, eps, args.norm, seed,
                                                 args.batch_size)
         record["runs"].append({"attack": name, "impl": impl, "seed": seed,
                                "robust_accuracy": float(mask.mean()), "seconds": seconds,
                                "still_robust": mask.astype(int).tolist(), "checks": checks,
+                               "stage_seconds": stages,
                                "commit": commit})
         print(f"{label} {args.norm} {args.eps} {name:>10} {impl:>9} seed {seed}: robust "
               f"{100 * mask.mean():.1f}%  ({seconds:.0f} s)", flush=True)

@@ -123,6 +123,8 @@ def test_autoattack_versions_run_their_sequence_and_say_so(version, attacks, seq
   np.testing.assert_array_equal(report["still_robust"][0], clean_correct & (d > eps[0]))
   result = report["attacks"]["autoattack"]
   assert list(result["robust_accuracy_after"][0]) == ["clean", *sequence]
+  seconds = result["stage_seconds"][0]
+  assert list(seconds) == ["checks", *sequence] and all(t > 0 for t in seconds.values())
   assert list(result["hyperparameters"]["attacks"]) == sequence
   assert version == "rand" or "not the standard" in result["label"]
   if version == "rand":

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -190,6 +191,9 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
       that first fooled it, or None (still robust);
     'robust_accuracy_after': {'clean': ..., 'apgd-ce': ..., ...}, the fraction of all N points
       still robust after each step (as AutoAttack logs it);
+    'seconds': {'checks': ..., 'apgd-ce': ..., ...}, wall time of the automatic checks with the
+      clean pass, and of each step (compilation included), to compare stage by stage with the
+      reference's "total time" log lines;
     'hyperparameters': {attack: {name: value}} actually used;
     'version', 'attacks', 'label': what ran and the name to report it under;
     'checks': the reference's automatic checks, [{'check', 'status' ('ok', 'warn' or
@@ -203,6 +207,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.int32)
   n = len(x)
+  started = time.perf_counter()
   first = slice(0, min(batch_size, n))
   clean_logits = np.asarray(jax.jit(logits_fn)(jnp.asarray(x[first]))) if n else np.zeros((0, 2))
   checks = []
@@ -220,8 +225,10 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
     checks.append(check_zero_gradients(logits_fn, x[todo], y[todo]))
   broken_by = np.where(robust, None, "clean").astype(object)
   robust_after = {"clean": float(robust.mean()) if n else 0.0}
+  seconds = {"checks": time.perf_counter() - started}
   x_adv = x.copy()
   for index, (name, attack, hparams) in enumerate(steps):
+    started = time.perf_counter()
     todo = np.flatnonzero(robust)
     if len(todo):
       bar = tqdm.tqdm(total=-(-len(todo) // batch_size), desc=f"autoattack/{name}",
@@ -241,8 +248,10 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
       robust[todo[fooled]] = False
       broken_by[todo[fooled]] = name
     robust_after[name] = float(robust.mean()) if n else 0.0
+    seconds[name] = time.perf_counter() - started
   checks.append(check_square_sr(robust_after))
   breakdown = {"broken_by": broken_by.tolist(), "robust_accuracy_after": robust_after,
+               "seconds": seconds,
                "hyperparameters": {name: dict(hp) for name, _, hp in steps},
                "version": version, "attacks": [name for name, _, _ in steps],
                "label": label(version, [name for name, _, _ in steps]), "checks": checks}
