@@ -1,7 +1,19 @@
-"""Times APGD-CE (100 iterations), PGD-20 and Square (1,000 queries) on SmallCNN test images.
+"""Times APGD-CE (100 iterations), PGD-20 and Square (1,000 queries) on SmallCNN test images,
+and the standard AutoAttack against the reference's.
 
     python -m benchmarks.attacks --checkpoint RUN_DIR --data-dir /work/data
     python -m benchmarks.attacks --no-peer       # JAX only (no PyTorch installed)
+    python -m benchmarks.attacks --cases autoattack,reference_autoattack --steps 1 --rounds 1 \
+        --checkpoint results/pgd_at/params.msgpack --num-images 1000 --batch 250
+    python -m benchmarks.attacks --cases autoattack,reference_autoattack --steps 1 --rounds 1 \
+        --model resnet18 --num-images 200 --batch 200      # the reference's own ResNet-18
+
+The AutoAttack cases (opt-in, minutes per step) run the whole standard AutoAttack at eps on
+the N images: gfa-jax's `autoattack` (compilation included in the step: what a user waits
+for; the first step compiles, later steps with the same shapes do not) and the authors'
+`pyautoattack` natively in PyTorch, on the same weights (the torch SmallCNN of
+benchmarks/torch_peer.py, or the reference's ResNet-18) and the same images
+(benchmarks/reference.py). Each reports its robust accuracy and the seconds of every stage.
 
 One step attacks all ``--num-images`` test images, ``--batch`` at a time, with the jitted
 gfa_jax attack (compiled before timing, once per batch shape; the peer warms up with a
@@ -38,6 +50,9 @@ def add_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
   p.add_argument("--data-dir", default=os.environ.get("GFA_DATA_DIR", ""),
                  help="folder with CIFAR-10 (default $GFA_DATA_DIR; else the embedded subset)")
   p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
+  p.add_argument("--model", default="smallcnn", choices=("smallcnn", "resnet18"),
+                 help="AutoAttack cases only: the SmallCNN of --checkpoint, or the reference's "
+                      "ResNet-18 (pyautoattack/examples/model_test.pt)")
   return p
 
 
@@ -123,14 +138,47 @@ def build_jax_case(name: str, args: argparse.Namespace) -> common.Case:
                      {"framework": "jax", "images": description}, outcome)
 
 
+def build_autoattack_case(impl: str, args: argparse.Namespace) -> common.Case:
+  """One step: the standard AutoAttack on the N images, by gfa-jax or by the reference."""
+  from benchmarks import reference
+
+  _, x, y, description = model_and_images(args)
+  model = "resnet18" if args.model == "resnet18" else args.checkpoint
+  if not model:
+    raise ValueError("the AutoAttack cases need --checkpoint (a SmallCNN) or --model resnet18")
+  last = {}
+  if impl == "gfa-jax":
+    apply_fn, variables = reference.ours_model(model)
+    run = lambda: reference.run_ours("autoattack", apply_fn, variables, x, y, args.eps, "linf",
+                                     0, args.batch)
+  else:
+    import torch
+    torch.set_num_threads(args.threads)
+    net, _ = reference.reference_model(model)
+    run = lambda: reference.run_reference("autoattack", net, x, y, args.eps, "linf", 0,
+                                          args.batch)
+
+  def step():
+    last["mask"], _, _, last["stages"] = run()
+
+  return common.Case(step, len(x), None, {"framework": impl, "model": model, "images": description},
+                     lambda: {"robust_accuracy": float(last["mask"].mean()),
+                              "stage_seconds": {k: round(v, 2) for k, v in last["stages"].items()}})
+
+
 CASES = {name: functools.partial(build_jax_case, name) for name in ("apgd_ce", "pgd", "square")}
+DEFAULT_CASES = tuple(CASES)
+CASES.update({"autoattack": functools.partial(build_autoattack_case, "gfa-jax"),
+              "reference_autoattack": functools.partial(build_autoattack_case, "reference")})
 
 
 def main(argv: list[str]) -> None:
   args = add_flags(common.parser(__doc__.splitlines()[0], steps=2, warmup=0, rounds=2)
                    ).parse_args(argv)
   extra = []
-  if not args.worker and not args.no_peer:
+  aa_only = args.cases and all(c.strip().endswith("autoattack") for c in args.cases.split(","))
+  args.cases = args.cases or ",".join(DEFAULT_CASES)  # AutoAttack is opt-in: minutes a step
+  if not args.worker and not args.no_peer and not aa_only:
     if importlib.util.find_spec("torch") is None:
       print("PyTorch not installed: timing the JAX attacks only", file=sys.stderr)
     else:
@@ -140,6 +188,9 @@ def main(argv: list[str]) -> None:
   ratios = {f"{n}_jax_over_torch_images_per_s": round(
       by[n]["images_per_s"] / by[f"torch_{n}"]["images_per_s"], 3)
       for n in ("apgd_ce", "pgd") if n in by and f"torch_{n}" in by}
+  if "autoattack" in by and "reference_autoattack" in by:  # both timed in this one run
+    ratios["autoattack_jax_over_reference_seconds"] = round(
+        by["autoattack"]["ms_per_step"] / by["reference_autoattack"]["ms_per_step"], 3)
   if ratios:
     print(json.dumps({"name": "summary", **ratios}), flush=True)
 

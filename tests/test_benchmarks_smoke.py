@@ -56,6 +56,19 @@ def test_attacks_run_and_report_robust_accuracy():
     assert 0 <= records[name]["robust_accuracy"] <= records[name]["clean_accuracy"]
 
 
+def test_autoattack_against_the_reference_runs_and_reports_each_stage():
+  pytest.importorskip("pyautoattack", reason="needs the [crosscheck] extra")
+  # eps 0.5: APGD-CE breaks every point, so the later stages (and their compiles) are skipped.
+  records = run_benchmark("attacks", "--num-images", "6", "--batch", "6", "--cases",
+                          "autoattack,reference_autoattack", "--checkpoint",
+                          "results/pgd_at/params.msgpack", "--eps", "0.5")
+  for name in ("autoattack", "reference_autoattack"):
+    assert_timed(records[name])
+    assert records[name]["robust_accuracy"] == 0.0
+    assert "apgd-ce" in records[name]["stage_seconds"]
+  assert records["summary"]["autoattack_jax_over_reference_seconds"] > 0
+
+
 def test_torch_peer_runs():
   pytest.importorskip("torch")
   records = run_benchmark("torch_peer", "--batch", "8", "--gemm-size", "64")
