@@ -163,8 +163,23 @@ def table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def merged_records(in_dir: Path) -> list[dict]:
+  """Every cross-check JSON under `in_dir`, subfolders included (queues that ran in parallel
+  write to their own folder: two writers of one file would drop each other's runs), one
+  record per (model, norm, eps, N) with the runs of all its files."""
+  merged = {}
+  for path in sorted(in_dir.rglob("*.json")):
+    record = json.loads(path.read_text())
+    key = (record["model"], record["norm"], record["eps"], record["num_examples"])
+    if key in merged:
+      merged[key]["runs"] += record["runs"]
+    else:
+      merged[key] = record
+  return list(merged.values())
+
+
 def write_tables(in_dir: Path, report: Path) -> None:
-  records = [json.loads(p.read_text()) for p in sorted(in_dir.glob("*.json"))]
+  records = merged_records(in_dir)
   block = "\n".join([BEGIN, "", table(records), "", END])
   text = report.read_text() if report.exists() else f"# Validation\n\n{BEGIN}\n{END}\n"
   head, rest = text.split(BEGIN, 1)

@@ -119,3 +119,23 @@ def test_checks_fire_where_the_reference_does(setup):
   assert len(_reference_warnings(checks.check_zero_gradients, torch.zeros(8, 3, 32, 32))) == 1
   assert autoattack.check_n_classes(3, ["apgd-t"], {"apgd-t": (("num_targets", 9),)})["status"] == "warn"
   assert len(_reference_warnings(checks.check_n_classes, 3, ["apgd-t"], 9, 9)) == 1
+
+
+def test_tables_merge_the_runs_of_parallel_queues(tmp_path):
+  import importlib.util
+  import json
+  spec = importlib.util.spec_from_file_location("crosscheck_reference",
+                                                ROOT / "scripts" / "crosscheck_reference.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  head = {"model": "m", "norm": "linf", "eps": 0.1, "num_examples": 2}
+  run = lambda attack, impl: {"attack": attack, "impl": impl, "seed": 0, "seconds": 1.0,
+                              "robust_accuracy": 0.5, "still_robust": [1, 0]}
+  (tmp_path / "a.json").write_text(json.dumps({**head, "runs": [run("square", "gfa-jax"),
+                                                                run("square", "reference")]}))
+  (tmp_path / "queue2").mkdir()
+  (tmp_path / "queue2" / "a.json").write_text(json.dumps({**head, "runs": [run("fab-t", "gfa-jax"),
+                                                                         run("fab-t", "reference")]}))
+  (record,) = script.merged_records(tmp_path)
+  assert [r["attack"] for r in record["runs"]] == ["square", "square", "fab-t", "fab-t"]
+  assert {row["attack"] for row in script.compare(record)} == {"square", "fab-t"}
