@@ -330,6 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start_step, state = restore_checkpoint(manager, state, workdir)
     if primary:
       run_files.drop_metrics_after(metrics_path, start_step)
+    write_metrics = (functools.partial(run_files.write_metrics, metrics_path) if primary
+                     else lambda record: None)
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     if not start_step:
@@ -339,16 +341,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     def run_eval(step):
       record = _evaluate_splits(eval_step, state.params, splits, config, mesh, step)
-      if primary:
-        run_files.write_metrics(metrics_path, record)
+      write_metrics(record)
       return record
 
     log(f"Training {config.model.name} ({config.objective}) on {splits.description}: "
-          f"{num_train} images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-          f"{mesh.size} device(s) [{jax.devices()[0].platform}]"
-          + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
-          + f", workdir {workdir}"
-          + (f", resumed at step {start_step}" if start_step else ""))
+        f"{num_train} images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+        f"{mesh.size} device(s) [{jax.devices()[0].platform}]"
+        + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+        + f", workdir {workdir}"
+        + (f", resumed at step {start_step}" if start_step else ""))
     progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          disable=not primary)
     record = {}
@@ -370,8 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     "seconds_per_step": (now - last_time) / (done - last_step),
                     **{k: float(v) for k, v in metrics.items()}}
           last_time, last_step = now, done
-          if primary:
-            run_files.write_metrics(metrics_path, record)
+          write_metrics(record)
           progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
         if (config.eval_every_steps and done % config.eval_every_steps == 0) or done == total_steps:
           record = run_eval(done)

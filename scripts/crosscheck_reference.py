@@ -88,17 +88,14 @@ def crosscheck(args) -> Path:
       for impl in ("gfa-jax", "reference"):
         if (name, impl, seed) in done:
           continue
-        if impl == "gfa-jax":
-          mask, seconds, checks, stages = run_ours(name, apply_fn, variables, x, y, eps, args.norm, seed,
-                                           args.batch_size)
-        else:
-          mask, seconds, checks, stages = run_reference(name, net, x, y, eps, args.norm, seed,
-                                                args.batch_size)
+        mask, seconds, checks, stages = (
+            run_ours(name, apply_fn, variables, x, y, eps, args.norm, seed, args.batch_size)
+            if impl == "gfa-jax" else
+            run_reference(name, net, x, y, eps, args.norm, seed, args.batch_size))
         record["runs"].append({"attack": name, "impl": impl, "seed": seed,
                                "robust_accuracy": float(mask.mean()), "seconds": seconds,
                                "still_robust": mask.astype(int).tolist(), "checks": checks,
-                               "stage_seconds": stages,
-                               "commit": commit})
+                               "stage_seconds": stages, "commit": commit})
         print(f"{label} {args.norm} {args.eps} {name:>10} {impl:>9} seed {seed}: robust "
               f"{100 * mask.mean():.1f}%  ({seconds:.0f} s)", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
