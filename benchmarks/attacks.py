@@ -159,11 +159,12 @@ def build_autoattack_case(impl: str, args: argparse.Namespace) -> common.Case:
                                           args.batch)
 
   def step():
-    last["mask"], _, _, last["stages"] = run()
+    last.update(run())
 
   return common.Case(step, len(x), None, {"framework": impl, "model": model, "images": description},
                      lambda: {"robust_accuracy": float(last["mask"].mean()),
-                              "stage_seconds": {k: round(v, 2) for k, v in last["stages"].items()}})
+                              "stage_seconds": {k: round(v, 2)
+                                                for k, v in last["stage_seconds"].items()}})
 
 
 CASES = {name: functools.partial(build_jax_case, name) for name in ("apgd_ce", "pgd", "square")}

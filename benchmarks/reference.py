@@ -72,9 +72,9 @@ def robust_mask(predict, x_adv, x, y, clean_correct, eps, norm):
   return clean_correct & (predict(x_adv) == y)
 
 
-def run_ours(name, apply_fn, variables, x, y, eps, norm, seed, batch_size):
-  """(robust mask [N], seconds, AutoAttack checks or None, seconds per AutoAttack stage or
-  None) of our attack `name`."""
+def run_ours(name, apply_fn, variables, x, y, eps, norm, seed, batch_size) -> dict:
+  """Our attack `name`: {'mask': robust mask [N], 'seconds', and for AutoAttack 'checks',
+  'stage_seconds' and 'robust_after' (robust accuracy after each stage), else None}."""
   from gfa_jax import batching, evaluate
   logits_fn = batching.bind(apply_fn, variables)
   start = time.perf_counter()
@@ -84,28 +84,34 @@ def run_ours(name, apply_fn, variables, x, y, eps, norm, seed, batch_size):
                                clean_correct=clean, batch_size=batch_size, seed=seed,
                                overrides=overrides, progress=False)
   seconds = time.perf_counter() - start
-  mask = np.asarray(result["still_robust"][0])
-  return (mask, seconds, result.get("checks", [None])[0],
-          result.get("stage_seconds", [None])[0])
+  first = lambda key: result.get(key, [None])[0]  # results hold one entry per eps
+  return {"mask": np.asarray(first("still_robust")), "seconds": seconds, "checks": first("checks"),
+          "stage_seconds": first("stage_seconds"), "robust_after": first("robust_accuracy_after")}
 
 
-def run_reference(name, net, x, y, eps, norm, seed, batch_size):
-  """(robust mask [N], seconds, the reference's check warnings, seconds per stage from its
-  log) of the reference attack."""
+def run_reference(name, net, x, y, eps, norm, seed, batch_size) -> dict:
+  """The reference attack, in run_ours's record: its check warnings, and seconds and robust
+  accuracy of each stage from its log lines."""
   import torch
   from pyautoattack import AutoAttack
 
-  warnings, totals = [], {}
+  warnings, totals, robust_after = [], {}, {}
 
   class Capture(logging.Handler):
     def emit(self, record):
       message = record.getMessage()
       if record.levelno >= logging.WARNING:
         warnings.append(message)
-      # "robust accuracy after APGD-CE: 23.00% (total time 61.2 s)": cumulative stage times.
-      stage = re.match(r"robust accuracy after (\S+): .*\(total time ([\d.]+) s\)", message)
+      # "initial accuracy: 94.50%", "robust accuracy after APGD-CE: 23.00% (total time 61.2
+      # s)": robust accuracy and cumulative time of each stage.
+      clean = re.match(r"initial accuracy: ([\d.]+)%", message)
+      if clean:
+        robust_after["clean"] = float(clean[1]) / 100
+      stage = re.match(r"robust accuracy after (\S+): ([\d.]+)% \(total time ([\d.]+) s\)",
+                       message)
       if stage:
-        totals[stage[1].lower()] = float(stage[2])
+        robust_after[stage[1].lower()] = float(stage[2]) / 100
+        totals[stage[1].lower()] = float(stage[3])
 
   logger = logging.getLogger("auto-attack")
   handler = Capture()
@@ -141,4 +147,5 @@ def run_reference(name, net, x, y, eps, norm, seed, batch_size):
 
   x_adv = x_adv.detach().numpy().transpose(0, 2, 3, 1)
   clean = predict(x) == y
-  return robust_mask(predict, x_adv, x, y, clean, eps, norm), seconds, warnings, stage_seconds
+  return {"mask": robust_mask(predict, x_adv, x, y, clean, eps, norm), "seconds": seconds,
+          "checks": warnings, "stage_seconds": stage_seconds, "robust_after": robust_after}

@@ -85,19 +85,19 @@ def crosscheck(args) -> Path:
   commit = evaluate.git_commit(ROOT)  # which gfa-jax produced each run (runs span sessions)
   for seed in args.seeds:
     for name in args.attacks:
-      for impl in ("gfa-jax", "reference"):
+      for impl in args.impls:
         if (name, impl, seed) in done:
           continue
-        mask, seconds, checks, stages = (
-            run_ours(name, apply_fn, variables, x, y, eps, args.norm, seed, args.batch_size)
-            if impl == "gfa-jax" else
-            run_reference(name, net, x, y, eps, args.norm, seed, args.batch_size))
+        run = (run_ours(name, apply_fn, variables, x, y, eps, args.norm, seed, args.batch_size)
+               if impl == "gfa-jax" else
+               run_reference(name, net, x, y, eps, args.norm, seed, args.batch_size))
+        mask = run.pop("mask")
         record["runs"].append({"attack": name, "impl": impl, "seed": seed,
-                               "robust_accuracy": float(mask.mean()), "seconds": seconds,
-                               "still_robust": mask.astype(int).tolist(), "checks": checks,
-                               "stage_seconds": stages, "commit": commit})
+                               "robust_accuracy": float(mask.mean()),
+                               "still_robust": mask.astype(int).tolist(), **run,
+                               "commit": commit})
         print(f"{label} {args.norm} {args.eps} {name:>10} {impl:>9} seed {seed}: robust "
-              f"{100 * mask.mean():.1f}%  ({seconds:.0f} s)", flush=True)
+              f"{100 * mask.mean():.1f}%  ({run['seconds']:.0f} s)", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
@@ -195,6 +195,9 @@ def main(argv=None) -> None:
                  help=f"comma-separated, from {list(ATTACKS)}")
   p.add_argument("--seeds", default="0,1", help="comma-separated seeds of both sides")
   p.add_argument("--batch-size", type=int, default=250, help="the reference's default")
+  p.add_argument("--impls", default=",".join(ATTACKS_IMPLS),
+                 help="which sides to run (two queues, one per core, can each run one side "
+                      "into their own --output subfolder; --tables merges them)")
   p.add_argument("--ours-since", default=None, metavar="COMMIT",
                  help="redo our runs of --attacks made by code older than COMMIT (after a "
                       "change to our attack); the reference's runs are kept")
@@ -209,6 +212,9 @@ def main(argv=None) -> None:
   if unknown:
     p.error(f"unknown attacks {unknown}; choose from {list(ATTACKS)}")
   args.seeds = [int(s) for s in args.seeds.split(",")]
+  args.impls = [i for i in args.impls.split(",") if i]
+  if not args.impls or set(args.impls) - set(ATTACKS_IMPLS):
+    p.error(f"--impls {','.join(args.impls)}: choose from {list(ATTACKS_IMPLS)}")
   if args.ours_since and not _descends("HEAD", args.ours_since):
     p.error(f"--ours-since {args.ours_since}: not a commit this checkout descends from")
   from gfa_jax import xla_flags

@@ -139,3 +139,19 @@ def test_tables_merge_the_runs_of_parallel_queues(tmp_path):
   (record,) = script.merged_records(tmp_path)
   assert [r["attack"] for r in record["runs"]] == ["square", "square", "fab-t", "fab-t"]
   assert {row["attack"] for row in script.compare(record)} == {"square", "fab-t"}
+
+
+def test_runners_record_each_stage_of_both_sides():
+  from benchmarks import reference
+  model = ROOT / "results" / "pgd_at" / "params.msgpack"
+  apply_fn, variables = reference.ours_model(model)
+  net, _ = reference.reference_model(model)
+  dataset = data.load_dataset("embedded", None)
+  x, y = data.to_float(dataset.test_images[:8]), dataset.test_labels[:8].astype(np.int32)
+  # eps 0.5: APGD-CE breaks every point, so the later stages do not run on either side.
+  ours = reference.run_ours("autoattack", apply_fn, variables, x, y, 0.5, "linf", 0, 8)
+  ref = reference.run_reference("autoattack", net, x, y, 0.5, "linf", 0, 8)
+  for run in (ours, ref):
+    assert run["mask"].shape == (8,) and not run["mask"].any()
+    assert run["robust_after"]["apgd-ce"] == 0.0 and "apgd-ce" in run["stage_seconds"]
+  assert abs(ours["robust_after"]["clean"] - ref["robust_after"]["clean"]) < 1e-6
