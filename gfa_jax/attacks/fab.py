@@ -40,9 +40,12 @@ def project_onto_hyperplane_in_box(t: jax.Array, w: jax.Array, b: jax.Array,
 
   Moving coordinate i by sign(w_i) * min(lam * rate_i, room_i) is optimal for some lam >= 0
   (rate_i = 1 for linf, |w_i| for l2; room_i = distance to the helpful face of the box), so the
-  achieved change g(lam) of <w, t> is piecewise linear and increasing, with a breakpoint where
-  each coordinate hits the box. One sort and two cumulative sums find lam with g(lam) = |gap|,
-  O(D log D) like the reference's sort-and-bisect.
+  achieved change g(lam) of <w, t> is piecewise linear and nondecreasing, with a breakpoint
+  where each coordinate hits the box. The reference sorts the breakpoints (O(D log D) a row);
+  here a bisection on the bits of the float32 lam (non-negative floats order like their int32
+  bit patterns, so 31 halvings reach adjacent floats at any scale) brackets the first lam with
+  g(lam) >= |gap|, and lam is then solved exactly on that linear segment. Same result, no sort:
+  XLA CPU's sort made this projection 4x the cost of FAB's forward and backward pass.
   """
   gap = b - jnp.sum(w * t, axis=1)
   # Orient every hyperplane so that <w, t> has to increase.
@@ -53,21 +56,29 @@ def project_onto_hyperplane_in_box(t: jax.Array, w: jax.Array, b: jax.Array,
   room = jnp.where(w > 0, 1.0 - t, t)
   rate = abs_w if norm == "l2" else jnp.ones_like(w)
   breaks = jnp.where(rate > 0, jnp.minimum(room / jnp.where(rate > 0, rate, 1.0), _FAR), _FAR)
+  saturated_gain = abs_w * room  # what coordinate i adds once it sits on the box face
 
-  order = jnp.argsort(breaks, axis=1)
-  breaks_s, abs_w_s, room_s, rate_s = (
-      jnp.take_along_axis(v, order, axis=1) for v in (breaks, abs_w, room, rate))
-  saturated_gain = abs_w_s * room_s  # what coordinate j adds once it sits on the box face
-  gain_before = jnp.cumsum(saturated_gain, axis=1) - saturated_gain  # sum over j < k
-  slope_from = jnp.cumsum((abs_w_s * rate_s)[:, ::-1], axis=1)[:, ::-1]  # sum over j >= k
-  gain_at_break = gain_before + breaks_s * slope_from  # g at the k-th breakpoint
-  # lam lies in the segment before the first breakpoint whose gain reaches the gap.
-  segment = jnp.sum(gain_at_break < gap[:, None], axis=1)
-  feasible = segment < t.shape[1]
-  k = jnp.minimum(segment, t.shape[1] - 1)[:, None]
-  lam = ((gap - jnp.take_along_axis(gain_before, k, axis=1)[:, 0])
-         / jnp.maximum(jnp.take_along_axis(slope_from, k, axis=1)[:, 0], 1e-30))
-  lam = jnp.where(feasible, jnp.maximum(lam, 0.0), _FAR)[:, None]
+  def reaches(lam_bits):  # g(lam) >= gap, per row
+    lam = jax.lax.bitcast_convert_type(lam_bits, jnp.float32)[:, None]
+    return jnp.sum(jnp.minimum(lam * rate, room) * abs_w, axis=1) >= gap
+
+  def halve(_, bracket):
+    lo, hi = bracket  # g(lo) < gap <= g(hi), as bit patterns
+    mid = lo + (hi - lo) // 2
+    up = reaches(mid)
+    return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
+
+  far = jax.lax.bitcast_convert_type(jnp.float32(_FAR), jnp.int32)
+  lo, _ = jax.lax.fori_loop(0, 31, halve, (jnp.zeros_like(gap, jnp.int32),
+                                           jnp.full(gap.shape, far, jnp.int32)))
+  lo = jax.lax.bitcast_convert_type(lo, jnp.float32)[:, None]
+  # On (lo, hi] the coordinates with a breakpoint <= lo are on the box, the others still move.
+  on_box = breaks <= lo
+  lam = ((gap - jnp.sum(jnp.where(on_box, saturated_gain, 0.0), axis=1))
+         / jnp.maximum(jnp.sum(jnp.where(on_box, 0.0, abs_w * rate), axis=1), 1e-30))
+  # g(0) = 0 >= gap: no move. g(_FAR) < gap: the hyperplane misses the box, go to the corner.
+  feasible = jnp.sum(saturated_gain, axis=1) >= gap
+  lam = jnp.where(gap <= 0, 0.0, jnp.where(feasible, jnp.maximum(lam, 0.0), _FAR))[:, None]
   # d is the same vector for the oriented hyperplane (w, b) -> (-w, -b); no flip back.
   return jnp.sign(w) * jnp.minimum(lam * rate, room)
 
