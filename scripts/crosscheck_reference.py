@@ -160,6 +160,33 @@ def table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def stage_table(records: list[dict]) -> str:
+  """AutoAttack runs stage by stage (the runs that recorded it): robust % after each stage and
+  its seconds, gfa-jax / reference at equal seeds."""
+  lines = ["| model | threat | N | seed | " + " | ".join(f"{s} robust % / s" for s in STAGES) + " |",
+           "|---|---|---|---|" + "---|" * len(STAGES)]
+  for record in records:
+    runs = {(r["impl"], r["seed"]): r for r in record["runs"]
+            if r["attack"] == "autoattack" and r.get("robust_after")}
+    for seed in sorted({s for _, s in runs}):
+      if ("gfa-jax", seed) not in runs or ("reference", seed) not in runs:
+        continue
+      ours, ref = runs[("gfa-jax", seed)], runs[("reference", seed)]
+      # The reference logs no line for a stage with no point left to attack: "-".
+      cell = lambda stage: " / ".join(
+          f"{100 * r['robust_after'][stage]:.1f}" if stage in r["robust_after"] else "-"
+          for r in (ours, ref)) + "; " + " / ".join(
+          f"{r['stage_seconds'][stage]:.0f}" if stage in r["stage_seconds"] else "-"
+          for r in (ours, ref))
+      lines.append(f"| {record['model']} | {record['norm']} {record['eps_text']} | "
+                   f"{record['num_examples']} | {seed} | "
+                   + " | ".join(cell(s) for s in STAGES) + " |")
+  return "\n".join(lines)
+
+
+STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
 def merged_records(in_dir: Path) -> list[dict]:
   """Every cross-check JSON under `in_dir`, subfolders included (queues that ran in parallel
   write to their own folder: two writers of one file would drop each other's runs), one
@@ -177,7 +204,9 @@ def merged_records(in_dir: Path) -> list[dict]:
 
 def write_tables(in_dir: Path, report: Path) -> None:
   records = merged_records(in_dir)
-  block = "\n".join([BEGIN, "", table(records), "", END])
+  block = "\n".join([BEGIN, "", table(records), "",
+                     "AutoAttack stage by stage, gfa-jax / reference (robust % after the stage; "
+                     "seconds of the stage):", "", stage_table(records), "", END])
   text = report.read_text() if report.exists() else f"# Validation\n\n{BEGIN}\n{END}\n"
   head, rest = text.split(BEGIN, 1)
   report.write_text(head + block + rest.split(END, 1)[1])

@@ -108,14 +108,22 @@ cc --model $P --eps 8/255 --num-examples 1000 --attacks apgd-t --seeds 1
 # older runs of those attacks are redone (--ours-since), the reference's kept.
 cc --model $P --eps 8/255 --num-examples 200 --attacks square,autoattack --seeds 0,1 --ours-since 559854e
 cc --model $P --eps 8/255 --num-examples 200 --attacks fab-t --seeds 0,1 --ours-since ba3b3ac
-cc --model resnet18 --eps 1/255 --num-examples 200 --attacks square --seeds 0 --ours-since 559854e
 for m in trades gradalign gfa_deep_edge standard_mse gfa_deep gfa_first gfa_deep_ce standard_ce; do
   cc --model results/$m/params.msgpack --eps 8/255 --num-examples 200 --attacks autoattack --seeds 0
 done
 cc --model $P --norm l2 --eps 0.5 --num-examples 200 --attacks autoattack --seeds 0
-# Not yet run (CPU budget: about 2 h a side on one core): FAB-T and AutoAttack on the ResNet-18
-# at 1/255.
-cc --model resnet18 --eps 1/255 --num-examples 200 --attacks fab-t,autoattack --seeds 0 --ours-since ba3b3ac
+cc --model $P --eps 8/255 --num-examples 200 --attacks fab-t --seeds 0,1 --ours-since c77b80c
+# The ResNet-18 rows of issue 14's last stop: two queues, one side each on its own core, into
+# their own subfolders (--tables merges them); about 1-2 h a side per command.
+q() { taskset -c $1 python scripts/crosscheck_reference.py --data-dir "$DATA" --impls $2 \
+        --output results/crosscheck/q_$2 "${@:3}"; }
+for side in "0 gfa-jax" "1 reference"; do (
+  q $side --model resnet18 --eps 2/255 --num-examples 200 --attacks autoattack --seeds 0
+  q $side --model resnet18 --norm l2 --eps 0.25 --num-examples 200 --attacks autoattack --seeds 0
+  q $side --model resnet18 --eps 1/255 --num-examples 200 --attacks autoattack --seeds 0
+  q $side --model resnet18 --eps 1/255 --num-examples 200 --attacks fab-t --seeds 0  # not yet done
+  q $side --model resnet18 --eps 1/255 --num-examples 200 --attacks square --seeds 0 # not yet done
+) & done; wait
 python scripts/crosscheck_reference.py --tables
 
 # --- benchmarks/attacks.py (issue 18): standard AutoAttack, gfa-jax vs the reference ---------

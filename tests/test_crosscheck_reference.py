@@ -139,6 +139,12 @@ def test_tables_merge_the_runs_of_parallel_queues(tmp_path):
   (record,) = script.merged_records(tmp_path)
   assert [r["attack"] for r in record["runs"]] == ["square", "square", "fab-t", "fab-t"]
   assert {row["attack"] for row in script.compare(record)} == {"square", "fab-t"}
+  # AutoAttack's stages: the reference logs none once no point is left ("-").
+  aa = lambda impl, after: {**run("autoattack", impl), "robust_after": after,
+                            "stage_seconds": {k: 2.0 for k in after}}
+  record["runs"] += [aa("gfa-jax", {"apgd-ce": 0.0, "apgd-t": 0.0}), aa("reference", {"apgd-ce": 0.0})]
+  row = script.stage_table([{**record, "eps_text": "0.1"}]).splitlines()[-1]
+  assert row.startswith("| m | linf 0.1 | 2 | 0 | 0.0 / 0.0; 2 / 2 | 0.0 / -; 2 / - |"), row
 
 
 def test_runners_record_each_stage_of_both_sides():
