@@ -362,3 +362,23 @@ def test_nan_models_are_refused_and_collapsed_models_named():
   report = evaluate.evaluate(constant, x, y, attack="fgsm", eps=[0.03], progress=False)
   assert report["degenerate"].startswith("collapsed: predicts class 3 for 100 % of inputs")
   assert evaluate.degenerate_model(y, y, 10) is None
+
+
+def test_autoattack_skips_a_model_whose_logits_do_not_depend_on_the_input():
+  logits_fn, x, y, _, _ = linear_problem(10, seed=1)
+  bias = jnp.arange(10.0)[::-1]  # always class 0, whatever the input
+  constant = lambda v: jnp.zeros((v.shape[0], 10)) * jnp.sum(v) + bias
+  report = evaluate.evaluate(constant, x, y, attack="autoattack", eps=[0.05], norm="linf",
+                             batch_size=8, progress=False)
+  result = report["attacks"]["autoattack"]
+  checks = {c["check"]: c["status"] for c in result["checks"][0]}
+  assert checks["input_independent"] == "warn" and checks["zero_gradients"] == "warn"
+  assert set(result["skipped_stages"][0]) == {"apgd-ce", "apgd-t", "fab-t", "square"}
+  assert report["robust_accuracy"][0] == report["clean_accuracy"] == np.mean(y == 0) > 0
+  # A model that depends on its input, however weakly, is attacked as usual.
+  weak = lambda v: constant(v) + 1e-3 * logits_fn(v)
+  report = evaluate.evaluate(weak, x, y, attack="autoattack", eps=[0.05], norm="linf",
+                             batch_size=8, progress=False, overrides={"version": "fast"})
+  result = report["attacks"]["autoattack"]
+  assert result["skipped_stages"][0] == {}
+  assert {c["check"]: c["status"] for c in result["checks"][0]}["input_independent"] == "ok"

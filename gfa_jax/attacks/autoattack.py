@@ -176,9 +176,32 @@ def check_n_classes(n_classes: int, names: Sequence[str], hparams: dict) -> dict
   return _check("n_classes", warning and warning.strip(), num_classes=int(n_classes))
 
 
+def check_input_independent(logits_fn: LogitsFn, x, key: jax.Array, eps: float, norm: str,
+                            zero_gradients: bool, rtol: float = 1e-6) -> dict:
+  """Warns if the logits do not depend on the input: equal (to rtol) on the points to attack,
+  on random points of their eps-balls and on uniform-noise images, with a zero input gradient
+  at every point. No attack can change such a model's predictions (a collapsed network whose
+  ReLUs are all dead): `autoattack` then skips its stages instead of spending their budget."""
+  if not zero_gradients or not len(x):
+    return _check("input_independent", None)
+  key_ball, key_noise = jax.random.split(key)
+  x = jnp.asarray(x)
+  probes = [x, core.random_init(key_ball, x, eps, norm), jax.random.uniform(key_noise, x.shape)]
+  forward = jax.jit(logits_fn)
+  logits = np.concatenate([np.asarray(forward(p)) for p in probes])
+  spread = float(np.abs(logits - logits[:1]).max())
+  constant = spread <= rtol * (1.0 + float(np.abs(logits).max()))
+  return _check("input_independent", f"the logits do not depend on the input (equal to "
+                f"{spread:.1e} on {len(logits)} clean, eps-ball and noise images, zero "
+                "gradients): no attack can change a prediction; the attacks are skipped and "
+                "robust accuracy is the clean accuracy." if constant else None,
+                max_logit_spread=spread)
+
+
 def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: str = "linf",
                version: str = "standard", attacks: Sequence[str] = (), batch_size: int = 500,
-               progress: bool = False) -> tuple[np.ndarray, dict]:
+               progress: bool = False, skip_if_constant: bool = True,
+               ) -> tuple[np.ndarray, dict]:
   """AutoAttack of `version` (module docstring); returns (x_adv [N, H, W, C] numpy, breakdown).
 
   Host-side: runs the version's sequence, each attack in jit-compiled batches of `batch_size`
@@ -197,7 +220,12 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
     'hyperparameters': {attack: {name: value}} actually used;
     'version', 'attacks', 'label': what ran and the name to report it under;
     'checks': the reference's automatic checks, [{'check', 'status' ('ok', 'warn' or
-      'not run'), 'message', ...numbers}].
+      'not run'), 'message', ...numbers}], and ours, `input_independent`;
+    'skipped': {attack: reason} of the stages not run (else empty).
+
+  Deviation from the reference: with `skip_if_constant` (default) a model whose logits do not
+  depend on the input (`check_input_independent`) is not attacked; every stage is recorded as
+  skipped, with robust accuracy = clean accuracy, which is what every attack would leave.
   """
   steps = sequence(version, attacks)
   if norm not in NORMS:
@@ -223,6 +251,13 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
   if robust.any():
     todo = np.flatnonzero(robust)[:batch_size]
     checks.append(check_zero_gradients(logits_fn, x[todo], y[todo]))
+    checks.append(check_input_independent(
+        logits_fn, x[todo], jax.random.fold_in(key, len(steps)), eps, norm,
+        zero_gradients=checks[-1]["zero_gradient_points"] == len(todo)))
+  skip = skip_if_constant and checks[-1]["check"] == "input_independent" and (
+      checks[-1]["status"] == "warn")
+  skipped = {name: "the model's logits do not depend on the input" for name, _, _ in steps
+             } if skip else {}
   broken_by = np.where(robust, None, "clean").astype(object)
   robust_after = {"clean": float(robust.mean()) if n else 0.0}
   seconds = {"checks": time.perf_counter() - started}
@@ -230,7 +265,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
   for index, (name, attack, hparams) in enumerate(steps):
     started = time.perf_counter()
     todo = np.flatnonzero(robust)
-    if len(todo):
+    if len(todo) and not skip:
       bar = tqdm.tqdm(total=-(-len(todo) // batch_size), desc=f"autoattack/{name}",
                       disable=not progress, leave=False)
       fn = logits_fn
@@ -254,7 +289,8 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
                "seconds": seconds,
                "hyperparameters": {name: dict(hp) for name, _, hp in steps},
                "version": version, "attacks": [name for name, _, _ in steps],
-               "label": label(version, [name for name, _, _ in steps]), "checks": checks}
+               "label": label(version, [name for name, _, _ in steps]), "checks": checks,
+               "skipped": skipped}
   return x_adv, breakdown
 
 
