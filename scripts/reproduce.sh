@@ -121,7 +121,7 @@ for side in "0 gfa-jax" "1 reference"; do (
   q $side --model resnet18 --eps 2/255 --num-examples 200 --attacks autoattack --seeds 0
   q $side --model resnet18 --norm l2 --eps 0.25 --num-examples 200 --attacks autoattack --seeds 0
   q $side --model resnet18 --eps 1/255 --num-examples 200 --attacks autoattack --seeds 0
-  q $side --model resnet18 --eps 1/255 --num-examples 200 --attacks fab-t --seeds 0  # not yet done
+  q $side --model resnet18 --eps 1/255 --num-examples 200 --attacks fab-t --seeds 0
   q $side --model resnet18 --eps 1/255 --num-examples 200 --attacks square --seeds 0 # not yet done
 ) & done; wait
 python scripts/crosscheck_reference.py --tables
