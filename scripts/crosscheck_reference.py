@@ -163,6 +163,7 @@ def table(records: list[dict]) -> str:
 def stage_table(records: list[dict]) -> str:
   """AutoAttack runs stage by stage (the runs that recorded it): robust % after each stage and
   its seconds, gfa-jax / reference at equal seeds."""
+  from gfa_jax.attacks.autoattack import STANDARD_SEQUENCE as STAGES
   lines = ["| model | threat | N | seed | " + " | ".join(f"{s} robust % / s" for s in STAGES) + " |",
            "|---|---|---|---|" + "---|" * len(STAGES)]
   for record in records:
@@ -182,9 +183,6 @@ def stage_table(records: list[dict]) -> str:
                    f"{record['num_examples']} | {seed} | "
                    + " | ".join(cell(s) for s in STAGES) + " |")
   return "\n".join(lines)
-
-
-STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
 def merged_records(in_dir: Path) -> list[dict]:

@@ -248,14 +248,16 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
   checks.append(check_n_classes(clean_logits.shape[-1], [s[0] for s in steps],
                                 {s[0]: s[2] for s in steps}))
   robust = batching.predict(logits_fn, x, batch_size) == y
+  constant = False
   if robust.any():
     todo = np.flatnonzero(robust)[:batch_size]
-    checks.append(check_zero_gradients(logits_fn, x[todo], y[todo]))
-    checks.append(check_input_independent(
+    zero = check_zero_gradients(logits_fn, x[todo], y[todo])
+    independence = check_input_independent(
         logits_fn, x[todo], jax.random.fold_in(key, len(steps)), eps, norm,
-        zero_gradients=checks[-1]["zero_gradient_points"] == len(todo)))
-  skip = skip_if_constant and checks[-1]["check"] == "input_independent" and (
-      checks[-1]["status"] == "warn")
+        zero_gradients=zero["zero_gradient_points"] == len(todo))
+    checks += [zero, independence]
+    constant = independence["status"] == "warn"
+  skip = skip_if_constant and constant
   skipped = {name: "the model's logits do not depend on the input" for name, _, _ in steps
              } if skip else {}
   broken_by = np.where(robust, None, "clean").astype(object)
