@@ -47,6 +47,9 @@ _TORCH_MODEL = F.DEFINE_string("torch_model", None, "A PyTorch state_dict (.pt/.
                                "instead of --workdir (needs torch; see --arch).")
 _ARCH = F.DEFINE_enum("arch", "resnet18", ["resnet18", "preact_resnet18"], "--torch_model's "
                       "architecture: resnet18 (Kuang Liu's) or preact_resnet18 (RobustBench's).")
+_ATTACK_CONSTANT = F.DEFINE_boolean("attack_constant_models", False, "Attack even a model whose "
+                                    "logits do not depend on its input (default: such a model "
+                                    "is not attacked; robust = clean, and the report says so).")
 F.mark_flag_as_required("attack")
 DEFAULT_EPS = {"linf": "8/255", "l2": "0.5", "l1": "12"}
 DEFAULT_OUTPUT = {"alignment": "alignment.json", "mechanism": "mechanism"}

@@ -300,6 +300,15 @@ def machine(threads: int) -> dict:
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
+def start_driver(args: argparse.Namespace) -> None:
+  """Sets the XLA flags train.py and eval.py set (unless ``--plain-xla``) before any worker
+  starts, as they inherit $XLA_FLAGS, and prints the machine line."""
+  if not args.plain_xla:
+    from gfa_jax import xla_flags
+    xla_flags.use_fast_cpu_convolutions()
+  print(json.dumps(machine(args.threads)), flush=True)
+
+
 def main(module: str, cases: dict[str, Callable[[argparse.Namespace], Case]],
          args: argparse.Namespace, extra_specs: Sequence[tuple[str, str]] = ()) -> list[dict]:
   """Worker mode runs one case; otherwise runs the selected cases (and ``extra_specs``,
@@ -309,10 +318,7 @@ def main(module: str, cases: dict[str, Callable[[argparse.Namespace], Case]],
     serve(cases[args.worker])
     return []
   specs = [(module, n) for n in select_cases(list(cases), args.cases)] + list(extra_specs)
-  if not args.plain_xla:  # Before the workers start: they inherit $XLA_FLAGS.
-    from gfa_jax import xla_flags
-    xla_flags.use_fast_cpu_convolutions()
-  print(json.dumps(machine(args.threads)), flush=True)
+  start_driver(args)
   results = run_interleaved(specs, args)
   for record in results:
     print(json.dumps(record), flush=True)
@@ -321,12 +327,15 @@ def main(module: str, cases: dict[str, Callable[[argparse.Namespace], Case]],
 
 # The PyTorch peer's train-step cases (benchmarks/torch_peer.py), which train_step.py --peer
 # runs interleaved with its own; here so neither script imports the other.
+TRAIN_STEP_MODELS = ("small_cnn", "resnet20", "resnet18")  # train_step.build_model's names
 TORCH_TRAIN_CASES = ("torch_standard", "torch_gfa_first", "torch_gfa_deep", "torch_gemm")
 
 
 def add_train_step_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
   """The flags train_step.py and its PyTorch peer share (one definition, so both read them)."""
   p.add_argument("--batch", type=int, default=128, help="images per train step")
+  p.add_argument("--model", default="small_cnn", choices=TRAIN_STEP_MODELS,
+                 help="the model stepped (the PyTorch peer has small_cnn only)")
   p.add_argument("--gemm-size", type=int, default=2048, help="n of the n^3 matmul probe")
   p.add_argument("--peer", action="store_true",
                  help="also run the PyTorch peer's cases (needs the [bench] extra)")

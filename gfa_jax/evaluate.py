@@ -33,7 +33,8 @@ from gfa_jax import batching
 from gfa_jax.numerics import check_batch
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
-from gfa_jax.attacks.autoattack import autoattack
+from gfa_jax.attacks.autoattack import (autoattack, check_input_independent,
+                                        check_zero_gradients)
 from gfa_jax.attacks.cw import cw_l2
 from gfa_jax.attacks.deepfool import deepfool
 from gfa_jax.attacks.ead import ead
@@ -98,7 +99,8 @@ ATTACKS: dict[str, AttackSpec] = {
 }
 ALL = "all"
 # Arguments that are inputs or bookkeeping, not hyper-parameters of the attack.
-_NOT_HPARAMS = ("key", "eps", "norm", "return_trace", "batch_size", "progress", "first_target")
+_NOT_HPARAMS = ("key", "eps", "norm", "return_trace", "batch_size", "progress", "first_target",
+                "skip_if_constant")  # evaluate decides it (its own skip_if_constant)
 
 
 def attack_names() -> list[str]:
@@ -196,13 +198,40 @@ def _attack_key(seed: int, name: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
+def input_independence(logits_fn: Callable, x: np.ndarray, y: np.ndarray,
+                       clean_correct: np.ndarray, *, eps: Sequence[float], norm: str,
+                       batch_size: int, seed: int) -> list[dict]:
+  """AutoAttack's zero-gradient check and our input-independence check
+  (``autoattack.check_input_independent``), on the first `batch_size` points classified
+  correctly, for every attack; returns the two check records.
+
+  Exists because a collapsed network (every ReLU dead) has logits that no input changes: each
+  attack would spend its whole budget (33 minutes of AutoAttack on one such model) to leave
+  robust accuracy at clean accuracy. Norms without a random start (l1, l0) probe the whole
+  [0, 1] box around each point instead of an eps-ball.
+  """
+  todo = np.flatnonzero(clean_correct)[:batch_size]
+  if not len(todo):
+    return [check_input_independent(logits_fn, x[:0], None, 0.0, "linf", zero_gradients=False)]
+  zero = check_zero_gradients(logits_fn, x[todo], y[todo])
+  probe_norm, probe_eps = (norm, max(eps)) if norm in core.NORMS else ("linf", 1.0)
+  independence = check_input_independent(
+      logits_fn, x[todo], _attack_key(seed, "input_independent"), probe_eps, probe_norm,
+      zero_gradients=zero["zero_gradient_points"] == len(todo))
+  return [zero, independence]
+
+
 def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
                eps: Sequence[float], norm: str, clean_correct: np.ndarray, batch_size: int,
-               seed: int, overrides: dict | None = None, progress: bool = True) -> dict:
+               seed: int, overrides: dict | None = None, progress: bool = True,
+               not_run: str | None = None) -> dict:
   """Runs one named attack over all of x and returns its result section (see the schema).
 
   `still_robust[i][j]` is True iff example j is classified correctly both clean and after the
-  attack at eps[i], from forward passes of the checked adversarial examples.
+  attack at eps[i], from forward passes of the checked adversarial examples. With `not_run`
+  (why: the model's logits do not depend on its input) the attack is not called: every
+  x_adv is x, the masks come from the same forward passes, and the section says `not_run`.
+  AutoAttack decides that itself (its stages are then `skipped_stages`).
   """
   spec = ATTACKS[name]
   hparams = hyperparameters(name, norm, overrides)
@@ -217,6 +246,10 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
   # Points misclassified clean are not robust whatever the attack does: attack only the others
   # (as AutoAttack does); their x_adv is x.
   todo = np.flatnonzero(clean_correct)
+
+  if not_run and spec.kind != ENSEMBLE:
+    result["not_run"] = not_run
+    todo = todo[:0]
 
   def attack_correct(bar, eps_value=None, examples_per_batch=batch_size):
     x_adv = x.copy()
@@ -245,7 +278,8 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
     masks, broken_by, after, checks, stage_seconds, skipped = [], [], [], [], [], []
     for value in tqdm.tqdm(eps, desc=name, disable=not progress):
       x_adv, breakdown = spec.fn(logits_fn, x, y, key=key, eps=value, norm=norm,
-                                 batch_size=batch_size, progress=progress, **hparams)
+                                 batch_size=batch_size, progress=progress,
+                                 skip_if_constant=not_run is not None, **hparams)
       masks.append(still_robust(x_adv, value))
       broken_by.append(breakdown["broken_by"])
       after.append(breakdown["robust_accuracy_after"])
@@ -296,7 +330,7 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
 def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, attack: str,
              eps: Sequence[float], norm: str = "linf", batch_size: int = 500, seed: int = 0,
              subset: Sequence[int] | None = None, overrides: dict | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, skip_if_constant: bool = True) -> dict:
   """Evaluates `attack` ('all' for every attack supporting `norm`) on images [N, H, W, C] in
   [0, 1] with int labels [N]; returns the JSON-ready result dict (docs/evaluation.md).
 
@@ -308,6 +342,10 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
     subset: optional example indices into the N (the paper's protocol); robust accuracy on them
       is reported in separate `subset` fields, never instead of the full-N numbers.
     overrides: hyper-parameters replacing the defaults (single attack only).
+    skip_if_constant: when the model's logits do not depend on its input
+      (`input_independence`, recorded under `model_checks`), the attacks are not run: each
+      attack's section says `not_run` and its robust accuracy is the clean accuracy, which is
+      what any attack would leave. False attacks anyway.
   """
   start = time.perf_counter()
   names = validate(attack, eps, norm)
@@ -327,13 +365,19 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
   clean_correct = predictions == y
   degenerate = degenerate_model(predictions, y, num_classes=first.shape[-1])
 
+  model_checks = input_independence(logits_fn, x, y, clean_correct, eps=list(eps), norm=norm,
+                                    batch_size=batch_size, seed=seed)
+  constant = any(c["check"] == "input_independent" and c["status"] == "warn"
+                 for c in model_checks)
+  not_run = ("the model's logits do not depend on the input (model_checks)"
+             if constant and skip_if_constant else None)
   results, skipped = {}, {}
   if attack == ALL:
     skipped = {n: f"does not support norm {norm!r}" for n in ATTACKS if n not in names}
   for name in names:
     results[name] = run_attack(name, logits_fn, x, y, eps=list(eps), norm=norm,
                                clean_correct=clean_correct, batch_size=batch_size, seed=seed,
-                               overrides=overrides, progress=progress)
+                               overrides=overrides, progress=progress, not_run=not_run)
 
   # The headline: the attack's masks, or with 'all' the per-point worst case over every attack
   # with an eps threat model (OnePixel's pixel budget is another threat model).
@@ -359,6 +403,7 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
       "still_robust": worst.tolist(),
       "attacks": results,
       "skipped": skipped,
+      "model_checks": model_checks,
       "subset": None,
       "degenerate": degenerate,
   }

@@ -44,6 +44,7 @@ class Request:
   seed: int = 0
   subset: tuple[int, ...] | None = None  # attacks: robust accuracy also on these examples
   overrides: dict | None = None  # attacks: hyper-parameters replacing the defaults
+  attack_constant_models: bool = False  # attacks: attack even an input-independent model
   budget: str = "default"  # checklist
   surrogate: Model | None = None  # checklist: the transfer attack's standard-trained model
   compare: Model | None = None  # mechanism: a second model measured beside the first
@@ -109,7 +110,8 @@ def run_attacks(attack: str, model: Model, data: Data, request: Request) -> Resu
   report = evaluate.evaluate(
       batching.bind(model.apply_fn, model.variables), images, labels, attack=attack,
       eps=list(request.eps), norm=request.norm, batch_size=request.batch_size,
-      seed=request.seed, subset=request.subset, overrides=request.overrides)
+      seed=request.seed, subset=request.subset, overrides=request.overrides,
+      skip_if_constant=not request.attack_constant_models)
   report["eps_text"] = request.eps_text
 
   def write(path: Path) -> list[Path]:

@@ -64,6 +64,8 @@ def attack_summary(report: dict) -> str:
           "n/a" if median is None else f"{median:.4g}")
     if "label" in r:
       extra += f"; {r['label']}"
+    if "not_run" in r:
+      extra += f"; NOT RUN: {r['not_run']}, so robust = clean"
     lines.append(f"{name:>10}: robust {acc}{extra}  ({r['elapsed_seconds']:.1f} s)")
     for eps_value, checks in zip(report["eps"], r.get("checks", [])):
       lines += [f"{'':>12}check {c['check']} at eps {eps_value:.4g}: WARNING {c['message']}"
@@ -73,6 +75,8 @@ def attack_summary(report: dict) -> str:
                  + ", ".join(f"{100 * a:.2f}%" for a in report["robust_accuracy"]))
   for name, reason in report["skipped"].items():
     lines.append(f"{name:>10}: skipped ({reason})")
+  lines += [f"WARNING: check {c['check']}: {c['message']}"
+            for c in report.get("model_checks", []) if c["status"] == "warn"]
   if report.get("degenerate"):
     lines.append(f"WARNING: this model is {report['degenerate']}")
   return "\n".join(lines)

@@ -17,6 +17,10 @@ Archs (the layouts of the common CIFAR code bases):
 The Flax models take NHWC images in [0, 1] (no normalisation, as both code bases; pass
 ``mean``/``std`` for checkpoints trained on normalised inputs) and run BatchNorm with its
 running statistics (inference mode), so the logits equal the torch module's in ``eval()``.
+With the statistics fixed, sample i's logits depend on image i alone, so GFA's per-sample
+cosine is defined; the models carry ``penalty.tap``s like ``models.ResNet20``'s (``layer0`` the
+image the stem sees, ``layer1`` .. ``layer8`` the inputs of the eight blocks, ``layer9`` the
+pooled features), so alignment can be measured on imported models too.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gfa_jax import models
+from gfa_jax.penalty import tap
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default.
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (channels, stride of the first block)
@@ -98,16 +103,20 @@ class TorchResNet18(nn.Module):
   def __call__(self, x):
     if self.mean is not None:
       x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-    out = _conv(64, 3, 1, "conv1")(x)
+    out = _conv(64, 3, 1, "conv1")(tap(self, "layer0", x))
     if not self.preact:
       out = nn.relu(_bn("bn1")(out))
     block = PreActBlock if self.preact else BasicBlock
+    layer = 1
     for stage, (features, stride) in enumerate(STAGES, start=1):
       for index in range(2):
+        out = tap(self, f"layer{layer}", out)
         out = block(features, stride if index == 0 else 1, name=f"layer{stage}_{index}")(out)
+        layer += 1
     if self.preact:
       out = nn.relu(_bn("bn")(out))
     out = jnp.mean(out, axis=(1, 2))  # avg_pool2d(out, 4) of the 4x4 map, then flatten
+    out = tap(self, f"layer{layer}", out)
     return nn.Dense(self.num_classes, name="linear")(out)
 
 
@@ -186,6 +195,8 @@ def convert_state_dict(state: Mapping[str, np.ndarray], arch: str, *, num_classe
                         mean=None if mean is None else tuple(mean),
                         std=None if std is None else tuple(std))
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  # The weights only: init also makes the taps' collections (zero perturbations, sown inputs).
+  abstract = {k: abstract[k] for k in ("params", "batch_stats")}
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   values, missing, misshaped, used = [], [], [], set()
   for key_path, leaf in leaves:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import chex
 import pytest
 
 from tests.conftest import REPO
@@ -14,14 +15,18 @@ from tests.conftest import REPO
 TINY = ["--steps", "1", "--warmup", "0", "--rounds", "1"]
 
 
-def run_benchmark(module: str, *flags: str) -> dict[str, dict]:
-  """Runs ``python -m benchmarks.<module>`` and returns its JSON lines by name."""
+def run_benchmark_lines(module: str, *flags: str) -> list[dict]:
+  """Runs ``python -m benchmarks.<module>`` and returns its JSON lines."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
   result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *TINY, *flags],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  records = [json.loads(line) for line in result.stdout.splitlines()]
-  return {r["name"]: r for r in records}
+  return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def run_benchmark(module: str, *flags: str) -> dict[str, dict]:
+  """Runs ``python -m benchmarks.<module>`` and returns its JSON lines by name."""
+  return {r["name"]: r for r in run_benchmark_lines(module, *flags)}
 
 
 def assert_timed(record: dict, images: bool = True) -> None:
@@ -38,6 +43,37 @@ def test_train_step_runs_and_its_flop_count_agrees_with_xla():
     # XLA counts only the taps of SAME convolutions inside the image (about 8% fewer).
     assert 0.8 < records[name]["xla_gflop_per_step"] / records[name]["gflop_per_step"] < 1.0
   assert_timed(records["gemm"], images=False)
+
+
+def test_scaling_runs_each_batch():
+  # SmallCNN only: the ResNets' GFA-DEEP steps take minutes to compile on CI's two cores
+  # (their models are built by the test below).
+  lines = run_benchmark_lines("scaling", "--models", "small_cnn", "--batches", "4,2")
+  points = [r for r in lines if r["name"] == "point"]
+  assert [(p["model"], p["batch"]) for p in points] == [("small_cnn", 4), ("small_cnn", 2)]
+  for p in points:
+    assert p["standard_ms_per_image"] > 0 and p["gfa_deep_ms_per_image"] > 0, p
+    assert p["gfa_deep_over_standard"] == pytest.approx(
+        p["gfa_deep_ms_per_image"] / p["standard_ms_per_image"], rel=1e-2)
+  # GFA-DEEP's step holds a second backward pass: XLA counts more FLOPs than the standard's.
+  steps = {(r["batch"], r["name"]): r for r in lines if r["name"] in ("standard", "gfa_deep")}
+  assert steps[(4, "gfa_deep")]["xla_gflop_per_step"] > 1.5 * steps[(4, "standard")][
+      "xla_gflop_per_step"]
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_scaling_models_build_and_run_as_train_lib_calls_them(name):
+  import jax
+  import numpy as np
+
+  from benchmarks import train_step
+  from configs import default
+
+  model, params = train_step.build_model(name, default.get_config(), jax.random.key(0))
+  x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  logits = model.apply({"params": params}, x)  # train_lib's call: params only
+  chex.assert_shape(logits, (2, 10))
+  chex.assert_tree_all_finite(logits)
 
 
 def test_epoch_runs_loop_and_pipeline():

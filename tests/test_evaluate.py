@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gfa_jax import checkpoints, evaluate, models
+from gfa_jax import checkpoints, evaluate, models, reporting
 from gfa_jax.attacks.fgsm import fgsm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -382,3 +382,37 @@ def test_autoattack_skips_a_model_whose_logits_do_not_depend_on_the_input():
   result = report["attacks"]["autoattack"]
   assert result["skipped_stages"][0] == {}
   assert {c["check"]: c["status"] for c in result["checks"][0]}["input_independent"] == "ok"
+  assert [c["status"] for c in report["model_checks"]] == ["ok", "ok"]
+  assert "not_run" not in result
+
+
+def test_no_attack_runs_on_a_model_whose_logits_do_not_depend_on_the_input(monkeypatch):
+  from gfa_jax.attacks import core as attack_core
+  _, x, y, _, _ = linear_problem(10, seed=1)
+  bias = jnp.arange(10.0)[::-1]  # always class 0, whatever the input
+  constant = lambda v: jnp.zeros((v.shape[0], 10)) * jnp.sum(v) + bias
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("an attack ran on an input-independent model")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(attack_core, "run_in_batches", refuse)
+    patch.setattr(attack_core, "run_per_target", refuse)
+    report = evaluate.evaluate(constant, x, y, attack="all", eps=[0.05], norm="linf",
+                               batch_size=8, progress=False)
+  assert {c["check"]: c["status"] for c in report["model_checks"]} == {
+      "zero_gradients": "warn", "input_independent": "warn"}
+  clean = report["clean_accuracy"]
+  assert clean == np.mean(y == 0) > 0
+  for name, result in report["attacks"].items():
+    assert result["robust_accuracy"] == [clean], name
+    if name == "autoattack":
+      assert set(result["skipped_stages"][0]) == {"apgd-ce", "apgd-t", "fab-t", "square"}
+    else:
+      assert "do not depend on the input" in result["not_run"], name
+  assert "NOT RUN" in reporting.attack_summary(report)
+  # skip_if_constant=False attacks anyway (and the attack leaves the same robust accuracy).
+  forced = evaluate.evaluate(constant, x, y, attack="pgd", eps=[0.05], batch_size=8,
+                             progress=False, skip_if_constant=False)
+  assert "not_run" not in forced["attacks"]["pgd"]
+  assert forced["robust_accuracy"] == [clean]

@@ -146,3 +146,24 @@ def test_bad_state_dicts_name_the_keys(tmp_path):
   (tmp_path / "junk.pt").write_bytes(b"not a torch file")
   with pytest.raises(ValueError, match="weights_only"):
     gfa_jax.load_torch_model(tmp_path / "junk.pt", "resnet18")
+
+
+def test_imported_resnet18_carries_gfa_taps():
+  """The imported model's taps: layer0 is the image, and GFA's cosine there is the cosine of
+  the image with the loss's input gradient, computed here without the taps."""
+  from gfa_jax import objectives, penalty
+  net = _randomised(ResNet18())
+  state = {k: v.numpy() for k, v in net.state_dict().items() if "num_batches" not in k}
+  apply_fn, variables = torch_import.convert_state_dict(state, "resnet18")
+  stats = variables["batch_stats"]
+  fixed = lambda v, *a, **k: apply_fn({**v, "batch_stats": stats}, *a, **k)
+  x = np.random.RandomState(2).rand(3, 32, 32, 3).astype(np.float32)
+  y = np.array([0, 4, 9])
+  names = sorted(penalty.zero_taps(fixed, {"params": variables["params"]}, x))
+  assert names == sorted(f"layer{i}" for i in range(10))
+  _, aux = penalty.gfa_objective(fixed, variables["params"], x, y, objectives.cross_entropy,
+                                 layers=("layer0", "layer1", "layer2"))
+  grad = jax.grad(lambda x: objectives.cross_entropy(apply_fn(variables, x), y))(x)
+  chex.assert_trees_all_close(aux["cosines"]["layer0"], penalty.per_sample_cosine(grad, x),
+                              atol=1e-5)
+  assert all(np.isfinite(aux["alignment"][n]) for n in ("layer1", "layer2"))
