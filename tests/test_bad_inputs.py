@@ -57,6 +57,8 @@ CASES = {
     "zero eval batch size": EVAL + ["--attack", "fgsm", "--batch_size", "0"],
     "unknown custom attack": EVAL + ["--attack", "autoattack", "--aa_version", "custom",
                                      "--aa_attacks", "apgd-ce,bogus"],
+    "compilation cache is a file": EVAL + ["--attack", "fgsm", "--compilation_cache_dir",
+                                           "README.md"],
     "subset of words": EVAL + ["--attack", "fgsm", "--subset", "README.md"],
     "checklist with a curve": EVAL + ["--attack", "checklist", "--eps", "1/255,2/255"],
     "output is a folder": EVAL + ["--attack", "fgsm", "--output", "results"],

@@ -257,8 +257,8 @@ def test_hyperparameters_lists_defaults_and_registry_settings():
   assert set(evaluate.hyperparameters("deepfool", "l2")) >= {"steps", "overshoot"}
 
 
-def _run_eval(*args, cwd):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "GFA_DATA_DIR": "",
+def _run_eval(*args, cwd, **extra_env):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "GFA_DATA_DIR": "", **extra_env,
          "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
   return subprocess.run([sys.executable, str(REPO / "eval.py"), *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
@@ -287,6 +287,36 @@ def test_eval_command_line_end_to_end(tmp_path):
 
   missing = _run_eval("--workdir", str(tmp_path / "missing"), "--attack", "apgd", cwd=tmp_path)
   assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+def test_eval_compilation_cache_is_written_then_reused(tmp_path):
+  """--compilation_cache_dir: the first run stores its compiled programs, the second finds
+  every one of them there (a hit writes nothing) and gives the same numbers."""
+  from configs import tiny
+  from gfa_jax import data
+  config = tiny.get_config()
+  config.model = ml_collections.ConfigDict({"name": "mlp", "hidden": (8,)})
+  model = models.from_config(config.model)
+  params = models.init_params(model, jax.random.key(0), data.image_shape(config.data_source))
+  checkpoints.export_params(tmp_path / "model.msgpack", config, params)
+  cache = tmp_path / "cache"
+  reports = []
+  for run in range(2):
+    out = tmp_path / f"out{run}.json"
+    # Threshold 0: the tiny model's programs compile in well under JAX's default 1 s.
+    proc = _run_eval("--workdir", str(tmp_path / "model.msgpack"), "--attack", "apgd",
+                     "--num_examples", "8", "--batch_size", "8", "--output", str(out),
+                     "--compilation_cache_dir", str(cache), cwd=tmp_path,
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reports.append(json.loads(out.read_text()))
+    entries = sorted(p.name for p in cache.iterdir())
+    if run == 0:
+      first_entries = entries
+      assert any("while" in e or "apgd" in e or "jit" in e for e in entries), entries
+  assert entries == first_entries
+  for key in ("robust_accuracy", "still_robust", "hyperparameters"):
+    assert reports[0]["attacks"]["apgd"][key] == reports[1]["attacks"]["apgd"][key], key
 
 
 def test_eval_alignment_reports_every_layer_for_both_splits(tmp_path):
