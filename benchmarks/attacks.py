@@ -7,6 +7,8 @@ and the standard AutoAttack against the reference's.
         --checkpoint results/pgd_at/params.msgpack --num-images 1000 --batch 250
     python -m benchmarks.attacks --cases autoattack,reference_autoattack --steps 1 --rounds 1 \
         --model resnet18 --num-images 200 --batch 200      # the reference's own ResNet-18
+    python -m benchmarks.attacks --cases forward,forward@ynnpack,torch_forward \
+        --model resnet18 --batch 64 --threads 1 --steps 20  # one forward pass, Square's unit
 
 The AutoAttack cases (opt-in, minutes per step) run the whole standard AutoAttack at eps on
 the N images: gfa-jax's `autoattack` (compilation included in the step: what a user waits
@@ -22,6 +24,11 @@ peer's APGD-CE and PGD (benchmarks/torch_peer.py) run interleaved in the same ru
 weights and images. Every case also reports the robust accuracy it left, a check that the
 peers did the same work. Square stops early once a whole batch is fooled, so its time depends
 on the model: time it on a trained one (``--checkpoint``).
+
+The forward cases (opt-in) time one forward pass of the same model on ``--batch`` images, in
+gfa-jax (jitted, the importer's model) and in PyTorch (the module the reference attacks, under
+``torch.no_grad`` as the reference's Square queries it): Square's cost is these passes, so
+their ratio is what separates the two Squares beside the query bookkeeping.
 """
 
 from __future__ import annotations
@@ -51,8 +58,8 @@ def add_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                  help="folder with CIFAR-10 (default $GFA_DATA_DIR; else the embedded subset)")
   p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
   p.add_argument("--model", default="smallcnn", choices=("smallcnn", "resnet18"),
-                 help="AutoAttack cases only: the SmallCNN of --checkpoint, or the reference's "
-                      "ResNet-18 (pyautoattack/examples/model_test.pt)")
+                 help="AutoAttack and forward cases only: the SmallCNN of --checkpoint, or the "
+                      "reference's ResNet-18 (pyautoattack/examples/model_test.pt)")
   return p
 
 
@@ -138,14 +145,48 @@ def build_jax_case(name: str, args: argparse.Namespace) -> common.Case:
                      {"framework": "jax", "images": description}, outcome)
 
 
+def reference_model_name(args: argparse.Namespace) -> str:
+  """The model of the cases run on both sides: 'resnet18' or the SmallCNN's checkpoint."""
+  model = "resnet18" if args.model == "resnet18" else args.checkpoint
+  if not model:
+    raise ValueError("the AutoAttack and forward cases need --checkpoint (a SmallCNN) or "
+                     "--model resnet18")
+  return model
+
+
+def build_forward_case(impl: str, args: argparse.Namespace) -> common.Case:
+  """One step: the logits of ``--batch`` test images, by gfa-jax (jitted) or by PyTorch."""
+  from benchmarks import reference
+
+  _, x, _, description = model_and_images(args)
+  x, model = x[:args.batch], reference_model_name(args)
+  if impl == "gfa-jax":
+    import jax
+    apply_fn, variables = reference.ours_model(model)
+    forward = jax.jit(apply_fn).lower(variables, x).compile()
+    x = jax.device_put(x)
+    step = lambda: forward(variables, x).block_until_ready()
+  else:
+    import torch
+    torch.set_num_threads(args.threads)
+    net, _ = reference.reference_model(model)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+    def step():
+      with torch.no_grad():
+        return net(xt)
+
+    step()  # the first call sets oneDNN's kernels up: not a step's cost
+  return common.Case(step, len(x), None, {"framework": impl, "model": model,
+                                          "images": description})
+
+
 def build_autoattack_case(impl: str, args: argparse.Namespace) -> common.Case:
   """One step: the standard AutoAttack on the N images, by gfa-jax or by the reference."""
   from benchmarks import reference
 
   _, x, y, description = model_and_images(args)
-  model = "resnet18" if args.model == "resnet18" else args.checkpoint
-  if not model:
-    raise ValueError("the AutoAttack cases need --checkpoint (a SmallCNN) or --model resnet18")
+  model = reference_model_name(args)
   last = {}
   if impl == "gfa-jax":
     apply_fn, variables = reference.ours_model(model)
@@ -170,16 +211,18 @@ def build_autoattack_case(impl: str, args: argparse.Namespace) -> common.Case:
 CASES = {name: functools.partial(build_jax_case, name) for name in ("apgd_ce", "pgd", "square")}
 DEFAULT_CASES = tuple(CASES)
 CASES.update({"autoattack": functools.partial(build_autoattack_case, "gfa-jax"),
-              "reference_autoattack": functools.partial(build_autoattack_case, "reference")})
+              "reference_autoattack": functools.partial(build_autoattack_case, "reference"),
+              "forward": functools.partial(build_forward_case, "gfa-jax"),
+              "torch_forward": functools.partial(build_forward_case, "torch")})
 
 
 def main(argv: list[str]) -> None:
   args = add_flags(common.parser(__doc__.splitlines()[0], steps=2, warmup=0, rounds=2)
                    ).parse_args(argv)
   extra = []
-  aa_only = args.cases and all(c.strip().endswith("autoattack") for c in args.cases.split(","))
-  args.cases = args.cases or ",".join(DEFAULT_CASES)  # AutoAttack is opt-in: minutes a step
-  if not args.worker and not args.no_peer and not aa_only:
+  args.cases = args.cases or ",".join(DEFAULT_CASES)  # the others are opt-in
+  peers = any(common.split_variant(c.strip())[0] in DEFAULT_CASES for c in args.cases.split(","))
+  if not args.worker and not args.no_peer and peers:
     if importlib.util.find_spec("torch") is None:
       print("PyTorch not installed: timing the JAX attacks only", file=sys.stderr)
     else:
@@ -189,9 +232,12 @@ def main(argv: list[str]) -> None:
   ratios = {f"{n}_jax_over_torch_images_per_s": round(
       by[n]["images_per_s"] / by[f"torch_{n}"]["images_per_s"], 3)
       for n in ("apgd_ce", "pgd") if n in by and f"torch_{n}" in by}
-  if "autoattack" in by and "reference_autoattack" in by:  # both timed in this one run
-    ratios["autoattack_jax_over_reference_seconds"] = round(
-        by["autoattack"]["ms_per_step"] / by["reference_autoattack"]["ms_per_step"], 3)
+  for ours, theirs, key in (("autoattack", "reference_autoattack", "reference"),
+                            ("forward", "torch_forward", "torch")):
+    if ours in by and theirs in by:  # both timed in this one run
+      ratios[f"{ours}_jax_over_{key}_seconds"] = round(
+          by[ours]["ms_per_step"] / by[theirs]["ms_per_step"], 3)
+  ratios.update(common.variant_ratios(results))
   if ratios:
     print(json.dumps({"name": "summary", **ratios}), flush=True)
 

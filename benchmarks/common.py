@@ -148,7 +148,8 @@ def serve(build: Callable[[argparse.Namespace], Case]) -> None:
         case.step()
       reset_ok = reset_peak_rss()
       reply = {"setup_s": time.perf_counter() - start, "items_per_step": case.items_per_step,
-               "flops_per_step": case.flops_per_step, **case.info}
+               "flops_per_step": case.flops_per_step,
+               "xla_flags": os.environ.get("XLA_FLAGS", ""), **case.info}
     elif command["cmd"] == "run":
       times, cpu_times = [], []
       for _ in range(command["steps"]):
@@ -168,9 +169,29 @@ def serve(build: Callable[[argparse.Namespace], Case]) -> None:
       return
 
 
+# Case variants, run as "<case>@<variant>" in a worker of their own next to "<case>" (same run,
+# so the ratio of the two is meaningful): variant -> its worker's $XLA_FLAGS from the driver's.
+# "ynnpack": convolutions left where XLA CPU puts them by default (YNNPACK, one thread per
+# convolution) instead of the Eigen convolutions train.py and eval.py ask for
+# (gfa_jax.xla_flags): the A/B that decides that flag, e.g. on one core (`--threads 1`).
+VARIANTS = {
+    "ynnpack": lambda flags: " ".join(f for f in flags.split()
+                                      if "xla_cpu_experimental_ynn_fusion_type" not in f),
+}
+
+
+def split_variant(case: str) -> tuple[str, str]:
+  """"apgd_ce@ynnpack" -> ("apgd_ce", "ynnpack"); a plain name -> (name, "")."""
+  base, _, variant = case.partition("@")
+  return base, variant
+
+
 class _Worker:
   def __init__(self, module: str, case: str, env: dict[str, str]):
     self.name = case
+    variant = split_variant(case)[1]
+    if variant:
+      env = {**env, "XLA_FLAGS": VARIANTS[variant](env.get("XLA_FLAGS", ""))}
     self.proc = subprocess.Popen(
         [sys.executable, "-m", module, "--worker", case], cwd=REPO, env=env,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -256,7 +277,9 @@ def parser(description: str, *, steps: int, warmup: int, rounds: int) -> argpars
   p.add_argument("--warmup", type=int, default=warmup, help="untimed steps after compiling")
   p.add_argument("--rounds", type=int, default=rounds,
                  help="interleaving rounds; the timed steps are split evenly over them")
-  p.add_argument("--cases", default="", help="comma-separated subset of case names")
+  p.add_argument("--cases", default="",
+                 help="comma-separated subset of case names; NAME@ynnpack runs NAME with XLA "
+                      "CPU's default (YNNPACK) convolutions instead of train.py's (Eigen)")
   p.add_argument("--threads", type=int, default=len(usable_cores()),
                  help="cores per worker, the same for JAX and PyTorch (default: all; fewer "
                       "pins the workers to the first ones)")
@@ -268,13 +291,25 @@ def parser(description: str, *, steps: int, warmup: int, rounds: int) -> argpars
 
 
 def select_cases(names: Sequence[str], wanted: str) -> list[str]:
+  """The cases `wanted` names (comma-separated; all of `names` if empty), each a name of
+  `names`, optionally with a variant of VARIANTS (``apgd_ce@ynnpack``)."""
   if not wanted:
     return list(names)
   chosen = [n.strip() for n in wanted.split(",") if n.strip()]
-  unknown = [n for n in chosen if n not in names]
+  unknown = [n for n in chosen if split_variant(n)[0] not in names
+             or split_variant(n)[1] not in ("", *VARIANTS)]
   if unknown:
-    raise ValueError(f"unknown cases {unknown}; choose from {list(names)}")
+    raise ValueError(f"unknown cases {unknown}; choose from {list(names)}, each optionally "
+                     f"with @variant, of {list(VARIANTS)}")
   return chosen
+
+
+def variant_ratios(results: Sequence[dict]) -> dict[str, float]:
+  """``{"<case>@<variant>_over_<case>": step-time ratio}`` for every variant timed beside its
+  case in one run."""
+  by = {r["name"]: r["ms_per_step"] for r in results}
+  return {f"{name}_over_{split_variant(name)[0]}": round(ms / by[split_variant(name)[0]], 3)
+          for name, ms in by.items() if split_variant(name)[1] and split_variant(name)[0] in by}
 
 
 def _versions(*packages: str) -> dict[str, str]:
@@ -314,8 +349,8 @@ def main(module: str, cases: dict[str, Callable[[argparse.Namespace], Case]],
   """Worker mode runs one case; otherwise runs the selected cases (and ``extra_specs``,
   ``(module, case)`` pairs of other scripts, e.g. the PyTorch peer) interleaved and prints
   one JSON line per case after a line describing the machine."""
-  if args.worker:
-    serve(cases[args.worker])
+  if args.worker:  # A variant differs in its environment only (set by the driver).
+    serve(cases[split_variant(args.worker)[0]])
     return []
   specs = [(module, n) for n in select_cases(list(cases), args.cases)] + list(extra_specs)
   start_driver(args)

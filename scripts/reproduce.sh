@@ -124,7 +124,7 @@ for side in "0 gfa-jax" "1 reference"; do (
   q $side --model resnet18 --eps 1/255 --num-examples 200 --attacks fab-t --seeds 0
   # Square alone: at 1/255 on 100 images (200 had not finished after 3 h a side).
   q $side --model resnet18 --eps 8/255 --num-examples 200 --attacks square --seeds 0
-  q $side --model resnet18 --eps 1/255 --num-examples 100 --attacks square --seeds 0
+  q $side --model resnet18 --eps 1/255 --num-examples 100 --attacks square --seeds 0,1
 ) & done; wait
 python scripts/crosscheck_reference.py --tables
 
@@ -134,3 +134,19 @@ python -m benchmarks.attacks --cases autoattack,reference_autoattack --steps 1 -
     --checkpoint results/pgd_at/params.msgpack --data-dir "$DATA" --num-images 1000 --batch 250
 python -m benchmarks.attacks --cases autoattack,reference_autoattack --steps 1 --rounds 1 \
     --model resnet18 --data-dir "$DATA" --num-images 200 --batch 200
+# The convolution backend (Eigen, train.py's flag, vs YNNPACK) and the ResNet-18 forward pass
+# against the reference's torch module (benchmarks/README.md, 2026-12-04), twice each, quiet.
+for t in 1 2; do
+  python -m benchmarks.attacks --cases forward,forward@ynnpack,torch_forward --model resnet18 \
+      --batch 64 --threads $t --steps 10 --rounds 5
+done
+python -m benchmarks.train_step --batch 128 --threads 1 \
+    --cases standard,standard@ynnpack,gfa_deep,gfa_deep@ynnpack
+# Quiet AutoAttack, gfa-jax vs the reference, PGD-AT SmallCNN, 200 images (benchmarks/README.md,
+# 2026-12-04): run 1 with an empty compilation cache, run 2 with the cache run 1 filled.
+export JAX_COMPILATION_CACHE_DIR="$(mktemp -d)"
+for run in 1 2; do
+  python -m benchmarks.attacks --cases autoattack,reference_autoattack --steps 1 --rounds 1 \
+      --checkpoint results/pgd_at/params.msgpack --data-dir "$DATA" --num-images 200 --batch 200
+done
+unset JAX_COMPILATION_CACHE_DIR

@@ -10,6 +10,7 @@ import numpy as np
 import chex
 import pytest
 
+from benchmarks import common
 from tests.conftest import REPO
 
 TINY = ["--steps", "1", "--warmup", "0", "--rounds", "1"]
@@ -103,6 +104,26 @@ def test_autoattack_against_the_reference_runs_and_reports_each_stage():
     assert records[name]["robust_accuracy"] == 0.0
     assert "apgd-ce" in records[name]["stage_seconds"]
   assert records["summary"]["autoattack_jax_over_reference_seconds"] > 0
+
+
+def test_forward_cases_and_the_ynnpack_variant_run_side_by_side():
+  pytest.importorskip("torch")
+  records = run_benchmark("attacks", "--num-images", "4", "--batch", "4", "--cases",
+                          "forward,forward@ynnpack,torch_forward", "--checkpoint",
+                          "results/pgd_at/params.msgpack")
+  for name in ("forward", "forward@ynnpack", "torch_forward"):
+    assert_timed(records[name])
+  # The variant's worker runs without the flag train.py sets, the plain case with it.
+  assert "xla_cpu_experimental_ynn_fusion_type" in records["forward"]["xla_flags"]
+  assert "xla_cpu_experimental_ynn_fusion_type" not in records["forward@ynnpack"]["xla_flags"]
+  summary = records["summary"]
+  assert summary["forward@ynnpack_over_forward"] > 0
+  assert summary["forward_jax_over_torch_seconds"] > 0
+
+
+def test_an_unknown_case_variant_is_refused_in_one_line():
+  with pytest.raises(ValueError, match="@variant"):
+    common.select_cases(["forward"], "forward@mkl")
 
 
 def test_torch_peer_runs():
