@@ -275,7 +275,8 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
       for value in eps:
         masks.append(still_robust(attack_correct(bar, value), value))
   elif spec.kind == ENSEMBLE:  # AutoAttack skips misclassified points itself
-    masks, broken_by, after, checks, stage_seconds, skipped = [], [], [], [], [], []
+    masks, broken_by, after, checks, stage_seconds, compile_seconds, skipped = ([] for _ in
+                                                                                range(7))
     for value in tqdm.tqdm(eps, desc=name, disable=not progress):
       x_adv, breakdown = spec.fn(logits_fn, x, y, key=key, eps=value, norm=norm,
                                  batch_size=batch_size, progress=progress,
@@ -285,6 +286,7 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
       after.append(breakdown["robust_accuracy_after"])
       checks.append(breakdown["checks"])
       stage_seconds.append(breakdown["seconds"])
+      compile_seconds.append(breakdown["compile_seconds"])
       skipped.append(breakdown["skipped"])
     result["hyperparameters"] = {**hparams, "attacks": breakdown["hyperparameters"]}
     result["label"] = breakdown["label"]
@@ -292,6 +294,7 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
     result["robust_accuracy_after"] = after
     result["checks"] = checks  # per eps: the reference's automatic checks (docs/checklist.md)
     result["stage_seconds"] = stage_seconds  # per eps: {checks, each attack: wall seconds}
+    result["stage_compile_seconds"] = compile_seconds  # per eps: the compiling part of those
     result["skipped_stages"] = skipped  # per eps: {attack: why not run} (input-independent model)
   elif spec.kind == MIN_NORM:
     with tqdm.tqdm(total=num_batches(), desc=name, disable=not progress) as bar:

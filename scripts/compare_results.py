@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 # Wall times, the commit and where the checkpoint came from differ between any two runs.
-IGNORED = {"elapsed_seconds", "seconds", "git_commit", "checkpoint", "files", "subset_file",
-           "data", "eps_text"}
+IGNORED = {"elapsed_seconds", "seconds", "stage_seconds", "stage_compile_seconds", "git_commit",
+           "checkpoint", "files", "subset_file", "data", "eps_text"}
 
 
 def differences(a, b, path="") -> list[str]:

@@ -163,3 +163,15 @@ def test_torch_peer_computes_the_same_gfa_objective_and_gradient():
                              grads["Conv_0"]["kernel"], rtol=1e-3, atol=1e-6)
   np.testing.assert_allclose(peer.fc2.weight.grad.T.numpy(), grads["Dense_1"]["kernel"],
                              rtol=1e-3, atol=1e-7)
+
+
+def test_conv_lever_script_computes_the_same_convolutions_both_ways():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  result = subprocess.run([sys.executable, "scripts/conv_shifted_matmul.py", "--batch", "2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in result.stdout.splitlines()]
+  assert [r["layer"] for r in records] == ["conv1", "conv2", "conv3"]
+  for r in records:
+    assert r["max_err_fwd"] < 1e-4 and r["rel_err_kgrad"] < 1e-5, r
+    assert r["fwd_lax"] > 0 and r["kgrad_shift"] > 0 and r["temp_mb_fwd_shift"] >= 0, r

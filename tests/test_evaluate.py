@@ -125,6 +125,9 @@ def test_autoattack_versions_run_their_sequence_and_say_so(version, attacks, seq
   assert list(result["robust_accuracy_after"][0]) == ["clean", *sequence]
   seconds = result["stage_seconds"][0]
   assert list(seconds) == ["checks", *sequence] and all(t > 0 for t in seconds.values())
+  compiling = result["stage_compile_seconds"][0]  # the compiling part of each stage's seconds
+  assert list(compiling) == list(seconds)
+  assert all(0 <= compiling[k] <= seconds[k] for k in seconds), (compiling, seconds)
   assert list(result["hyperparameters"]["attacks"]) == sequence
   assert version == "rand" or "not the standard" in result["label"]
   if version == "rand":

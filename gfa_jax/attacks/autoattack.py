@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gfa_jax import batching
+from gfa_jax import batching, profiling
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
 from gfa_jax.attacks.fab import fab
@@ -217,6 +217,9 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
     'seconds': {'checks': ..., 'apgd-ce': ..., ...}, wall time of the automatic checks with the
       clean pass, and of each step (compilation included), to compare stage by stage with the
       reference's "total time" log lines;
+    'compile_seconds', 'compiled_programs': {same keys: ...}, the part of each of those spent
+      lowering and compiling programs, and how many programs XLA compiled
+      (`profiling.compiled`): what the reference, eager, never pays;
     'hyperparameters': {attack: {name: value}} actually used;
     'version', 'attacks', 'label': what ran and the name to report it under;
     'checks': the reference's automatic checks, [{'check', 'status' ('ok', 'warn' or
@@ -235,7 +238,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.int32)
   n = len(x)
-  started = time.perf_counter()
+  started, compiled_before = time.perf_counter(), profiling.compiled()
   first = slice(0, min(batch_size, n))
   clean_logits = np.asarray(jax.jit(logits_fn)(jnp.asarray(x[first]))) if n else np.zeros((0, 2))
   checks = []
@@ -263,9 +266,10 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
   broken_by = np.where(robust, None, "clean").astype(object)
   robust_after = {"clean": float(robust.mean()) if n else 0.0}
   seconds = {"checks": time.perf_counter() - started}
+  compiled = {"checks": profiling.compiled() - compiled_before}
   x_adv = x.copy()
   for index, (name, attack, hparams) in enumerate(steps):
-    started = time.perf_counter()
+    started, compiled_before = time.perf_counter(), profiling.compiled()
     todo = np.flatnonzero(robust)
     if len(todo) and not skip:
       bar = tqdm.tqdm(total=-(-len(todo) // batch_size), desc=f"autoattack/{name}",
@@ -286,9 +290,12 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
       broken_by[todo[fooled]] = name
     robust_after[name] = float(robust.mean()) if n else 0.0
     seconds[name] = time.perf_counter() - started
+    compiled[name] = profiling.compiled() - compiled_before
   checks.append(check_square_sr(robust_after))
   breakdown = {"broken_by": broken_by.tolist(), "robust_accuracy_after": robust_after,
                "seconds": seconds,
+               "compile_seconds": {k: c.seconds for k, c in compiled.items()},
+               "compiled_programs": {k: c.programs for k, c in compiled.items()},
                "hyperparameters": {name: dict(hp) for name, _, hp in steps},
                "version": version, "attacks": [name for name, _, _ in steps],
                "label": label(version, [name for name, _, _ in steps]), "checks": checks,
