@@ -25,6 +25,7 @@ pooled features), so alignment can be measured on imported models too.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,16 +47,17 @@ def _conv(features: int, kernel: int, stride: int, name: str) -> Callable:
   ``models.conv_same`` (its explicit VJP keeps input gradients fast inside the attacks' XLA
   loops: lax's own convolution made APGD on this ResNet-18 several times slower on CPU).
 
-  Stride 2 is the stride-1 output at even positions (torch's windows start at -1 with padding
-  1, exactly the 'SAME' windows centred on even pixels); a 1x1 convolution subsamples first.
+  Stride 2 is ``models.conv_same_subsampled``, the stride-1 output at even positions (torch's
+  windows start at -1 with padding 1, exactly the 'SAME' windows centred on even pixels) as
+  one strided convolution; a 1x1 convolution subsamples first.
   """
+  subsample = stride if kernel > 1 else 1
   conv = nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=False, name=name,
-                 conv_general_dilated=models.conv_same_for_flax)
-  if stride == 1:
+                 conv_general_dilated=functools.partial(models.conv_same_for_flax,
+                                                        subsample=subsample))
+  if stride == subsample:
     return conv
-  if kernel == 1:
-    return lambda x: conv(x[:, ::stride, ::stride, :])
-  return lambda x: conv(x)[:, ::stride, ::stride, :]
+  return lambda x: conv(x[:, ::stride, ::stride, :])
 
 
 def _bn(name: str) -> nn.BatchNorm:

@@ -57,15 +57,19 @@ def test_mlp_logits_and_registry():
     create_model("resnet20", hidden=[8, 8, 8])
 
 
-@pytest.mark.parametrize("kernel_size", [3, 5])
-def test_conv_same_matches_lax_to_third_order(kernel_size):
-  """conv_same only rewrites the derivative program: values, gradients, and the gradient of a
-  function of the input gradient (what GFA differentiates) must equal lax's convolution."""
-  from gfa_jax.models import conv_same
+@pytest.mark.parametrize("kernel_size,stride,size", [(3, 1, (7, 6)), (5, 1, (7, 6)),
+                                                     (3, 2, (8, 6)), (3, 2, (7, 5))])
+def test_conv_same_matches_lax_to_third_order(kernel_size, stride, size):
+  """conv_same (conv_same_subsampled for stride 2) only rewrite the derivative program: values,
+  gradients, and the gradient of a function of the input gradient (what GFA differentiates)
+  must equal lax's convolution with torch's padding k // 2."""
+  from gfa_jax.models import conv_same, conv_same_subsampled
 
+  pad = [(kernel_size // 2,) * 2] * 2
   lax_conv = lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+      x, k, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ours = conv_same if stride == 1 else (lambda x, k: conv_same_subsampled(x, k, stride))
+  x = jax.random.normal(jax.random.key(0), (2, *size, 3))
   kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 3, 4))
 
   def alignment_like(conv, kernel, x):
@@ -74,10 +78,10 @@ def test_conv_same_matches_lax_to_third_order(kernel_size):
 
   second = lambda conv, kernel: jax.grad(alignment_like, argnums=(1, 2))(conv, kernel, x)
   third = lambda conv: jax.grad(lambda k: jnp.sum(second(conv, k)[0] ** 2))(kernel)
-  np.testing.assert_allclose(conv_same(x, kernel), lax_conv(x, kernel), rtol=1e-5, atol=1e-5)
-  chex.assert_trees_all_close(second(conv_same, kernel), second(lax_conv, kernel),
+  np.testing.assert_allclose(ours(x, kernel), lax_conv(x, kernel), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(second(ours, kernel), second(lax_conv, kernel),
                               rtol=1e-4, atol=1e-5)
-  chex.assert_trees_all_close(third(conv_same), third(lax_conv), rtol=1e-3, atol=1e-4)
+  chex.assert_trees_all_close(third(ours), third(lax_conv), rtol=1e-3, atol=1e-4)
 
 
 def test_small_cnn_rejects_a_convolution_conv_same_does_not_serve():
