@@ -111,12 +111,57 @@ def conv_same_subsampled(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Ar
 
   The forward pass is one strided convolution, 1/stride^2 of the FLOPs of convolving at
   stride 1 and subsampling (a ResNet-18's three stride-2 3x3 convolutions made 23 % of its
-  forward FLOPs that way, all of it waste). The VJP is ``conv_same``'s on the stride-1 grid
-  (the cotangent spread out with zeros between), so derivatives of every order keep
-  ``conv_same``'s fast form.
+  forward FLOPs that way, all of it waste). The input gradient is the transposed convolution
+  split by output phase (``_phase_input_gradient``): stride^2 small forward convolutions, again
+  no multiply by an inserted zero. The kernel gradient is ``conv_same``'s on the stride-1 grid.
   """
   padding = [(k // 2, k // 2) for k in kernel.shape[:2]]
   return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=_NHWC)
+
+
+def _phase_taps(size: int, kernel_size: int, stride: int, phase: int) -> tuple[list, tuple]:
+  """For input positions ``stride * i + phase`` of a stride-``stride``, padding
+  ``kernel_size // 2`` convolution over ``size`` positions: the kernel taps that reach them
+  (none: []), in the order a forward convolution over the output gradient reads them, and that
+  convolution's padding. Tap p reaches position stride * i + phase from output i + d,
+  d = (phase + kernel_size // 2 - p) / stride."""
+  half = kernel_size // 2
+  taps = list(range((phase + half) % stride, kernel_size, stride))[::-1]
+  if not taps:
+    return [], (0, 0)
+  first = (phase + half - taps[0]) // stride  # the smallest offset d read
+  outputs, inputs = -(-(size - phase) // stride), -(-size // stride)
+  return taps, (-first, outputs - inputs + first + len(taps) - 1)
+
+
+def _phase_input_gradient(g: jax.Array, kernel: jax.Array, size: tuple[int, int],
+                          stride: int) -> jax.Array:
+  """``d <conv_same_subsampled(x, kernel), g> / d x`` for ``x`` of spatial ``size``.
+
+  Input pixel ``(stride * i + a, stride * j + b)`` receives only the taps of phase ``(a, b)``;
+  each phase is one forward convolution of ``g`` with those taps, transposed (the form XLA CPU
+  runs fast, as ``conv_same``'s input gradient), and the phases interleave into the image.
+  """
+  rows = []
+  for a in range(stride):
+    row = []
+    for b in range(stride):
+      (taps_h, pad_h), (taps_w, pad_w) = (_phase_taps(n, k, stride, p) for n, k, p in
+                                          zip(size, kernel.shape[:2], (a, b)))
+      if not (taps_h and taps_w):  # no tap reaches this phase (a kernel smaller than stride)
+        row.append(jnp.zeros((*g.shape[:3], kernel.shape[2]), g.dtype))
+        continue
+      # taps are every stride-th index, descending: a strided slice, flipped
+      part = jnp.flip(kernel[taps_h[-1]::stride, taps_w[-1]::stride], (0, 1)).swapaxes(2, 3)
+      # Padding as its own op: a negative one crops, and lax.pad transposes right where a
+      # convolution's negative padding got second derivatives wrong (stride 3 in the tests).
+      padded = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), (*pad_h, 0), (*pad_w, 0),
+                                                   (0, 0, 0)])
+      row.append(lax.conv_general_dilated(padded, part, (1, 1), "VALID",
+                                          dimension_numbers=_NHWC))
+    rows.append(jnp.stack(row, axis=3))  # [B, H / s, W / s, s (b), C]
+  phases = jnp.stack(rows, axis=2)  # [B, H / s, s (a), W / s, s (b), C]
+  return phases.reshape(g.shape[0], *size, kernel.shape[2])
 
 
 def _conv_same_subsampled_fwd(x, kernel, stride):
@@ -124,11 +169,15 @@ def _conv_same_subsampled_fwd(x, kernel, stride):
 
 
 def _conv_same_subsampled_bwd(stride, residuals, g):
-  x, _ = residuals
+  x, kernel = residuals
   # The cotangent of the stride-1 output: g at the kept positions, zeros between and after.
   spread = [(0, 0, 0)] + [(0, n - 1 - (m - 1) * stride, stride - 1)
                           for n, m in zip(x.shape[1:3], g.shape[1:3])] + [(0, 0, 0)]
-  return _conv_same_bwd(residuals, lax.pad(g, jnp.zeros((), g.dtype), spread))
+  g_full = lax.pad(g, jnp.zeros((), g.dtype), spread)
+  if any(n % stride for n in x.shape[1:3]):  # the phases would not tile the image
+    return _conv_same_bwd(residuals, g_full)
+  return (_phase_input_gradient(g, kernel, x.shape[1:3], stride),
+          _kernel_gradient(x, g_full, kernel.shape[:2]))
 
 
 conv_same_subsampled.defvjp(_conv_same_subsampled_fwd, _conv_same_subsampled_bwd)

@@ -58,11 +58,13 @@ def test_mlp_logits_and_registry():
 
 
 @pytest.mark.parametrize("kernel_size,stride,size", [(3, 1, (7, 6)), (5, 1, (7, 6)),
-                                                     (3, 2, (8, 6)), (3, 2, (7, 5))])
+                                                     (3, 2, (8, 6)), (5, 2, (8, 4)),
+                                                     (3, 3, (9, 6)), (3, 2, (7, 5))])
 def test_conv_same_matches_lax_to_third_order(kernel_size, stride, size):
-  """conv_same (conv_same_subsampled for stride 2) only rewrite the derivative program: values,
-  gradients, and the gradient of a function of the input gradient (what GFA differentiates)
-  must equal lax's convolution with torch's padding k // 2."""
+  """conv_same (conv_same_subsampled for a stride: its input gradient by phases, or spread on
+  the stride-1 grid when the stride does not divide the image) only rewrite the derivative
+  program: values, gradients, and the gradient of a function of the input gradient (what GFA
+  differentiates) must equal lax's convolution with torch's padding k // 2."""
   from gfa_jax.models import conv_same, conv_same_subsampled
 
   pad = [(kernel_size // 2,) * 2] * 2
