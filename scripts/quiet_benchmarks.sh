@@ -31,10 +31,13 @@ bench() {  # bench NAME ARGS...: one run of `python -m ARGS` into $OUT/NAME_$DAT
 
 for RUN in 1 2; do
   bench train_step benchmarks.train_step --batch 128 --peer
+  bench conv_shifted_matmul scripts.conv_shifted_matmul --batch 128
   bench scaling benchmarks.scaling --steps 2 --rounds 2 --warmup 1
   bench autoattack_smallcnn1000 benchmarks.attacks --cases autoattack,reference_autoattack \
       --steps 1 --rounds 1 --checkpoint results/pgd_at/params.msgpack --data-dir "$DATA" \
       --num-images 1000 --batch 250
+  bench forward_resnet18 benchmarks.attacks --cases forward,torch_forward --model resnet18 \
+      --batch 64 --steps 10 --rounds 5
   bench autoattack_resnet18 benchmarks.attacks --cases autoattack,reference_autoattack \
       --steps 1 --rounds 1 --model resnet18 --data-dir "$DATA" --num-images 200 --batch 200
 done

@@ -150,3 +150,16 @@ for run in 1 2; do
       --checkpoint results/pgd_at/params.msgpack --data-dir "$DATA" --num-images 200 --batch 200
 done
 unset JAX_COMPILATION_CACHE_DIR
+# Issue 18's figures of 2026-12-07 (benchmarks/README.md, "Issue 18 on one quiet day"): the train
+# step against the peer, the conv-as-matmuls lever, the scaling curve, and the standard
+# AutoAttack against the reference (SmallCNN PGD-AT on 1,000 images, the ResNet-18 on 200), each
+# twice, one after another; resumable. The train-step, scaling and SmallCNN AutoAttack files ran
+# at 9d5d7b6, before models.conv_same_subsampled (the scaling's ResNet rows change with it), and
+# so did autoattack_resnet18_at9d5d7b6_*, the ResNet-18 AutoAttack before that change (renamed
+# from run1); the conv-lever, forward and ResNet-18 AutoAttack files ran after it.
+bash scripts/quiet_benchmarks.sh 2026-12-07
+# The ResNet-18 forward pass before that change, from a checkout of 9d5d7b6, twice, quiet:
+for r in 1 2; do
+  python -m benchmarks.attacks --cases forward,torch_forward --model resnet18 --batch 64 \
+      --steps 10 --rounds 5 > "results/benchmarks/forward_resnet18_at9d5d7b6_2026-12-07_run$r.jsonl"
+done
