@@ -110,8 +110,8 @@ def conv_same_subsampled(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Ar
   padding=k // 2)``, whose windows are the 'SAME' ones centred on every stride-th pixel.
 
   The forward pass is one strided convolution, 1/stride^2 of the FLOPs of convolving at
-  stride 1 and subsampling (a ResNet-18's three stride-2 3x3 convolutions made 23 % of its
-  forward FLOPs that way, all of it waste). The input gradient is the transposed convolution
+  stride 1 and subsampling (done that way, a ResNet-18's three stride-2 3x3 convolutions made
+  23 % of the multiplies of its forward pass, every result thrown away). The input gradient is the transposed convolution
   split by output phase (``_phase_input_gradient``): stride^2 small forward convolutions, again
   no multiply by an inserted zero. The kernel gradient is ``conv_same``'s on the stride-1 grid.
   """
@@ -153,8 +153,8 @@ def _phase_input_gradient(g: jax.Array, kernel: jax.Array, size: tuple[int, int]
         continue
       # taps are every stride-th index, descending: a strided slice, flipped
       part = jnp.flip(kernel[taps_h[-1]::stride, taps_w[-1]::stride], (0, 1)).swapaxes(2, 3)
-      # Padding as its own op: a negative one crops, and lax.pad transposes right where a
-      # convolution's negative padding got second derivatives wrong (stride 3 in the tests).
+      # Padding as its own op (a negative one crops): with the padding inside the convolution,
+      # second derivatives came out wrong where it was negative (stride 3 in the tests).
       padded = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), (*pad_h, 0), (*pad_w, 0),
                                                    (0, 0, 0)])
       row.append(lax.conv_general_dilated(padded, part, (1, 1), "VALID",
