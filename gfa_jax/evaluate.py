@@ -275,8 +275,8 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
       for value in eps:
         masks.append(still_robust(attack_correct(bar, value), value))
   elif spec.kind == ENSEMBLE:  # AutoAttack skips misclassified points itself
-    masks, broken_by, after, checks, stage_seconds, compile_seconds, skipped = ([] for _ in
-                                                                                range(7))
+    masks, broken_by, after, checks, stage_seconds, compile_seconds, skipped = (
+        [] for _ in range(7))
     for value in tqdm.tqdm(eps, desc=name, disable=not progress):
       x_adv, breakdown = spec.fn(logits_fn, x, y, key=key, eps=value, norm=norm,
                                  batch_size=batch_size, progress=progress,

@@ -111,9 +111,10 @@ def conv_same_subsampled(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Ar
 
   The forward pass is one strided convolution, 1/stride^2 of the FLOPs of convolving at
   stride 1 and subsampling (done that way, a ResNet-18's three stride-2 3x3 convolutions made
-  23 % of the multiplies of its forward pass, every result thrown away). The input gradient is the transposed convolution
-  split by output phase (``_phase_input_gradient``): stride^2 small forward convolutions, again
-  no multiply by an inserted zero. The kernel gradient is ``conv_same``'s on the stride-1 grid.
+  23 % of the multiplies of its forward pass, every result thrown away). The input gradient is
+  the transposed convolution split by output phase (``_phase_input_gradient``): stride^2 small
+  forward convolutions, again no multiply by an inserted zero. The kernel gradient is
+  ``conv_same``'s on the stride-1 grid.
   """
   padding = [(k // 2, k // 2) for k in kernel.shape[:2]]
   return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=_NHWC)

@@ -59,10 +59,12 @@ def test_mlp_logits_and_registry():
 
 @pytest.mark.parametrize("kernel_size,stride,size", [(3, 1, (7, 6)), (5, 1, (7, 6)),
                                                      (3, 2, (8, 6)), (5, 2, (8, 4)),
-                                                     (3, 3, (9, 6)), (3, 2, (7, 5))])
+                                                     (3, 3, (9, 6)), (1, 2, (8, 6)),
+                                                     (3, 2, (7, 5))])
 def test_conv_same_matches_lax_to_third_order(kernel_size, stride, size):
-  """conv_same (conv_same_subsampled for a stride: its input gradient by phases, or spread on
-  the stride-1 grid when the stride does not divide the image) only rewrite the derivative
+  """conv_same (conv_same_subsampled for a stride: its input gradient by phases, some of which
+  no tap reaches when the kernel is smaller than the stride, or spread on the stride-1 grid
+  when the stride does not divide the image) only rewrite the derivative
   program: values, gradients, and the gradient of a function of the input gradient (what GFA
   differentiates) must equal lax's convolution with torch's padding k // 2."""
   from gfa_jax.models import conv_same, conv_same_subsampled
