@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +19,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from gfa_jax import (analysis, batching, checklist, checkpoints, evaluate, objectives,
+from gfa_jax import (adapters, analysis, checklist, checkpoints, evaluate, objectives,
                      reporting, torch_import)
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-  """A model to evaluate: ``apply_fn(variables, images in [0, 1]) -> logits``, its name in
-  reports and plots, and the config it was trained with (task loss, data set)."""
-  apply_fn: Callable
-  variables: Any
-  label: str
-  config: Any = None
+from gfa_jax.adapters import Model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +39,7 @@ class Request:
   budget: str = "default"  # checklist
   surrogate: Model | None = None  # checklist: the transfer attack's standard-trained model
   compare: Model | None = None  # mechanism: a second model measured beside the first
+  progress: bool = True  # attacks, checklist: progress bars on the terminal
 
 
 @dataclasses.dataclass
@@ -103,14 +95,55 @@ def analyses() -> list[str]:
   return list(EVALUATORS)
 
 
+def robustness(model: Any, images, labels, *, attack: str = "autoattack",
+               eps: float | Sequence[float] = 8 / 255, norm: str = "linf", **options) -> dict:
+  """Evaluates any model (whatever `adapters.as_model` accepts) on the given images and labels,
+  the library's one entry point, through the evaluator eval.py runs for `attack`.
+
+  Args:
+    model: a logits function, an NNX module, a Linen (apply_fn, variables) pair, or a Model.
+    images, labels: test images [N, H, W, C] in [0, 1] and int labels [N], all of them used.
+    attack: an attack of ``evaluate.ATTACKS`` (default AutoAttack), ``all``, or ``checklist``
+      or ``mechanism`` (the analyses of docs/checklist.md; they need one eps).
+    eps: one radius in `norm` or a sequence of them.
+    **options: `Request` fields: batch_size, seed, subset, overrides, attack_constant_models,
+      budget, surrogate / compare (models, converted by as_model), progress.
+
+  Returns the evaluator's report: for an attack the per-example result dict of
+  `evaluate.evaluate` (docs/evaluation.md's schema, plus ``eps_text``), for the checklist
+  checklist.json's dict.
+  """
+  fixed = {"norm", "eps", "eps_text", "num_examples"}
+  allowed = sorted({f.name for f in dataclasses.fields(Request)} - fixed)
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(f"robustness got unknown options {unknown}; it takes {allowed}.")
+  for name in ("surrogate", "compare"):
+    if options.get(name) is not None:
+      options[name] = adapters.as_model(options[name])
+  eps = (float(eps),) if np.ndim(eps) == 0 else tuple(float(e) for e in eps)
+  x, y = np.asarray(images), np.asarray(labels)
+
+  def data(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    if split != "test":
+      raise ValueError(f"{attack!r} needs {split!r} images too; robustness takes test images "
+                       f"only: call evaluators.get({attack!r})(model, data, Request(...)) with a "
+                       "data function that serves both splits.")
+    return x[:n], y[:n]
+
+  request = Request(norm=norm, eps=eps, eps_text=", ".join(f"{e:.6g}" for e in eps),
+                    num_examples=len(x), **options)
+  return get(attack)(adapters.as_model(model), data, request).report
+
+
 def run_attacks(attack: str, model: Model, data: Data, request: Request) -> Result:
   """One attack of evaluate.ATTACKS (or `all`) over the first test images, every example
   checked against its budget (evaluate.evaluate); the Result's JSON is docs/evaluation.md's."""
   images, labels = data("test", request.num_examples)
   report = evaluate.evaluate(
-      batching.bind(model.apply_fn, model.variables), images, labels, attack=attack,
-      eps=list(request.eps), norm=request.norm, batch_size=request.batch_size,
-      seed=request.seed, subset=request.subset, overrides=request.overrides,
+      model.logits_fn, images, labels, attack=attack, eps=list(request.eps), norm=request.norm,
+      batch_size=request.batch_size, seed=request.seed, subset=request.subset,
+      overrides=request.overrides, progress=request.progress,
       skip_if_constant=not request.attack_constant_models)
   report["eps_text"] = request.eps_text
 
@@ -132,7 +165,7 @@ def _checklist(model: Model, data: Data, request: Request) -> Result:
       model.apply_fn, model.variables, images, labels, key=jax.random.key(request.seed),
       eps=request.eps[0], norm=request.norm, out_dir=None,
       surrogate=surrogate and (surrogate.apply_fn, surrogate.variables),
-      budget=request.budget, batch_size=request.batch_size, progress=True)
+      budget=request.budget, batch_size=request.batch_size, progress=request.progress)
 
   def write(folder: Path) -> list[Path]:
     return [folder / name for name in reporting.write_checklist(report, folder).values()]
@@ -144,6 +177,11 @@ def _checklist(model: Model, data: Data, request: Request) -> Result:
 @register("alignment")
 def _alignment(model: Model, data: Data, request: Request) -> Result:
   """Per-layer train/test GFA alignment cos(dL/dh, h) with the run's task loss (Table 1)."""
+  if not isinstance(getattr(model.config, "task_loss", None), str):
+    raise ValueError(f"alignment needs the task loss {model.label} was trained with: give its "
+                     "Model a config, e.g. dataclasses.replace(model, config=ml_collections."
+                     "ConfigDict({'task_loss': 'ce'})).")
+  adapters.check_linen_taps(model, "alignment")
   splits = {split: data(split, request.num_examples) for split in ("train", "test")}
   table = analysis.alignment_table(model.apply_fn, model.variables, splits,
                                    objectives.make_task_loss(model.config),
@@ -163,6 +201,8 @@ def _mechanism(model: Model, data: Data, request: Request) -> Result:
   the optional comparison model, drawn side by side."""
   images, labels = data("test", request.num_examples)
   models = [model] + ([request.compare] if request.compare else [])
+  for m in models:
+    adapters.check_linen_taps(m, "mechanism")
   if request.compare and request.compare.label == model.label:
     raise ValueError(f"--compare has the same name as --workdir ({model.label}); rename one "
                      "of them.")
