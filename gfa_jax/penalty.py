@@ -198,16 +198,57 @@ def select(tree: dict, names: Sequence[str] | None) -> dict:
 
 
 def zero_taps(
-    apply_fn: Callable[..., Any], variables: PyTree, *args, names: Sequence[str] | None = None
+    apply_fn: Callable[..., Any],
+    variables: PyTree,
+    *args,
+    names: Sequence[str] | None = None,
+    state: Mapping[str, PyTree] | None = None,
+    rngs: Mapping[str, jax.Array] | None = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
 ) -> dict:
   """Zero taps for a model and batch: ``{name: zeros_like(layer input)}``.
 
-  Shapes come from ``jax.eval_shape`` of one apply with the features collection mutable, so
-  no FLOPs are spent. ``apply_fn(variables, *args, mutable=...)`` is a Flax ``Module.apply``.
+  Shapes come from ``jax.eval_shape`` of one apply with every collection mutable (a BatchNorm
+  in training mode writes its statistics), so no FLOPs are spent. ``apply_fn`` is a Flax
+  ``Module.apply``, called as ``apply_fn({**state, **variables}, *args, rngs=rngs,
+  **apply_kwargs)``: the same call ``gfa_objective`` makes.
   """
-  _, state = jax.eval_shape(lambda v, *a: apply_fn(v, *a, mutable=[FEATURES]), variables, *args)
-  shapes = select(state.get(FEATURES, {}), names)
+  variables = {**(state or {}), **variables}
+  kwargs = apply_kwargs_with_rngs(apply_kwargs, rngs)
+  _, out = jax.eval_shape(lambda v, *a: apply_fn(v, *a, mutable=True, **kwargs), variables, *args)
+  shapes = select(out.get(FEATURES, {}), names)
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def apply_kwargs_with_rngs(apply_kwargs: Mapping[str, Any] | None,
+                           rngs: Mapping[str, jax.Array] | None) -> dict:
+  """The keyword arguments of one Linen ``apply``: the model's own plus ``rngs`` if given."""
+  return {**(apply_kwargs or {}), **({} if rngs is None else {"rngs": rngs})}
+
+
+def linen_parts(apply_fn, params, x, y, task_loss, layers, state, mutable, rngs, apply_kwargs):
+  """``(loss_fn, taps)`` of ``gfa_objective`` for a Linen ``apply``: ``loss_fn(taps)`` returns
+  ``(task_loss, (features, (logits, updated collections)))``, ``gfa_penalty``'s has_aux form.
+
+  ``state`` (the non-'params' collections) is read, never differentiated by this function;
+  the collections in ``mutable`` come back as the forward pass updated them. The batch's one
+  forward pass is the one ``gfa_penalty`` differentiates, so a BatchNorm in training mode
+  normalises with this batch's statistics in both the loss and ``dL/dh``.
+  """
+  # The taps and features collections are this function's: ones left in ``state`` by
+  # ``model.init`` (which runs the taps) are dropped.
+  state = {k: v for k, v in (state or {}).items() if k not in (TAPS, FEATURES)}
+  variables = {**state, "params": params}
+  kwargs = apply_kwargs_with_rngs(apply_kwargs, rngs)
+  taps = zero_taps(apply_fn, variables, x, names=layers, rngs=rngs, apply_kwargs=apply_kwargs)
+
+  def loss_fn(taps):
+    logits, updated = apply_fn({**variables, TAPS: taps}, x, mutable=[FEATURES, *mutable],
+                               **kwargs)
+    updates = {c: updated[c] for c in mutable if c in updated}
+    return task_loss(logits, y), (select(updated.get(FEATURES, {}), layers), (logits, updates))
+
+  return loss_fn, taps
 
 
 def gfa_objective(
@@ -220,6 +261,10 @@ def gfa_objective(
     layers: Sequence[str],
     alpha: float = 1.0,
     beta: float | jax.Array = 1.0,
+    state: Mapping[str, PyTree] | None = None,
+    mutable: Sequence[str] = (),
+    rngs: Mapping[str, jax.Array] | None = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
     **penalty_options: Any,
 ) -> tuple[jax.Array, dict[str, Any]]:
   """``alpha * task_loss + beta * penalty`` for a Flax model, in one call.
@@ -231,20 +276,23 @@ def gfa_objective(
     x, y: a batch and its labels.
     task_loss: ``(logits, y) -> scalar`` batch loss.
     layers: names of the tapped layer inputs (e.g. ``('layer0',)`` for FIRST).
+    state: the model's other collections (e.g. ``{'batch_stats': ...}``), read as they are.
+    mutable: the collections the forward pass updates (e.g. ``('batch_stats',)`` for a
+      BatchNorm in training mode), returned in ``aux['state']``.
+    rngs: ``apply``'s rngs (e.g. ``{'dropout': key}``); the same key serves the taps' shape
+      pass and the forward pass.
+    apply_kwargs: the model's own keyword arguments (e.g. ``{'train': True}``).
     penalty_options: ``gfa_penalty``'s keyword arguments, passed on as they are (one
       signature to keep right): ``eps``, ``layer_weights`` (per-layer beta multipliers) and
       the paper's readings ``gradient``, ``direction`` and ``reduction``.
 
   Returns:
-    ``(objective, aux)`` with ``aux`` from ``gfa_penalty`` plus ``'penalty'`` and ``'logits'``.
+    ``(objective, aux)`` with ``aux`` from ``gfa_penalty`` plus ``'penalty'``, ``'logits'`` and
+    ``'state'`` (``{collection: updated value}`` for ``mutable``; ``{}`` when none).
   """
-  taps = zero_taps(apply_fn, {"params": params}, x, names=layers)
-
-  def loss_fn(taps):
-    logits, state = apply_fn({"params": params, TAPS: taps}, x, mutable=[FEATURES])
-    return task_loss(logits, y), (select(state[FEATURES], layers), logits)
-
+  loss_fn, taps = linen_parts(apply_fn, params, x, y, task_loss, layers, state, tuple(mutable),
+                              rngs, apply_kwargs)
   penalty, aux = gfa_penalty(loss_fn, taps, has_aux=True, **penalty_options)
   objective = alpha * aux["task_loss"] + beta * penalty
-  logits = aux.pop("extra")
-  return objective, {**aux, "penalty": penalty, "logits": logits}
+  logits, updates = aux.pop("extra")
+  return objective, {**aux, "penalty": penalty, "logits": logits, "state": updates}

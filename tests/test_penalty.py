@@ -31,7 +31,8 @@ def mse_loss(logits, y):
 
 def setup(batch=6, dtype=jnp.float32):
   model = SmoothNet()
-  x = jax.random.normal(jax.random.key(0), (batch, 2, 2, 2), dtype)
+  # Images in [0, 1]: gfa_objective checks its images as the attacks do.
+  x = jax.random.uniform(jax.random.key(0), (batch, 2, 2, 2), dtype)
   y = jnp.arange(batch) % 3
   params = model.init(jax.random.key(1), x)["params"]
   params = jax.tree.map(lambda p: p.astype(dtype), params)
@@ -145,19 +146,19 @@ def test_tap_module_inputs_taps_a_model_without_editing_it():
   class Plain(nn.Module):  # No tap calls anywhere.
     @nn.compact
     def __call__(self, x):
-      h = jnp.tanh(nn.Dense(5)(x))
+      h = jnp.tanh(nn.Dense(5)(x.reshape(x.shape[0], -1)))
       return nn.Dense(3)(h)
 
   model = Plain()
-  x = jax.random.normal(jax.random.key(0), (4, 6))
+  x = jax.random.uniform(jax.random.key(0), (4, 1, 2, 3))
   y = jnp.array([0, 1, 2, 0])
   with tap_module_inputs(["Dense_0", "Dense_1"]):
     params = model.init(jax.random.key(1), x)["params"]
     taps = zero_taps(model.apply, {"params": params}, x)
-    chex.assert_trees_all_equal_shapes(taps, {"Dense_0": {"input": x},
+    chex.assert_trees_all_equal_shapes(taps, {"Dense_0": {"input": jnp.zeros((4, 6))},
                                               "Dense_1": {"input": jnp.zeros((4, 5))}})
     _, aux = gfa_objective(model.apply, params, x, y, mse_loss, layers=["Dense_0"])
-  # Dense_0's input is x itself: its alignment is the mean cosine of dL/dx with x.
+  # Dense_0's input is x itself (flattened): its alignment is the mean cosine of dL/dx with x.
   grad_x = jax.grad(lambda x: mse_loss(model.apply({"params": params}, x), y))(x)
   np.testing.assert_allclose(aux["alignment"]["Dense_0"]["input"],
                              jnp.mean(per_sample_cosine(grad_x, x)), rtol=1e-5)
