@@ -19,11 +19,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.std = (0.5, 0.5, 0.5)
 
   # --- Data ------------------------------------------------------------------------------
-  # 'auto' (CIFAR-10 from data_dir / $GFA_DATA_DIR if set, else the embedded subset),
-  # 'embedded', 'cifar10', 'cifar10_bin', 'cifar10_py', 'tfds' or 'fashion_mnist' (IDX files;
-  # configs/fashion_mnist_mlp.py).
-  config.data_source = "auto"
+  # 'cifar10' (full CIFAR-10 in any format found: data_dir, else $GFA_DATA_DIR, $TFDS_DATA_DIR,
+  # ~/tensorflow_datasets; none found is an error, never the subset), 'cifar10_bin',
+  # 'cifar10_py', 'tfds', 'embedded' (the shipped 2,000/500-image subset), 'fashion_mnist'
+  # (IDX files; configs/fashion_mnist_mlp.py) or 'auto' (cifar10, else the subset with a warning).
+  config.data_source = "cifar10"
   config.data_dir = ""  # Folder holding cifar-10-batches-bin/-py or a TFDS copy.
+  # Let TFDS download CIFAR-10 (~170 MB) into the first place searched when no copy is found.
+  config.download = False
   config.crop_padding = 4  # Random-crop augmentation: pad by this many pixels (0: off).
   config.flip = True  # Random horizontal flips.
   config.num_train = 0  # Use only the first N training images (0: all of them).

@@ -173,8 +173,16 @@ class Splits(NamedTuple):
 
 def load_splits(config: ml_collections.ConfigDict) -> Splits:
   """The dataset of ``config.data_source``, cut to ``num_train`` training and
-  ``num_eval_examples`` test images (0: all)."""
-  dataset = data.load_dataset(config.data_source, config.data_dir or None)
+  ``num_eval_examples`` test images (0: all). A cut larger than the data set is refused: it
+  would train on fewer images than config.json records."""
+  dataset = data.load_dataset(config.data_source, config.data_dir or None,
+                              download=config.get("download", False))
+  for field, split in (("num_train", "train"), ("num_eval_examples", "test")):
+    available = len(getattr(dataset, f"{split}_labels"))
+    if config[field] > available:
+      raise ValueError(f"config.{field}={config[field]} but {dataset.description} has only "
+                       f"{available} {split} images; use --config.{field}={available} or less "
+                       "(0: all), or point data_dir at a larger data set")
   train_images, train_labels = dataset.train_images, dataset.train_labels
   if config.num_train:
     train_images, train_labels = train_images[:config.num_train], train_labels[:config.num_train]

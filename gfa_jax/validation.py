@@ -41,6 +41,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise _bad(field, value, f"choose one of {list(allowed)}")
   if not isinstance(objectives.field(config, "eval_alignment"), bool):
     raise _bad("eval_alignment", config.get("eval_alignment"), "use True or False")
+  if not isinstance(config.get("download", False), bool):
+    raise _bad("download", config.get("download"), "use True or False")
+  if config.get("download", False) and config.data_source not in data.DOWNLOADABLE:
+    raise _bad("download", True, f"TFDS downloads CIFAR-10 for data_source "
+               f"{list(data.DOWNLOADABLE)}, not {config.data_source!r}; drop it or change source")
   for field in POSITIVE_INTS + NON_NEGATIVE_INTS:
     value = config.get(field)
     low = 1 if field in POSITIVE_INTS else 0

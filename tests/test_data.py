@@ -1,13 +1,13 @@
 """Tests for gfa_jax.data: readers on tiny synthetic copies, errors, batch order, augmentation."""
 
 import pickle
+from pathlib import Path
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from gfa_jax import data
 
@@ -16,8 +16,11 @@ TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 
 
 @pytest.fixture(autouse=True)
-def _no_env_data_dir(monkeypatch):
+def _no_data_anywhere(monkeypatch, tmp_path_factory):
+  """No data folder of this machine is searched: no env variables, an empty HOME."""
   monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  monkeypatch.delenv(data.TFDS_DATA_DIR_ENV, raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
 
 
 def fake_cifar(seed=0):
@@ -85,25 +88,6 @@ def test_searches_binary_first_and_reads_env(tmp_path, monkeypatch):
   assert_matches(data.load_dataset("cifar10_py"), python)
 
 
-def test_tfds_data_source(tmp_path):
-  version_dir = tmp_path / "cifar10" / "3.0.2"
-  version_dir.mkdir(parents=True)
-  # The metadata a prepared copy has; mock_data then serves random examples instead of the
-  # array_record files (it ignores data_dir and needs no tensorflow).
-  tfds.builder("cifar10").info.write_to_directory(version_dir)
-  with tfds.testing.mock_data(num_examples=4):
-    dataset = data.load_dataset("tfds", str(tmp_path))
-    expected = tfds.data_source("cifar10", split="train", data_dir=str(tmp_path))
-    for data_dir in (tmp_path, tmp_path / "cifar10"):
-      found = data.load_dataset("cifar10", str(data_dir))
-      chex.assert_trees_all_equal(dataset_arrays(found), dataset_arrays(dataset))
-  chex.assert_shape([dataset.train_images, dataset.test_images], (4, 32, 32, 3))
-  assert dataset.train_images.dtype == np.uint8 and dataset.train_labels.dtype == np.int32
-  np.testing.assert_array_equal(dataset.train_images[2], expected[2]["image"])
-  assert dataset.train_labels[2] == expected[2]["label"]
-  assert "TFDS" in dataset.description
-
-
 @pytest.mark.parametrize("source", ["cifar10", "cifar10_bin", "cifar10_py", "tfds"])
 def test_missing_data_says_where_it_looked(tmp_path, source):
   (tmp_path / "cifar10").mkdir()  # An empty TFDS folder (failed download) is not a copy.
@@ -115,14 +99,24 @@ def test_missing_data_says_where_it_looked(tmp_path, source):
             "tfds": "cifar10  ("}
   for name, folder in wanted.items():
     assert (f"{tmp_path}/{folder}" in message) == (source in (name, "cifar10"))
-  for hint in ("prepare_cifar10.py", "tfds build cifar10", "--config.data_dir",
-               data.DATA_DIR_ENV):
+  for hint in ("--config.download=True", "prepare_cifar10.py", "tfds build cifar10",
+               "--config.data_dir", data.DATA_DIR_ENV, "--config.data_source=embedded"):
     assert hint in message
 
 
-def test_no_data_dir_given():
-  with pytest.raises(data.DataNotFoundError, match="no data directory given"):
+def test_no_data_dir_given_searches_the_default_places(tmp_path, monkeypatch):
+  """Without data_dir: $GFA_DATA_DIR, then TFDS's $TFDS_DATA_DIR and ~/tensorflow_datasets."""
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "gfa"))
+  monkeypatch.setenv(data.TFDS_DATA_DIR_ENV, str(tmp_path / "tfds"))
+  home_tfds = data.search_dirs(None)[-1]
+  assert data.search_dirs(None) == [tmp_path / "gfa", tmp_path / "tfds", home_tfds]
+  assert home_tfds.name == "tensorflow_datasets" and home_tfds.parent == Path.home()
+  with pytest.raises(data.DataNotFoundError) as error:
     data.load_dataset("cifar10")
+  message = str(error.value)
+  looked = [message.index(f"{folder}/cifar-10-batches-bin") for folder in data.search_dirs(None)]
+  assert looked == sorted(looked)
+  assert data.search_dirs(str(tmp_path / "mine")) == [tmp_path / "mine"]  # Only the one named.
 
 
 def test_unknown_source():
@@ -156,7 +150,8 @@ def test_bad_label_byte(tmp_path):
 
 @pytest.mark.parametrize("corrupt, problem", [
     (lambda raw: raw[:len(raw) // 2], "not a CIFAR-10 python batch"),
-    (lambda raw: pickle.dumps({b"data": np.zeros((3, 100), np.uint8), b"labels": [0, 1, 2]}),
+    (lambda raw: pickle.dumps({b"data": np.zeros((3, 100), np.uint8), b"labels": [0, 1, 2]},
+                              protocol=2),
      r"'data' is uint8 \(3, 100\), expected uint8 \[N, 3072\]"),
 ])
 def test_corrupt_pickle(tmp_path, corrupt, problem):
@@ -167,8 +162,63 @@ def test_corrupt_pickle(tmp_path, corrupt, problem):
     data.load_dataset("cifar10_py", str(tmp_path))
 
 
+class _Poisoned:
+  """A pickle payload: loading it calls open(path, "w"), creating the file (code execution)."""
+
+  def __init__(self, path):
+    self.path = str(path)
+
+  def __reduce__(self):
+    return (open, (self.path, "w"))
+
+
+def test_poisoned_pickle_is_refused_before_it_runs(tmp_path):
+  folder = write_py(tmp_path, fake_cifar())
+  live = tmp_path / "made_by_plain_pickle"
+  pickle.loads(pickle.dumps(_Poisoned(live), protocol=2)).close()
+  assert live.exists()  # The payload works: plain pickle runs it.
+  marker = tmp_path / "made_by_the_reader"
+  batch = {b"data": _Poisoned(marker), b"labels": [0, 1, 2]}
+  (folder / "data_batch_3").write_bytes(pickle.dumps(batch, protocol=2))
+  with pytest.raises(ValueError, match=r"^refusing to unpickle \S*\.open from \S*data_batch_3: "):
+    data.load_dataset("cifar10_py", str(tmp_path))
+  assert not marker.exists()
+
+
+def test_genuine_python_batch_still_reads(tmp_path):
+  """A batch as the release has it: protocol 2, bytes keys, uint8 rows, a list of labels."""
+  images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  path = tmp_path / "data_batch_1"
+  path.write_bytes(pickle.dumps({b"batch_label": b"training batch 1 of 5", b"labels": [7, 1],
+                                 b"data": planes(images), b"filenames": [b"a.png", b"b.png"]},
+                                protocol=2))
+  read, labels = data.readers._read_pickle_file(path)
+  np.testing.assert_array_equal(read, images)
+  np.testing.assert_array_equal(labels, [7, 1])
+
+
+def test_num_train_larger_than_the_data_is_refused(tmp_path, tiny_config):
+  from gfa_jax import train_lib
+  tiny_config.num_train = 100_000
+  with pytest.raises(ValueError, match=r"config\.num_train=100000 but .* has only 2000 train "
+                     r"images; use --config\.num_train=2000 or less"):
+    train_lib.train_and_evaluate(tiny_config, tmp_path / "run")
+  assert not (tmp_path / "run" / "config.json").exists()
+  tiny_config.num_train, tiny_config.num_eval_examples = 0, 501
+  with pytest.raises(ValueError, match=r"num_eval_examples=501 .* only 500 test images"):
+    train_lib.load_splits(tiny_config)
+
+
+def test_auto_falls_back_to_the_subset_only_with_a_warning(caplog):
+  with caplog.at_level("WARNING"):
+    dataset = data.load_dataset("auto")
+  assert "embedded" in dataset.description and "embedded 2,000-image subset" in caplog.text
+  with pytest.raises(data.DataNotFoundError):
+    data.load_dataset()  # The default source is full CIFAR-10: no fall-back.
+
+
 def test_embedded_subset():
-  dataset = data.load_dataset()  # No data directory anywhere: the shipped subset.
+  dataset = data.load_dataset("embedded")
   chex.assert_shape(dataset.train_images, (2000, 32, 32, 3))
   chex.assert_shape(dataset.test_images, (500, 32, 32, 3))
   assert dataset.train_images.dtype == np.uint8 and dataset.train_labels.dtype == np.int32
