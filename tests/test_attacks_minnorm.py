@@ -201,9 +201,44 @@ def test_returns_x_where_no_perturbation_is_needed_or_found(name):
     (lambda f, x, y: fab.fab(f, x, y, key=jax.random.key(0), eps=-0.1), "eps"),
     (lambda f, x, y: ead.ead(f, x, y, decision_rule="L2"), "decision_rule"),
     (lambda f, x, y: cw.cw_l2(f, x, y, steps=0), "steps"),
+    (lambda f, x, y: cw.cw_l2(f, x, y, abort_early="sometimes"), "abort_early"),
+    (lambda f, x, y: ead.ead(f, x, y, abort_early=1), "abort_early"),
     (lambda f, x, y: cw.cw_l2(f, x * 255.0, y), r"\[0, 1\]"),
 ])
 def test_bad_arguments_raise_clear_errors(call, message):
   logits_fn, x, y, _ = linear_problem("l2")
   with pytest.raises(ValueError, match=message):
     call(logits_fn, x, y)
+
+
+def stalling_pair(abort_early):
+  """const_search on a scripted 2-point batch: point 0's objective never drops and it is fooled
+  only from iteration 10 on; point 1's objective halves each step and it is fooled from the
+  start. Candidates move 0.1 further from x each iteration. Returns the kept distances [2]."""
+  x = jnp.zeros((2, 1, 1, 1))
+  y = jnp.zeros((2,), jnp.int32)
+
+  def step(state, const, i, active):
+    del const, active
+    x_cand = jnp.full_like(x, 0.1 * (i + 1))
+    fooled = jnp.stack([i >= 10, True])
+    logits = jnp.where(fooled[:, None], jnp.asarray([[0.0, 1.0]]), jnp.asarray([[1.0, 0.0]]))
+    objective = jnp.stack([1.0, 100.0 * 0.5 ** i])
+    return state, x_cand, logits, objective
+
+  x_adv = jax.jit(lambda: cw.const_search(
+      x, y, jnp.asarray([[1.0, 0.0]] * 2), init_state=lambda: (), step=step,
+      distance=cw.squared_l2, binary_search_steps=1, initial_const=1.0, steps=20,
+      confidence=0.0, abort_early=abort_early))()
+  return np.asarray(x_adv).reshape(2)
+
+
+def test_default_early_abort_is_the_references_whole_batch_rule():
+  # The batch's summed objective keeps dropping (point 1), so point 0 runs on and is fooled at
+  # iteration 10, as in the reference, foolbox and torchattacks.
+  np.testing.assert_allclose(stalling_pair("batch"), [1.1, 0.1], rtol=1e-6)
+  np.testing.assert_allclose(stalling_pair(True), stalling_pair("batch"))
+  np.testing.assert_allclose(stalling_pair(False), stalling_pair("batch"))
+  # The per-example opt-in stops point 0 at the first check after its objective stalled
+  # (iteration 2), before it is fooled: faster and weaker.
+  np.testing.assert_allclose(stalling_pair("per_example"), [0.0, 0.1], rtol=1e-6)

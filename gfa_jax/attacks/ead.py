@@ -8,7 +8,10 @@ per example by binary search. Among successful iterates it keeps the smallest by
 distance (rule 'EN') or by L1 ('L1'). Follows the authors' code (IBM/EAD-Attack en_attack.py):
 beta 1e-3, 9 binary-search steps, initial c 1e-3, lr 1e-2 with square-root decay, momentum
 k / (k + 3), shrinkage threshold beta; the iteration budget is 1000 (the script's default is
-10000; foolbox's EADAttack uses 10000 too).
+10000; foolbox's EADAttack uses 10000 too). Early abort is the reference's whole-batch rule on
+the objective at the new iterate, L1 term included, summed over the batch (cw module docstring;
+"per_example" is the faster, weaker opt-in: on the standard SmallCNN its median L1 was 17 %
+larger).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from gfa_jax.attacks import core
-from gfa_jax.attacks.cw import check_const_search_args, const_search, hinge, squared_l2
+from gfa_jax.attacks.cw import (check_abort_early, check_const_search_args, const_search, hinge,
+                                squared_l2)
 
 DECISION_RULES = ("EN", "L1")
 
@@ -34,7 +38,7 @@ def shrink(z: jax.Array, x: jax.Array, beta: float) -> jax.Array:
 def ead(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array, *,
         key: jax.Array | None = None, beta: float = 1e-3, binary_search_steps: int = 9,
         initial_const: float = 1e-3, steps: int = 1000, learning_rate: float = 1e-2,
-        confidence: float = 0.0, abort_early: bool = True,
+        confidence: float = 0.0, abort_early: bool | str = "batch",
         decision_rule: str = "EN") -> jax.Array:
   """Untargeted EAD; returns adversarial images [B, H, W, C] in [0, 1].
 
@@ -56,6 +60,7 @@ def ead(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
   del key
   core.check_images(x)
   check_const_search_args(binary_search_steps, initial_const, steps, learning_rate, confidence)
+  check_abort_early(abort_early)
   if decision_rule not in DECISION_RULES:
     raise ValueError(f"decision_rule must be one of {DECISION_RULES}, got {decision_rule!r}.")
   if beta < 0:
