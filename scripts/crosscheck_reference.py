@@ -192,6 +192,8 @@ def merged_records(in_dir: Path) -> list[dict]:
   merged = {}
   for path in sorted(in_dir.rglob("*.json")):
     record = json.loads(path.read_text())
+    if "runs" not in record:  # scripts/crosscheck_minnorm.py's units (minnorm/): other tables
+      continue
     key = (record["model"], record["norm"], record["eps"], record["num_examples"])
     if key in merged:
       merged[key]["runs"] += record["runs"]
