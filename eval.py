@@ -45,8 +45,10 @@ _AA_ATTACKS = F.DEFINE_list("aa_attacks", [], "autoattack --aa_version custom: t
                             "order, from apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square.")
 _TORCH_MODEL = F.DEFINE_string("torch_model", None, "A PyTorch state_dict (.pt/.pth) to attack "
                                "instead of --workdir (needs torch; see --arch).")
-_ARCH = F.DEFINE_enum("arch", "resnet18", ["resnet18", "preact_resnet18"], "--torch_model's "
-                      "architecture: resnet18 (Kuang Liu's) or preact_resnet18 (RobustBench's).")
+_ARCH = F.DEFINE_enum("arch", "resnet18", sorted(evaluators.torch_import.ARCHS),
+                      "--torch_model's architecture: resnet18 (Kuang Liu's), preact_resnet18 "
+                      "(RobustBench's), wrn-D-W (RobustBench's WideResNet), dm-wrn-D-W / "
+                      "dm-preact-resnet18 (DeepMind's: swish, CIFAR-10 mean/std inside).")
 _ATTACK_CONSTANT = F.DEFINE_boolean("attack_constant_models", False, "Attack even a model whose "
                                     "logits do not depend on its input (default: such a model "
                                     "is not attacked; robust = clean, and the report says so).")
