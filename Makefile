@@ -1,23 +1,26 @@
 # The two commands of the README, each in a local virtual environment made on first use:
-#   make quickstart   GFA-DEEP on the embedded CIFAR-10 subset, then APGD-CE on its 500 test images
+#   make quickstart   GFA-DEEP (paper), standard and small-beta GFA on the embedded CIFAR-10 subset,
+#                     APGD-CE on its 500 test images, one table (gfa_jax/quickstart.py)
 #   make test         the dialect check (ruff) and the test suite (what CI runs: make test VENV=.venv-ci)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
 .PHONY: quickstart test versions
 
-# Installed again only when pyproject.toml changes (the stamp is older than it).
+# Installed again only when pyproject.toml changes (the stamp is older than it). Quiet: pip's
+# own warnings and errors still show, its list of what it installs does not.
 $(VENV)/.installed: pyproject.toml
-	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e ".[test,crosscheck]"
-	touch $@
+	@echo "Installing gfa-jax with its [test,crosscheck] extras into $(VENV) (first time: minutes)"
+	@test -x $(PYTHON) || python3 -m venv $(VENV)
+	@$(PYTHON) -m pip install -q --upgrade pip
+	@$(PYTHON) -m pip install -q -e ".[test,crosscheck]"
+	@touch $@
 
 versions: $(VENV)/.installed
 	$(PYTHON) -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|flax|optax|orbax-checkpoint) "
 
 quickstart: $(VENV)/.installed
-	$(PYTHON) train.py && $(PYTHON) eval.py --attack apgd --num_examples 500
+	$(PYTHON) -m gfa_jax.quickstart
 
 test: versions
 	$(PYTHON) -m ruff check --no-cache .

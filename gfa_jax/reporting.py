@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,50 @@ def write_mechanism(report: Mapping[str, Any], folder: Path) -> list[Path]:
   plots.plot_landscapes(folder / "landscape.png", {k: v["landscape"] for k, v in per_model.items()})
   return [write_json(folder / "mechanism.json", report),
           folder / "radial_tangential.png", folder / "landscape.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# The quickstart (gfa_jax.quickstart's summary).
+
+
+def write_quickstart(summary: Mapping[str, Any], folder: Path) -> dict[str, str]:
+  """quickstart.png (test accuracy and mean train alignment over training, side by side, one
+  curve per run) and summary.json (the summary with these files); returns {what: path}."""
+  runs = summary["runs"]
+  files = {"summary": str(folder / "summary.json"), "plot": str(folder / "quickstart.png")}
+  accuracy, alignment = "test accuracy (%)", "mean train alignment (cosine)"
+  plots.plot_panels(
+      files["plot"],
+      {accuracy: {r["name"]: (r["curves"]["step"], [100 * a for a in r["curves"]["test_accuracy"]])
+                  for r in runs},
+       alignment: {r["name"]: (r["curves"]["step"], r["curves"]["train_alignment"])
+                   for r in runs if None not in r["curves"]["train_alignment"]}},
+      xlabel="training step",
+      reference_lines={accuracy: {"chance": 100 / runs[0]["num_classes"]},
+                       alignment: {"no alignment": 0.0}})
+  write_json(files["summary"], {**summary, "files": files}, indent=1)
+  return files
+
+
+def quickstart_lines(summary: Mapping[str, Any]) -> list[str]:
+  """The quickstart's table (one row per run: clean and robust accuracy, train alignment per
+  layer, collapsed or not), its reading and the files written, as terminal lines."""
+  runs = summary["runs"]
+  first = runs[0]
+  layers = list(dict.fromkeys(name for r in runs for name in r["train_alignment"]))
+  lines = [f'{first["attack"]} at {first["norm"]} {first["eps_text"]} on {first["num_examples"]} '
+           f'test images ({first["data"]}); train alignment: cosine per layer input', "",
+           f'{"run":<22} {"objective":<18} {"steps":>5} {"clean":>6} {"robust":>6}  '
+           + " ".join(f"{name:>6}" for name in layers) + "  collapsed"]
+  for r in runs:
+    objective = r["objective"] + (f', beta {r["beta"]:g}' if r["beta"] is not None else "")
+    cosines = " ".join(f"{r['train_alignment'][name]:>+6.2f}" if name in r["train_alignment"]
+                       else f'{"-":>6}' for name in layers)
+    collapsed = r["degenerate"].split(":")[0].replace("collapsed", "yes") if r["degenerate"] else "no"
+    lines.append(f'{r["name"]:<22} {objective:<18} {r["steps"]:>5} '
+                 f'{pct(r["clean_accuracy"]):>6} {pct(r["robust_accuracy"]):>6}  {cosines}  '
+                 f"{collapsed}")
+  lines += ["", *(wrapped for line in summary["reading"]
+                 for wrapped in textwrap.wrap(line, 100, subsequent_indent="  ")), ""]
+  lines += [f"wrote {path}" for path in summary["files"].values()]
+  return lines
