@@ -22,6 +22,17 @@ Three readings of the paper are options (``gfa_penalty`` / ``gfa_objective`` key
 "taps" added to the layer inputs (Flax ``perturb``); differentiating the penalty then runs a
 second backward pass (double backprop), all inside whatever ``jit`` the caller uses.
 
+Models with state. ``gfa_objective`` takes a Linen model's other collections (``state``), the
+ones its forward pass updates (``mutable``, returned in ``aux['state']``), ``rngs`` and
+``apply_kwargs``; an NNX module holds all of these itself (``gfa_jax.nnx_taps``). A BatchNorm in
+training mode normalises sample i with its batch's mean and variance. Here ``dL/dh_i`` is the
+exact gradient of the batch loss with those statistics in the graph (the cross-sample terms
+included), what PyTorch's autograd gives the paper's code in ``model.train()``; ``h_i`` is
+sample i's own layer input; the statistics are updated once per step, from that one forward
+pass. Not chosen: running averages inside the penalty (a batch-independent cosine), which costs
+a second forward pass and differentiates a function training does not minimise; eval mode
+(``train=False``, ``model.eval()``) computes exactly that cosine when wanted.
+
 The module also holds the convenience layer: ``tap`` (what a model calls on each layer input),
 ``tap_module_inputs`` (tap any existing Flax model without editing it), ``zero_taps`` and
 ``gfa_objective`` (``alpha * task_loss + beta * penalty`` in one call).
@@ -36,7 +47,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from gfa_jax import nnx_taps
 from gfa_jax.numerics import safe_norm
 
 PyTree = Any
@@ -152,13 +165,16 @@ def layer_weight_tree(alignment: PyTree, layer_weights: Mapping[str, float] | No
 # Convenience layer: tapping, zero taps, the one-call objective.
 
 
-def tap(module: nn.Module, name: str, h: jax.Array) -> jax.Array:
+def tap(module: nn.Module | nnx.Module, name: str, h: jax.Array) -> jax.Array:
   """Exposes the layer input ``h`` under ``name``: sows it and adds its (zero) tap.
 
   Models call this on every layer input (``h = tap(self, 'layer1', h)``); nothing else about
   GFA is model specific. The tap is added only where the caller passed one for ``name``, so
-  FIRST and DEEP select taps by name without touching the model.
+  FIRST and DEEP select taps by name without touching the model. Linen and NNX modules alike
+  (NNX: ``nnx_taps.tap``, an ``nnx.Intermediate`` and an ``nnx.Perturbation``).
   """
+  if isinstance(module, nnx.Module):
+    return nnx_taps.tap(module, name, h)
   module.sow(FEATURES, name, h, init_fn=lambda: None, reduce_fn=lambda _, new: new)
   if module.is_initializing() or module.has_variable(TAPS, name):
     h = module.perturb(name, h, collection=TAPS)
@@ -271,8 +287,10 @@ def gfa_objective(
 
   Args:
     apply_fn: the model's ``apply`` (``model.apply``), whose layer inputs are tapped with
-      ``tap`` (or inside ``tap_module_inputs``).
-    params: the ``'params'`` collection.
+      ``tap`` (or inside ``tap_module_inputs``); or an ``nnx.Module`` (see ``nnx_taps``:
+      ``layers`` then name submodules by attribute path, ``'blocks/0/conv'``, or the model's
+      own taps, and state updates are written into the module).
+    params: the ``'params'`` collection (None for an NNX module).
     x, y: a batch and its labels.
     task_loss: ``(logits, y) -> scalar`` batch loss.
     layers: names of the tapped layer inputs (e.g. ``('layer0',)`` for FIRST).
@@ -281,18 +299,31 @@ def gfa_objective(
       BatchNorm in training mode), returned in ``aux['state']``.
     rngs: ``apply``'s rngs (e.g. ``{'dropout': key}``); the same key serves the taps' shape
       pass and the forward pass.
-    apply_kwargs: the model's own keyword arguments (e.g. ``{'train': True}``).
+    apply_kwargs: the model's own keyword arguments (e.g. ``{'train': True}``; for NNX, the
+      module call's).
     penalty_options: ``gfa_penalty``'s keyword arguments, passed on as they are (one
       signature to keep right): ``eps``, ``layer_weights`` (per-layer beta multipliers) and
       the paper's readings ``gradient``, ``direction`` and ``reduction``.
 
   Returns:
     ``(objective, aux)`` with ``aux`` from ``gfa_penalty`` plus ``'penalty'``, ``'logits'`` and
-    ``'state'`` (``{collection: updated value}`` for ``mutable``; ``{}`` when none).
+    ``'state'`` (``{collection: updated value}`` for ``mutable``; ``{}`` when none, and for
+    NNX, whose updates land in the module).
   """
-  loss_fn, taps = linen_parts(apply_fn, params, x, y, task_loss, layers, state, tuple(mutable),
-                              rngs, apply_kwargs)
+  if isinstance(apply_fn, nnx.Module):
+    linen_only = {"params": params, "state": state, "mutable": tuple(mutable) or None,
+                  "rngs": rngs}
+    given = [name for name, value in linen_only.items() if value is not None]
+    if given:
+      raise ValueError(f"gfa_objective got {given} with an NNX module, which holds its own "
+                       "parameters, state and rngs; call gfa_objective(model, None, x, y, ...)")
+    loss_fn, taps, finish = nnx_taps.objective_parts(apply_fn, x, y, task_loss, layers,
+                                                     apply_kwargs)
+  else:
+    loss_fn, taps = linen_parts(apply_fn, params, x, y, task_loss, layers, state,
+                                tuple(mutable), rngs, apply_kwargs)
+    finish = dict
   penalty, aux = gfa_penalty(loss_fn, taps, has_aux=True, **penalty_options)
   objective = alpha * aux["task_loss"] + beta * penalty
   logits, updates = aux.pop("extra")
-  return objective, {**aux, "penalty": penalty, "logits": logits, "state": updates}
+  return objective, {**aux, "penalty": penalty, "logits": logits, "state": finish(updates)}

@@ -125,3 +125,19 @@ def test_black_images_with_batchnorm_are_finite():
         lambda p: objective(model, p, state, x, y, True, jax.random.key(0)), has_aux=True)(p)
     assert np.isfinite(value)
     chex.assert_tree_all_finite((grads, aux["state"]))
+
+
+def test_readme_stateful_snippet_runs():
+  import re
+
+  from tests.conftest import REPO
+  blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+  snippet = next(b for b in blocks if "batch_stats" in b)
+  model, params, state, x, y = setup()
+  namespace = {"jax": jax, "gfa_objective": gfa_objective, "tap_module_inputs": tap_module_inputs,
+               "model": model, "params": params, "batch_stats": state["batch_stats"], "x": x,
+               "y": y, "loss": ce, "key": jax.random.key(0)}
+  exec(compile(snippet, "README.md", "exec"), namespace)
+  chex.assert_tree_all_finite(namespace["grads"])
+  assert not np.allclose(namespace["batch_stats"]["BatchNorm_1"]["var"],
+                         state["batch_stats"]["BatchNorm_1"]["var"])
