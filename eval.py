@@ -7,12 +7,13 @@ of the test split of the run's data set, in order.
 """
 
 import os
+import sys
 from pathlib import Path
 
 from absl import flags, logging
 
 from gfa_jax import (checkpoints, cli, data, distributed, evaluate, evaluators, reporting,
-                     xla_flags)
+                     run_files, xla_flags)
 from gfa_jax.attacks import core
 
 F = flags
@@ -74,6 +75,29 @@ def check_flags(path: Path) -> None:
     raise ValueError(f"--torch_model supports the attacks, not the analyses {evaluators.analyses()}.")
 
 
+def data_source(config) -> tuple[str, str | None]:
+  """(data source, folder) to evaluate on: the run's source with --data_dir, else
+  $GFA_DATA_DIR, else the run's config's folder.
+
+  A folder the run's source would ignore is not passed over in silence: a model trained on the
+  embedded subset is evaluated on that subset, so an explicit --data_dir is refused and
+  $GFA_DATA_DIR gets a notice; with source 'auto' an explicit --data_dir must hold CIFAR-10
+  (no quiet fallback to the subset).
+  """
+  given = _DATA_DIR.value or os.environ.get(data.DATA_DIR_ENV)
+  if config.data_source == "embedded" and given:
+    if _DATA_DIR.value:
+      raise ValueError(f"--data_dir {given} would be ignored: this model was trained on the "
+                       "embedded CIFAR-10 subset (its config's data_source), and eval.py "
+                       "evaluates on the data its run used; drop --data_dir")
+    print(f"note: ${data.DATA_DIR_ENV} ({given}) is not used: this model was trained on the "
+          "embedded subset, which is what is evaluated", file=sys.stderr)
+    return "embedded", None
+  if config.data_source == "auto" and _DATA_DIR.value:
+    return "cifar10", _DATA_DIR.value
+  return config.data_source, given or config.get("data_dir") or None
+
+
 def run() -> None:
   path = Path(_TORCH_MODEL.value or _WORKDIR.value)
   check_flags(path)
@@ -92,15 +116,21 @@ def run() -> None:
       subset=tuple(cli.read_indices(_SUBSET.value)) if _SUBSET.value else None,
       surrogate=_SURROGATE.value and evaluators.load_model(_SURROGATE.value) or None,
       compare=_COMPARE.value and evaluators.load_model(_COMPARE.value) or None)
-  data_dir = _DATA_DIR.value or os.environ.get(data.DATA_DIR_ENV) or model.config.data_dir or None
-  dataset = data.load_dataset(model.config.data_source, data_dir)
+  source, data_dir = data_source(model.config)
+  # Where the result goes is checked before the work: an hours-long attack must not be lost.
+  folder_output = _ATTACK.value in ("checklist", "mechanism")
+  name = DEFAULT_OUTPUT.get(_ATTACK.value, f"{_ATTACK.value}_{_NORM.value}" +
+                            ("" if folder_output else ".json"))
+  output = Path(_OUTPUT.value or (path if path.is_dir() else path.parent) / "eval" / name)
+  if distributed.is_primary():
+    run_files.check_writable(output, folder=folder_output)
+    if _PLOT.value:
+      run_files.check_writable(_PLOT.value)
+  dataset = data.load_dataset(source, data_dir)
   result = evaluator(model, lambda split, n: data.first_examples(dataset, split, n), request)
   step = _STEP.value if _STEP.value is not None or not path.is_dir() else checkpoints.latest_step(path)
   result.report.update(checkpoint={"path": str(path), "step": step}, data=dataset.description,
                        subset_file=_SUBSET.value, git_commit=evaluate.git_commit())
-  name = DEFAULT_OUTPUT.get(_ATTACK.value, f"{_ATTACK.value}_{_NORM.value}" +
-                            ("" if result.output_is_folder else ".json"))
-  output = Path(_OUTPUT.value or (path if path.is_dir() else path.parent) / "eval" / name)
   hint = "" if data_dir else f" (for all of CIFAR-10 pass --data_dir or set ${data.DATA_DIR_ENV})"
   # With several processes each one evaluates every image on its own devices (the result is
   # the same on all of them); process 0 reports and writes.

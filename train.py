@@ -26,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, resume="rerun the same command to resume from its last checkpoint")

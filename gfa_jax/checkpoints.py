@@ -9,7 +9,10 @@ take either.
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,63 @@ def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+# Every manager this process opened: `close_all` closes them before the interpreter exits, so
+# Orbax's background threads and event loop do not outlive it (an error line followed by an
+# asyncio "Event loop is closed" traceback, or a crash at shutdown).
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_all() -> None:
+  """Closes every checkpoint manager still open in this process; returns None. Called by the
+  command lines (gfa_jax.cli) on every exit path."""
+  for manager in list(_OPEN):
+    try:
+      manager.close()
+    except Exception:  # noqa: BLE001 -- best effort on the way out; the real error is reported.
+      pass
+    _OPEN.discard(manager)
+
+
+def causes(error: BaseException | None) -> list[BaseException]:
+  """``error`` and the exceptions it was raised from or while handling, outermost first."""
+  chain = []
+  while error is not None and all(error is not e for e in chain):
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
+
+
+def os_error(error: BaseException, *, permission: bool = False) -> bool:
+  """Whether ``error`` or an exception it wraps is an OSError (with ``permission``: a refused
+  read or write, EACCES/EPERM). Orbax and TensorStore wrap the OSError in their own types, or
+  keep only its text."""
+  for e in causes(error):
+    text = str(e).lower()
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EACCES, errno.EPERM):
+      return True
+    if "permission denied" in text or "permission_denied" in text:
+      return True
+    if not permission and (isinstance(e, OSError) or "no space left" in text):
+      return True
+  return False
+
+
+def permission_denied(error: BaseException) -> bool:
+  """Whether ``error`` or an exception it wraps is a refused read or write (EACCES/EPERM)."""
+  return os_error(error, permission=True)
+
+
+def remove_partial_saves(workdir: str | Path) -> list[Path]:
+  """Deletes the temporary folders of interrupted Orbax saves (``*.orbax-checkpoint-tmp*``)
+  in ``workdir/checkpoints``; returns those removed. They are never a checkpoint, and a full
+  disk must not stay full of them."""
+  folder = Path(workdir) / "checkpoints"
+  removed = sorted(folder.glob("*.orbax-checkpoint-tmp*")) if folder.is_dir() else []
+  for path in removed:
+    shutil.rmtree(path, ignore_errors=True)
+  return removed
+
+
 def checkpoint_manager(workdir: str | Path, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """The Orbax manager of ``workdir/checkpoints``.
 
@@ -63,16 +123,19 @@ def checkpoint_manager(workdir: str | Path, *, max_to_keep: int = 2) -> ocp.Chec
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True,
       enable_async_checkpointing=False)
-  return ocp.CheckpointManager(
+  manager = ocp.CheckpointManager(
       Path(workdir).absolute() / "checkpoints", options=options,
       item_names=("params", "opt_state"))
+  _OPEN.add(manager)
+  return manager
 
 
 def latest_step(workdir: str | Path) -> int | None:
   """The newest complete checkpoint step in ``workdir`` (None if there is none)."""
   if not (Path(workdir) / "checkpoints").is_dir():
     return None
-  return checkpoint_manager(workdir).latest_step()
+  with checkpoint_manager(workdir) as manager:
+    return manager.latest_step()
 
 
 def _restore_target(tree: Any) -> Any:
@@ -91,6 +154,11 @@ def restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: A
   try:
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # Orbax raises many types for unreadable data; name the fix.
+    if permission_denied(e):  # An intact checkpoint this user may not read: not damage.
+      raise PermissionError(
+          f"checkpoint {manager.directory}/{step} is not readable by this user ({type(e).__name__}"
+          f": {str(e)[:200]}); it was left as it is — give read access (chmod -R u+rX "
+          f"{manager.directory}) and rerun") from e
     raise ValueError(
         f"checkpoint {manager.directory}/{step} could not be restored ({type(e).__name__}: "
         f"{e}). It is corrupt or from another model/config: delete that step folder to fall "
@@ -131,10 +199,10 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[Callable, dic
       raise ValueError(f"{path}: its parameters {found} do not match the model its config "
                        f"names ({expected}); re-export it with export_params.")
     return model.apply, {"params": jax.tree.map(jax.numpy.asarray, payload["params"])}
-  manager = checkpoint_manager(path)
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(
-        f"no checkpoint {'' if step is None else f'at step {step} '}in {path}/checkpoints "
-        f"(available: {list(manager.all_steps())}).")
-  return model.apply, {"params": restore(manager, step, target)["params"]}
+  with checkpoint_manager(path) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(
+          f"no checkpoint {'' if step is None else f'at step {step} '}in {path}/checkpoints "
+          f"(available: {list(manager.all_steps())}).")
+    return model.apply, {"params": restore(manager, step, target)["params"]}

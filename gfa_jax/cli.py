@@ -9,6 +9,8 @@ Unattended sweeps of hundreds of jobs then fail at once, legibly, in their logs.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from collections.abc import Callable
 import jax
 from absl import app, flags
 
-from gfa_jax import distributed
+from gfa_jax import checkpoints, distributed
 
 # Failures that come from what the user asked for, not from a bug here.
 # OSError: missing files, and ml_collections' lazily loaded --config file.
@@ -79,11 +81,45 @@ def use_compilation_cache(path: str | None) -> None:
   jax.config.update("jax_compilation_cache_dir", str(path))
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """``absl.app.run(main)`` with flag errors and EXPECTED exceptions as one line, exit 2."""
+def _backend_missing(error: RuntimeError) -> bool:
+  """Whether JAX failed to start the platform $JAX_PLATFORMS names (e.g. gpu without one)."""
+  text = str(error).lower()
+  return "backend" in text and ("platform" in text or "unknown backend" in text)
+
+
+def stop_on_interrupt(resume: str) -> None:
+  """Makes Ctrl-C (SIGINT) print one line, ``error: interrupted — <resume>``, and end the
+  process at once with status 130; returns None.
+
+  Why not Python's KeyboardInterrupt: it surfaces wherever the main thread next runs Python
+  (inside a jit trace, between XLA calls, during an Orbax save), unwinds through code that
+  does not expect it, and leaves XLA's compile threads and Orbax's background threads running
+  into interpreter shutdown, which then crashes ("Fatal Python error: Segmentation fault").
+  Ending at once is what a kill does, which every file here survives: checkpoints and results
+  are written to temporary names and renamed, metrics after the last checkpoint are dropped on
+  resume, and the workdir lock is the kernel's.
+  """
+  def interrupted(signum, frame):
+    del signum, frame
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except (OSError, ValueError):
+        pass
+    # A progress bar may hold the cursor mid-line: the error starts on a line of its own.
+    os.write(2, f"\nerror: interrupted (Ctrl-C) — {resume}\n".encode())
+    os._exit(130)
+  signal.signal(signal.SIGINT, interrupted)
+
+
+def run(main: Callable[[list[str]], None], *,
+        resume: str = "rerun the same command to start again") -> None:
+  """``absl.app.run(main)`` with flag errors and EXPECTED exceptions as one line, exit 2, and
+  Ctrl-C as one line naming ``resume`` (how to carry on), exit 130."""
   def wrapped(argv):
     if len(argv) > 1:
       fail(f"unexpected arguments {argv[1:]} — every option is a --flag (see --helpfull)")
+    stop_on_interrupt(resume)
     try:
       use_compilation_cache(_CACHE_DIR.value)
       # Before the first computation, as JAX requires; a bad launch line is one line too.
@@ -93,6 +129,15 @@ def run(main: Callable[[list[str]], None]) -> None:
       if _VERBOSE.value:
         raise
       fail(one_line(e))
+    except RuntimeError as e:
+      if _VERBOSE.value or not _backend_missing(e):
+        raise
+      fail(f"JAX could not start the backend $JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')} "
+           f"asks for ({one_line(e)[:160]}) — unset JAX_PLATFORMS to use what this machine "
+           "has, or set JAX_PLATFORMS=cpu")
+    finally:
+      # Orbax managers left open would run their threads into interpreter shutdown.
+      checkpoints.close_all()
   app.run(wrapped, flags_parser=_parse_flags)
 
 

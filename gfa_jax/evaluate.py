@@ -30,11 +30,11 @@ import numpy as np
 import tqdm
 
 from gfa_jax import batching
-from gfa_jax.numerics import check_batch
+from gfa_jax.numerics import check_batch, check_logits
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
 from gfa_jax.attacks.autoattack import (autoattack, check_input_independent,
-                                        check_zero_gradients)
+                                        check_range_output, check_zero_gradients)
 from gfa_jax.attacks.cw import cw_l2
 from gfa_jax.attacks.deepfool import deepfool
 from gfa_jax.attacks.ead import ead
@@ -139,6 +139,9 @@ def validate(attack: str, eps: Sequence[float], norm: str) -> list[str]:
   if attack != ALL and norm not in ATTACKS[attack].norms:
     raise ValueError(f"{attack} does not support norm {norm!r}: it supports "
                      f"{list(ATTACKS[attack].norms)}. Pass --norm with one of those.")
+  if np.ndim(eps) == 0:
+    raise ValueError(f"eps must be a list of radii (one robust accuracy each), got {eps!r:.80}; "
+                     f"pass eps=[{eps!r:.40}]")
   eps = list(eps)
   if not eps:
     raise ValueError("eps list is empty: give at least one eps (e.g. 8/255).")
@@ -355,10 +358,17 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
   if overrides and attack == ALL:
     raise ValueError('overrides apply to a single attack, not to "all".')
   x, y = check_batch(images, labels)
+  if not len(x):
+    raise ValueError("no examples to evaluate (0 images); pass at least one image and label")
   subset = _check_subset(subset, len(x))
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-  first = np.asarray(jax.jit(logits_fn)(x[:batch_size])) if len(x) else np.zeros((0, 1))
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+  first = np.asarray(jax.jit(logits_fn)(x[:batch_size]))
+  # The number of classes is known from here on: labels beyond it would be scored as wrong.
+  check_logits(first, len(first))
+  check_batch(x, y, num_classes=first.shape[-1])
+  # Probabilities instead of logits: attacks meet vanishing gradients (AutoAttack's check).
+  range_check = check_range_output(first)
   if not np.isfinite(first).all():
     # argmax of NaN logits is class 0: a NaN model would be scored like a constant classifier.
     raise ValueError(f"the model outputs non-finite logits on {int((~np.isfinite(first)).any(-1).sum())}"
@@ -370,6 +380,7 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
 
   model_checks = input_independence(logits_fn, x, y, clean_correct, eps=list(eps), norm=norm,
                                     batch_size=batch_size, seed=seed)
+  model_checks += [range_check] if range_check["status"] == "warn" else []
   constant = any(c["check"] == "input_independent" and c["status"] == "warn"
                  for c in model_checks)
   not_run = ("the model's logits do not depend on the input (model_checks)"

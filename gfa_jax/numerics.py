@@ -146,7 +146,12 @@ def check_images(x) -> None:
   The range is only checked for concrete arrays (inside jit values are unknown); shapes and
   dtypes are always checked.
   """
-  if not hasattr(x, "ndim") or x.ndim != 4:
+  if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+    try:  # A list or other array-like: check what it would become.
+      x = np.asarray(x)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"Images must be a 4-D NHWC array, got {type(x).__name__} ({e})") from e
+  if x.ndim != 4:
     raise ValueError(f'Images must be a 4-D NHWC array [B, H, W, C], got shape '
                      f'{getattr(x, "shape", type(x))}. Add a batch axis with x[None] if needed.')
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -155,19 +160,70 @@ def check_images(x) -> None:
   if isinstance(x, jax.core.Tracer):
     return
   values = np.asarray(x)  # on the host: jnp ops would be staged if a caller is tracing
+  if not values.size:
+    return
+  if not np.isfinite(values).all():
+    raise ValueError(f"Images must be finite, got {int((~np.isfinite(values)).sum())} NaN or "
+                     "infinite values; fix the data pipeline that produced them.")
   lo, hi = float(values.min()), float(values.max())
   if not (0.0 <= lo and hi <= 1.0):
     raise ValueError(f"Images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]. Attacks "
                      "take unnormalised images; put any normalisation inside the model.")
 
 
-def check_batch(x, y) -> tuple[np.ndarray, np.ndarray]:
-  """(images float32, labels int32) after `check_images` and a label check: integer labels,
-  one per image. What every host-side entry point (evaluate, the checklist, the analyses)
-  accepts."""
+def check_labels(y, num_classes: int | None = None, num_images: int | None = None) -> None:
+  """Raises ValueError unless ``y`` holds integer class indices in [0, num_classes), one per
+  image; returns None. Traced labels (inside jit) are not checked: their values are unknown.
+
+  Why: a label outside the logits is not an error to JAX (``take_along_axis`` clips or fills
+  NaN), so a wrong label silently gives a NaN or wrong loss and a lower accuracy.
+  """
+  if isinstance(y, jax.core.Tracer):
+    return
+  labels = np.asarray(y)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}; cast "
+                     "integer-valued labels with y.astype(np.int32) (fractional or one-hot "
+                     "labels are not class indices)")
+  if labels.ndim != 1 or (num_images is not None and len(labels) != num_images):
+    raise ValueError(f"labels must have shape [{'B' if num_images is None else num_images}] "
+                     f"(one class index per image), got shape {labels.shape}")
+  if num_classes is not None and labels.size and not (
+      labels.min() >= 0 and labels.max() < num_classes):
+    raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} "
+                     f"logits, got values in [{labels.min()}, {labels.max()}]; fix the labels "
+                     "or the model's number of classes")
+
+
+def check_logits(logits, num_images: int) -> None:
+  """Raises ValueError unless ``logits`` (an array or its ShapeDtypeStruct) is [num_images, K]
+  with K >= 2; returns None. A model with one output has no decision to attack, and one of
+  another rank is not a classifier of this batch."""
+  shape = tuple(logits.shape)
+  if len(shape) != 2 or shape[0] != num_images:
+    raise ValueError(f"the model must return logits of shape [{num_images}, num_classes] for "
+                     f"{num_images} images, got shape {shape}; return one row of class scores "
+                     "per image")
+  if shape[1] < 2:
+    raise ValueError(f"the model returns {shape[1]} logit(s) per image; classification attacks "
+                     "and accuracy need >= 2 classes (write a binary classifier as 2 logits, "
+                     "[-z, z])")
+
+
+def looks_like_probabilities(logits, alpha: float = 1e-5) -> bool:
+  """Whether concrete outputs look like a probability distribution (in [0, 1], rows summing to
+  1) rather than logits: AutoAttack's ``check_range_output`` test. Attacks on probabilities
+  meet vanishing gradients and overstate robustness."""
+  values = np.asarray(logits, np.float64)
+  return bool(values.size and values.max() < 1 + alpha and values.min() > -alpha
+              and np.all(np.abs(values.sum(-1) - 1) < alpha))
+
+
+def check_batch(x, y, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(images float32, labels int32) after `check_images` and `check_labels` (integer labels,
+  one per image, below ``num_classes`` when given). What every host-side entry point
+  (evaluate, the checklist, the analyses) accepts."""
   check_images(x)
   x = np.asarray(x, np.float32)
-  y = np.asarray(y)
-  if not np.issubdtype(y.dtype, np.integer) or y.shape != x.shape[:1]:
-    raise ValueError(f"labels must be integers of shape [{len(x)}], got {y.dtype} {y.shape}.")
-  return x, y.astype(np.int32)
+  check_labels(y, num_classes, len(x))
+  return x, np.asarray(y).astype(np.int32)

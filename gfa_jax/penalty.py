@@ -47,9 +47,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from gfa_jax import nnx_taps
+from gfa_jax import nnx_taps, numerics
 from gfa_jax.numerics import safe_norm
 
 PyTree = Any
@@ -115,9 +116,14 @@ def gfa_penalty(
                                ("reduction", reduction, REDUCTIONS)):
     if value not in allowed:
       raise ValueError(f"gfa_penalty {name}={value!r} is not one of {allowed}.")
-  if not eps > 0:
+  try:
+    eps_ok = np.ndim(eps) == 0 and float(eps) > 0
+  except (TypeError, ValueError):
+    eps_ok = False
+  if not eps_ok:
     # eps = 0 turns the cosine of a zero vector into 0/0 = NaN.
-    raise ValueError(f"gfa_penalty eps must be > 0 (the cosine's denominator floor), got {eps}.")
+    raise ValueError(f"gfa_penalty eps must be > 0, one number (the cosine's denominator "
+                     f"floor), got {eps!r:.60}.")
   task_loss, vjp_fn, features = jax.vjp(loss_fn, taps, has_aux=True)
   extra = None
   if has_aux:
@@ -310,6 +316,14 @@ def gfa_objective(
     ``'state'`` (``{collection: updated value}`` for ``mutable``; ``{}`` when none, and for
     NNX, whose updates land in the module).
   """
+  if layers is not None and (isinstance(layers, str) or not len(layers)):  # None: every tap
+    raise ValueError(f"gfa_objective needs layers=(name, ...) of at least one tapped layer "
+                     f"input (or None for all), got {layers!r}; the mean over no layers is 0/0")
+  if jnp.ndim(x) == 4:  # Images: the attacks' check (range only when x is concrete).
+    numerics.check_images(x)
+  class_indices = jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer) or jnp.ndim(y) == 1
+  if class_indices:  # Not one-hot or soft targets: integers, one per image (when concrete).
+    numerics.check_labels(y, None, len(x))
   if isinstance(apply_fn, nnx.Module):
     linen_only = {"params": params, "state": state, "mutable": tuple(mutable) or None,
                   "rngs": rngs}
@@ -326,4 +340,6 @@ def gfa_objective(
   penalty, aux = gfa_penalty(loss_fn, taps, has_aux=True, **penalty_options)
   objective = alpha * aux["task_loss"] + beta * penalty
   logits, updates = aux.pop("extra")
+  if class_indices:  # Below the number of logits (known now).
+    numerics.check_labels(y, logits.shape[-1], len(logits))
   return objective, {**aux, "penalty": penalty, "logits": logits, "state": finish(updates)}

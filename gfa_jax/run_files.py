@@ -8,9 +8,12 @@ resume with another config).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -58,6 +61,52 @@ def check_config_matches(workdir: Path, config: ml_collections.ConfigDict) -> No
     raise ValueError(
         f"{workdir} holds a run with a different config (fields {differing}); resume it with "
         "the same config, or pass a new --workdir.")
+
+
+# A result JSON of a large evaluation is megabytes: a disk with less free is as good as full.
+MIN_FREE_BYTES = 16 << 20
+
+
+def check_writable(path: str | Path, *, folder: bool = False) -> None:
+  """Raises OSError (ValueError for a folder given as a file) unless a result can be written
+  at ``path`` (a file; with ``folder``, a folder to write files into); returns None and leaves
+  nothing behind.
+
+  Why: eval.py writes its result after the attack, and an hours-long AutoAttack whose JSON
+  cannot be written (read-only or full disk, a parent that is a file, a file path that is a
+  folder) is lost. The check writes and removes a probe file in the target folder, creating
+  and then removing any missing parents, which is what the real write will need.
+  """
+  path = Path(path)
+  target = path if folder else path.parent
+  if not folder and path.is_dir():
+    raise ValueError(f"the result path {path} is a folder; give the file to write (e.g. "
+                     f"{path / 'result.json'})")
+  if folder and path.exists() and not path.is_dir():
+    raise ValueError(f"the result folder {path} is a file; give a folder (created if missing)")
+  missing = [p for p in [target, *target.parents] if not p.exists()][::-1]  # outermost first
+  created = []
+  try:
+    for parent in missing:
+      parent.mkdir()
+      created.append(parent)
+    fd, probe = tempfile.mkstemp(dir=target, prefix=".write-probe-")
+    try:
+      os.write(fd, b"\0" * 65536)
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+      os.unlink(probe)
+    free = shutil.disk_usage(target).free
+    if free < MIN_FREE_BYTES:
+      raise OSError(errno.ENOSPC, f"only {free >> 10} KiB free")
+  except OSError as e:
+    raise OSError(f"cannot write the result to {path} ({e.strerror or e}); choose another "
+                  "--output or free the disk / fix the folder's permissions (checked before "
+                  "the work, so nothing was lost)") from e
+  finally:
+    for parent in reversed(created):
+      parent.rmdir()
 
 
 @contextlib.contextmanager

@@ -221,9 +221,21 @@ def save_checkpoint(manager, state: TrainState, step: int, workdir: Path) -> Non
         f"the parameters became non-finite by step {step} (the loss was finite at the "
         f"old ones); not saved. The last good checkpoint is step {manager.latest_step()} "
         f"in {workdir}; lower the learning rate, or set grad_clip_norm")
-  manager.save(step, args=checkpoints.ocp.args.Composite(
-      params=checkpoints.ocp.args.StandardSave(state.params),
-      opt_state=checkpoints.ocp.args.StandardSave(state.opt_state)), force=True)
+  try:
+    manager.save(step, args=checkpoints.ocp.args.Composite(
+        params=checkpoints.ocp.args.StandardSave(state.params),
+        opt_state=checkpoints.ocp.args.StandardSave(state.opt_state)), force=True)
+  except Exception as e:
+    # A full disk or a folder made read-only mid-run: Orbax leaves its temporary folder behind
+    # and raises from deep inside. Remove the partial save, keep the last good checkpoint, say so.
+    if distributed.is_primary():
+      checkpoints.remove_partial_saves(workdir)
+    if not checkpoints.os_error(e):
+      raise
+    raise OSError(f"saving checkpoint {step} in {workdir}/checkpoints failed ({type(e).__name__}: "
+                  f"{str(e)[:160]}); the disk may be full or not writable. The last good "
+                  f"checkpoint is step {manager.latest_step()}: free space, then rerun the same "
+                  "command to resume from it") from e
 
 
 def restore_checkpoint(manager, state: TrainState, workdir: Path) -> tuple[int, TrainState]:

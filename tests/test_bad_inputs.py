@@ -2,10 +2,13 @@
 file written or changed (issue 16). Each case runs train.py / eval.py in a fresh process."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jax
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +78,14 @@ CASES = {
     "zero examples": EVAL + ["--attack", "fgsm", "--num_examples", "0"],
     "missing torch model": [sys.executable, "eval.py", "--torch_model", "nowhere.pt",
                             "--attack", "fgsm"],
+    # Issue 36: found before the attack, not after it (the result location) or never.
+    "eps overflows a float": EVAL + ["--attack", "fgsm", "--eps", "1e400"],
+    "output under a file": EVAL + ["--attack", "fgsm", "--output", "README.md/out.json"],
+    "data folder without CIFAR-10": EVAL + ["--attack", "fgsm", "--data_dir", "/nonexistent"],
+    "backend this machine lacks": EVAL + ["--attack", "fgsm"],
 }
+# Environment of a case, over the test's own (JAX_PLATFORMS=cpu).
+ENV = {"backend this machine lacks": {"JAX_PLATFORMS": "gpu"}}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -86,7 +96,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path):
     argv = argv + ["--workdir", str(workdir)]
   else:
     argv = argv + ([] if "--output" in argv else ["--output", str(tmp_path / "out.json")])
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **ENV.get(name, {})}
   env.pop("GFA_DATA_DIR", None)
   result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
@@ -95,3 +105,46 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path):
   assert len(errors) == 1 and len(errors[0]) > 30, result.stderr[-2000:]
   assert not workdir.exists() and not (tmp_path / "out.json").exists()
   assert not list(tmp_path.glob("*.tmp"))
+
+
+def _env():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+  env.pop("GFA_DATA_DIR", None)
+  return env
+
+
+def _one_error_line(stderr: str) -> str:
+  errors = [l for l in stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, stderr[-2000:]
+  assert "Traceback" not in stderr and "Fatal Python error" not in stderr, stderr[-2000:]
+  return errors[0]
+
+
+def test_ctrl_c_stops_training_with_one_line_saying_how_to_resume(tmp_path):
+  # Python's KeyboardInterrupt during compilation or a step crashed the interpreter at exit
+  # ("Fatal Python error: Segmentation fault") in 3 of 5 tries (issue 36).
+  argv = TRAIN + ["--workdir", str(tmp_path / "run")]
+  process = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  assert process.stdout.readline().startswith("Training"), process.communicate()[1][-2000:]
+  time.sleep(1.0)  # Compiling the train step, or running it.
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 130, (process.returncode, stderr[-2000:])
+  assert "resume" in _one_error_line(stderr)
+
+
+def test_data_dir_a_run_on_the_embedded_subset_ignores_is_refused(tmp_path, tiny_config):
+  # The user would believe they evaluated their folder (issue 36).
+  from gfa_jax import checkpoints, models
+  model = models.from_config(tiny_config.model)
+  path = tmp_path / "params.msgpack"
+  checkpoints.export_params(path, tiny_config,
+                            models.init_params(model, jax.random.key(0), (32, 32, 3)))
+  argv = [sys.executable, "eval.py", "--workdir", str(path), "--attack", "fgsm",
+          "--num_examples", "8", "--data_dir", str(tmp_path)]
+  result = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "embedded" in _one_error_line(result.stderr)
+  assert not (tmp_path / "eval").exists()

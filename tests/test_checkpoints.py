@@ -1,6 +1,9 @@
 """load_model on workdirs and params-only files, and its errors."""
 
+import errno
+import os
 import shutil
+import types
 
 import chex
 import jax
@@ -57,3 +60,60 @@ def test_corrupt_checkpoints_are_clear_errors(workdir, tmp_path):
       f.write_bytes(b"corrupt")
   with pytest.raises(ValueError, match="could not be restored"):
     checkpoints.load_model(broken)
+
+
+def _resume(workdir):
+  """train_and_evaluate on a copy of the fixture's run: it restores before training anything."""
+  from configs import tiny
+  config = tiny.get_config()
+  config.num_epochs = 1
+  return train_lib.train_and_evaluate(config, workdir)
+
+
+def test_an_unreadable_checkpoint_is_reported_not_set_aside(workdir, tmp_path, monkeypatch):
+  # A permission error is not damage: the intact checkpoint must stay where it is, and its
+  # steps must not be retrained in silence (issue 36). Tests run as root, whom chmod does not
+  # stop, so the reader is made to refuse the way the OS would.
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+
+  def refuse(self, step, *args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied", f"{self.directory}/{step}/params")
+  monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "restore", refuse)
+  with pytest.raises(PermissionError, match="not readable by this user.*left as it is"):
+    _resume(run)
+  assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
+  assert not (run / "damaged_checkpoints").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file")
+def test_a_chmod_000_checkpoint_file_is_reported_not_set_aside(workdir, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  files = [f for f in (run / "checkpoints" / "8" / "params").rglob("*") if f.is_file()]
+  for f in files:
+    f.chmod(0)
+  try:
+    with pytest.raises(PermissionError, match="not readable by this user"):
+      _resume(run)
+    assert not (run / "damaged_checkpoints").exists()
+  finally:
+    for f in files:
+      f.chmod(0o644)
+
+
+def test_a_full_disk_during_a_save_is_one_error_and_leaves_no_partial_folder(
+    workdir, tmp_path, monkeypatch):
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  manager = checkpoints.checkpoint_manager(run)
+
+  def fill_disk(self, step, *args, **kwargs):  # What Orbax leaves when the disk fills up.
+    (self.directory / f"{step}.orbax-checkpoint-tmp-1234" / "params").mkdir(parents=True)
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", fill_disk)
+  state = types.SimpleNamespace(params={"w": np.ones(3, np.float32)}, opt_state={}, model_state={})
+  with pytest.raises(OSError, match="disk may be full.*last good checkpoint is step 8"):
+    train_lib.save_checkpoint(manager, state, 12, run)
+  assert not list((run / "checkpoints").glob("*tmp*"))
+  manager.close()

@@ -211,7 +211,9 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps
   in the reference.
   """
   core.check_images(x)
-  core.check_eps(eps, norm)
+  core.check_eps(eps, norm, x=x)
+  # An EOT model takes a key too (eval_shape needs only its shape).
+  core.check_labels(logits_fn, x, y, loss, *([jax.random.key(0)] if eot_iter > 1 else []))
   loss_fn = core.resolve_loss(loss)
   objective = lambda run, clean_logits: (lambda logits: loss_fn(logits, y),
                                          lambda logits: core.misclassified(logits, y))
@@ -235,7 +237,10 @@ def apgd_t(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, e
   runs one target a call, each on the points still robust, as the reference does.
   """
   core.check_images(x)
-  core.check_eps(eps, norm)
+  core.check_eps(eps, norm, x=x)
+  core.check_labels(logits_fn, x, y)
+  if y_target is not None:
+    core.check_labels(logits_fn, x, y_target)
   if y_target is None:
     num_classes = jax.eval_shape(logits_fn, x).shape[-1]
     last = num_targets + (first_target if isinstance(first_target, int) else 0)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gfa_jax import batching, profiling
+from gfa_jax import batching, numerics, profiling
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
 from gfa_jax.attacks.fab import fab
@@ -235,12 +235,21 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
     raise ValueError(f"AutoAttack supports norm in {list(NORMS)}, got {norm!r}.")
   core.check_images(x)
   core.check_eps(eps, norm)
+  if np.ndim(eps) != 0:
+    raise ValueError(f"autoattack: eps must be one number, got {eps!r:.80}; call it once per "
+                     "eps, or use gfa_jax.evaluate.evaluate(..., eps=[...]) for a curve")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
   x = np.asarray(x, np.float32)
+  numerics.check_labels(y, None, len(x))
   y = np.asarray(y, np.int32)
   n = len(x)
   started, compiled_before = time.perf_counter(), profiling.compiled()
   first = slice(0, min(batch_size, n))
   clean_logits = np.asarray(jax.jit(logits_fn)(jnp.asarray(x[first]))) if n else np.zeros((0, 2))
+  if n:
+    numerics.check_logits(clean_logits, len(clean_logits))
+    numerics.check_labels(y, clean_logits.shape[-1], n)
   checks = []
   if version != "rand":
     checks.append(check_randomized(logits_fn, x[first], y[first]) if n else

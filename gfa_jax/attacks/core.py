@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gfa_jax import batching
+from gfa_jax import batching, numerics
 # The shared numerics (losses, input checks), re-exported under the names the attacks use.
 from gfa_jax.numerics import (LOSSES, LogitsFn, LossFn, check_images, dlr_loss,  # noqa: F401
                               is_better, loss_and_grad, margin_loss, misclassified, resolve_loss,
@@ -179,12 +179,22 @@ def _is_traced(a) -> bool:
   return isinstance(a, jax.core.Tracer)
 
 
-def check_eps(eps: Eps, norm: str, allowed_norms: Sequence[str] = NORMS) -> None:
-  """Raises ValueError if norm is not in allowed_norms, eps < 0, or (linf) eps > 1."""
+def check_eps(eps: Eps, norm: str, allowed_norms: Sequence[str] = NORMS, x=None) -> None:
+  """Raises ValueError if norm is not in allowed_norms, eps is not a number (or, with the
+  images ``x``, one number per image), eps < 0, or (linf) eps > 1."""
   _check_norm(norm, allowed_norms)
   if _is_traced(eps):
     return
-  values = np.asarray(eps, dtype=np.float64)
+  try:
+    values = np.asarray(eps, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"eps must be a number (or one per image), got {eps!r:.80}; pass e.g. "
+                     "eps=8/255") from e
+  batch = None if x is None else np.shape(x)[0]
+  if values.ndim > 1 or (batch is not None and values.ndim == 1 and values.shape[0] != batch):
+    raise ValueError(f"eps must be a number{'' if batch is None else f' or one per image [{batch}]'}"
+                     f", got shape {values.shape}; attack one eps per call (evaluate takes a "
+                     "list)")
   if not np.all(np.isfinite(values)):
     raise ValueError(f"eps must be finite, got {eps!r}.")
   if np.any(values < 0):
@@ -192,6 +202,18 @@ def check_eps(eps: Eps, norm: str, allowed_norms: Sequence[str] = NORMS) -> None
   if norm == "linf" and np.any(values > 1):
     raise ValueError(f"Linf eps must be <= 1 for images in [0, 1], got {eps!r}. "
                      "Did you mean a fraction such as 8/255?")
+
+
+def check_labels(logits_fn: Callable, x, y, loss: str | LossFn = "ce", *args) -> None:
+  """Raises ValueError unless concrete ``y`` are integer class indices below the number of
+  logits ``logits_fn(x, *args)`` returns (found by ``jax.eval_shape``: no FLOPs), one per
+  image; returns None. Skipped inside jit (values unknown) and for a callable loss, whose
+  ``y`` may be anything (e.g. TRADES' clean probabilities)."""
+  if callable(loss) or _is_traced(x) or _is_traced(y):
+    return
+  logits = jax.eval_shape(logits_fn, x, *args)
+  numerics.check_logits(logits, np.shape(x)[0])
+  numerics.check_labels(y, logits.shape[-1], np.shape(x)[0])
 
 
 def check_adversarial(x_adv, x, eps: Eps, norm: str, atol: float = 1e-5) -> np.ndarray:
@@ -235,7 +257,7 @@ def parse_eps(text: str | float) -> float:
   else:
     try:
       value = float(fractions.Fraction(str(text).strip()))
-    except (ValueError, ZeroDivisionError) as e:
+    except (ValueError, ZeroDivisionError, OverflowError) as e:  # OverflowError: 1e400
       raise ValueError(f"Cannot parse eps {text!r}: write a number or a fraction such as "
                        "8/255.") from e
   if not math.isfinite(value) or value < 0:

@@ -20,7 +20,8 @@ def fgsm(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array
   """
   del key
   core.check_images(x)
-  core.check_eps(eps, norm)
+  core.check_eps(eps, norm, x=x)
+  core.check_labels(logits_fn, x, y, loss)
   _, _, grad = core.loss_and_grad(logits_fn, core.resolve_loss(loss))(x, y)
   step = core.batch_broadcast(eps, x) * core.steepest_ascent_direction(grad, norm)
   return jax.lax.stop_gradient(core.project(x + step, x, eps, norm))

@@ -36,7 +36,8 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
   The result carries no gradient (stop_gradient): adversarial training treats it as data.
   """
   core.check_images(x)
-  core.check_eps(eps, norm)
+  core.check_eps(eps, norm, x=x)
+  core.check_labels(logits_fn, x, y, loss)
   if steps < 0:
     raise ValueError(f"steps must be >= 0, got {steps}.")
   loss_fn = core.resolve_loss(loss)
