@@ -190,13 +190,58 @@ def test_imported_models_carry_gfa_taps():
   y = np.array([0, 4, 9])
   names = sorted(penalty.zero_taps(fixed, {"params": variables["params"]}, x))
   assert names == sorted(f"layer{i}" for i in range(10))
-  _, aux = penalty.gfa_objective(fixed, variables["params"], x, y, objectives.cross_entropy,
-                                 layers=("layer0", "layer1", "layer2"))
-  grad = jax.grad(lambda x: objectives.cross_entropy(apply_fn(variables, x), y))(x)
+  # jitted: op by op, the double backward costs four times its compilation
+  _, aux = jax.jit(lambda p: penalty.gfa_objective(fixed, p, x, y, objectives.cross_entropy,
+                                                   layers=("layer0", "layer1", "layer2")))(
+      variables["params"])
+  grad = jax.jit(jax.grad(lambda x: objectives.cross_entropy(apply_fn(variables, x), y)))(x)
   chex.assert_trees_all_close(aux["cosines"]["layer0"], penalty.per_sample_cosine(grad, x),
                               atol=1e-5)
   assert all(np.isfinite(aux["alignment"][n]) for n in ("layer1", "layer2"))
   # A WideResNet's taps: the image, its 3n block inputs, the pooled features.
   wrn = torch_import.build_model("wrn-28-10", depth=10, width=1)
-  variables = wrn.init(jax.random.key(0), x)
+  variables = jax.eval_shape(wrn.init, jax.random.key(0), x)
   assert sorted(variables["perturbations"]) == sorted(f"layer{i}" for i in range(5))
+
+
+def test_registry_models_are_the_imported_architectures():
+  """``config.model.name = "wrn"`` builds the architecture the importer fills: the imported
+  variables run in it unchanged (the same module serves import and training)."""
+  from gfa_jax import models
+  torch.manual_seed(0)
+  net = torch_archs.randomised(torch_archs.WideResNet(16, 1))
+  state = {k: v.numpy() for k, v in net.state_dict().items() if "num_batches" not in k}
+  apply_fn, variables = torch_import.convert_state_dict(state, "wrn-28-10", depth=16, width=1)
+  model = models.from_config({"name": "wrn", "depth": 16, "width": 1})
+  x = _images()
+  chex.assert_trees_all_close(model.apply(variables, x), apply_fn(variables, x))
+  assert models.from_config({"name": "dm_wrn", "depth": 16, "width": 1}).activation == "swish"
+  with pytest.raises(ValueError, match="6n"):
+    models.from_config({"name": "wrn", "depth": 20, "width": 1}).init(jax.random.key(0), x)
+
+
+def test_pad_end_convolution_and_its_gradients_equal_lax():
+  """DeepMind's stride-2 convolution padded (0, 1), as conv_same_subsampled of the flipped
+  image: its values, input and kernel gradients equal lax's convolution with that padding."""
+  from jax import lax
+
+  from gfa_jax import models
+  rng = np.random.RandomState(0)
+  x, kernel = rng.randn(2, 8, 8, 3).astype(np.float32), rng.randn(3, 3, 3, 5).astype(np.float32)
+
+  def ours(x, kernel):
+    return models.conv_same_for_flax(x, kernel, (1, 1), "SAME", lhs_dilation=(1, 1),
+                                     rhs_dilation=(1, 1), feature_group_count=1, precision=None,
+                                     dimension_numbers=lax.conv_dimension_numbers(
+                                         x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC")),
+                                     subsample=2, pad_end=True)
+
+  def theirs(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (2, 2), ((0, 1), (0, 1)), dimension_numbers=(
+        "NHWC", "HWIO", "NHWC"))
+
+  g = rng.randn(2, 4, 4, 5).astype(np.float32)
+  loss = lambda f: lambda x, k: jax.numpy.sum(f(x, k) * g)
+  chex.assert_trees_all_close(ours(x, kernel), theirs(x, kernel), atol=1e-5)
+  chex.assert_trees_all_close(jax.grad(loss(ours), (0, 1))(x, kernel),
+                              jax.grad(loss(theirs), (0, 1))(x, kernel), atol=1e-4)
