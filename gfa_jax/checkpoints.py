@@ -2,9 +2,9 @@
 
 A workdir holds ``config.json`` (the run's full config) and ``checkpoints/<step>/`` with two
 Orbax items, ``params`` and ``opt_state``, so a model can be restored without knowing the
-optimiser. A params-only checkpoint is one msgpack file with the run's config inside
-(``export_params``); it is what ``results/`` commits. ``load_run_config`` and ``load_model``
-take either.
+optimiser, and a third, ``model_state`` (``{'batch_stats': ...}``), for a model that has one.
+A params-only checkpoint is one msgpack file with the run's config inside (``export_params``);
+it is what ``results/`` commits. ``load_run_config`` and ``load_model`` take either.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from gfa_jax import data, models, reporting
+from gfa_jax import data, models, penalty, reporting
 
 
 def save_config(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
@@ -33,7 +33,8 @@ def _read_params_file(path: Path) -> dict:
   try:
     payload = flax.serialization.msgpack_restore(path.read_bytes())
     return {"config": ml_collections.ConfigDict(json.loads(payload["config"])),
-            "params": payload["params"], "metadata": json.loads(payload["metadata"])}
+            "params": payload["params"], "metadata": json.loads(payload["metadata"]),
+            "model_state": payload.get("model_state", {})}
   except Exception as e:
     raise ValueError(f"{path} is not a readable params-only checkpoint ({e}); re-export it "
                      "with gfa_jax.checkpoints.export_params.") from e
@@ -125,7 +126,7 @@ def checkpoint_manager(workdir: str | Path, *, max_to_keep: int = 2) -> ocp.Chec
       enable_async_checkpointing=False)
   manager = ocp.CheckpointManager(
       Path(workdir).absolute() / "checkpoints", options=options,
-      item_names=("params", "opt_state"))
+      item_names=("params", "opt_state", "model_state"))
   _OPEN.add(manager)
   return manager
 
@@ -146,11 +147,15 @@ def _restore_target(tree: Any) -> Any:
       a.shape, a.dtype, sharding=getattr(a, "sharding", None) or default), tree)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any = None):
-  """Restores the items given as targets (arrays or ShapeDtypeStructs) at ``step``."""
+def restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any = None, *,
+            model_state: dict | None = None):
+  """Restores the items given as targets (arrays or ShapeDtypeStructs) at ``step``; an empty
+  ``model_state`` (a model without state) is not read."""
   items = {"params": ocp.args.StandardRestore(_restore_target(params))}
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(_restore_target(opt_state))
+  if model_state:
+    items["model_state"] = ocp.args.StandardRestore(_restore_target(model_state))
   try:
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # Orbax raises many types for unreadable data; name the fix.
@@ -167,16 +172,36 @@ def restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: A
 
 
 def export_params(path: str | Path, config: ml_collections.ConfigDict, params: Any,
-                  metadata: dict | None = None) -> None:
+                  metadata: dict | None = None, *, model_state: dict | None = None) -> None:
   """Writes a params-only checkpoint (one msgpack file) that ``load_model`` reads.
 
   ``config`` is the run's config (its ``model`` rebuilds the network; the rest, e.g. the
   task loss and data source, lets eval.py treat the file like a workdir); ``metadata`` is any
-  JSON-ready provenance (step, command, accuracy).
+  JSON-ready provenance (step, command, accuracy); ``model_state`` the model's other
+  collections (BatchNorm's ``{'batch_stats': ...}``; the variables ``load_model`` returned,
+  less ``params``), which a model with state needs for inference.
   """
   payload = {"config": config.to_json_best_effort(), "metadata": json.dumps(metadata or {}),
              "params": jax.device_get(params)}
+  if model_state:  # Absent for a model without state: such files stay as they were.
+    payload["model_state"] = jax.device_get(dict(model_state))
   reporting.write_atomically(path, flax.serialization.msgpack_serialize(payload))
+
+
+def init_variables(model, key: jax.Array, image_shape) -> tuple[Any, dict]:
+  """``(params, model_state)`` of ``model`` initialised from ``key`` for images of
+  ``image_shape`` (H, W, C): ``model_state`` is ``{'batch_stats': ...}`` for a BatchNorm model,
+  ``{}`` for the others (whose params equal ``models.init_params``' for the same key)."""
+  return split_variables(model.init(key, jax.numpy.zeros((1, *image_shape), jax.numpy.float32)))
+
+
+def split_variables(variables: dict) -> tuple[Any, dict]:
+  """``(params, model_state)`` of a model's variables; ``model_state`` holds the collections
+  a training step carries and a checkpoint saves besides the parameters (``{}`` for most
+  models), not GFA's taps and features, which ``model.init`` also returns."""
+  kept = lambda name: name not in ("params", penalty.TAPS, penalty.FEATURES)
+  state = {k: v for k, v in variables.items() if kept(k)}
+  return variables["params"], state
 
 
 def load_model(path: str | Path, step: int | None = None) -> tuple[Callable, dict]:
@@ -184,25 +209,31 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[Callable, dic
 
   Returns:
     ``(apply_fn, variables)``: ``apply_fn(variables, x)`` maps float32 NHWC images in [0, 1]
-    to logits. ``step`` picks a workdir checkpoint (default: the latest).
+    to logits; ``variables`` is ``{'params': ...}`` plus the model's state (BatchNorm's
+    ``batch_stats``), and ``apply_fn``'s default is inference mode (running averages).
+    ``step`` picks a workdir checkpoint (default: the latest).
   """
   path = Path(path)
   payload = _read_params_file(path) if path.is_file() else None
   config = payload["config"] if payload else load_run_config(path)
   model = models.from_config(config.model)
   # The data a run trained on fixes the input shape (Fashion-MNIST 28x28x1, else CIFAR-10's).
-  target = models.abstract_params(model, data.image_shape(config.get("data_source", "auto")))
+  shape = data.image_shape(config.get("data_source", "auto"))
+  target, state_target = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), shape))
   if payload:
-    expected = jax.tree.map(lambda a: (a.shape, a.dtype), target)
-    found = jax.tree.map(lambda a: (a.shape, a.dtype), payload["params"])
+    expected = jax.tree.map(lambda a: (a.shape, a.dtype), (target, state_target))
+    found = jax.tree.map(lambda a: (a.shape, a.dtype), (payload["params"], payload["model_state"]))
     if found != expected:
-      raise ValueError(f"{path}: its parameters {found} do not match the model its config "
-                       f"names ({expected}); re-export it with export_params.")
-    return model.apply, {"params": jax.tree.map(jax.numpy.asarray, payload["params"])}
+      raise ValueError(f"{path}: its parameters and state {found} do not match the model its "
+                       f"config names ({expected}); re-export it with export_params (a model "
+                       "with BatchNorm needs model_state=).")
+    return model.apply, jax.tree.map(jax.numpy.asarray,
+                                     {"params": payload["params"], **payload["model_state"]})
   with checkpoint_manager(path) as manager:
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
       raise FileNotFoundError(
           f"no checkpoint {'' if step is None else f'at step {step} '}in {path}/checkpoints "
           f"(available: {list(manager.all_steps())}).")
-    return model.apply, {"params": restore(manager, step, target)["params"]}
+    restored = restore(manager, step, target, model_state=state_target)
+    return model.apply, {"params": restored["params"], **restored.get("model_state", {})}

@@ -14,6 +14,13 @@ devices' rows of the batch, and only process 0 locks the workdir and writes conf
 and the log; all of them write the checkpoints, through Orbax). Randomness is
 ``fold_in(key(seed), step)`` and the batch order a function of (seed, step), so resuming from a
 checkpoint reproduces an uninterrupted run exactly.
+
+Models with state (BatchNorm, dropout: ``__call__(x, train=False)``) carry their non-parameter
+collections in ``TrainState.model_state`` (``{'batch_stats': ...}``, ``{}`` for the others):
+the training forward pass updates them (``objectives.make_stateful_objective`` says which
+passes run in training mode), checkpoints save them, and evaluation runs the model in
+inference mode on them (running averages: an image's logits do not depend on its batch).
+Under the data-parallel mesh the batch statistics are those of the global batch.
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+import flax.struct
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gfa_jax import (batching, checkpoints, data, distributed, models, objectives, run_files,
                      validation)
-from gfa_jax.penalty import gfa_objective
+from gfa_jax.penalty import gfa_objective, zero_taps
 from gfa_jax.run_files import workdir_lock  # Also train_lib.workdir_lock, as before.
 
 # Keys of metrics.jsonl whose value must be finite for training to go on.
@@ -46,7 +54,9 @@ MUST_BE_FINITE = ("loss", "grad_norm")
 
 
 class TrainState(train_state.TrainState):
-  """Flax's TrainState; the step also indexes the data order and the randomness."""
+  """Flax's TrainState; the step also indexes the data order and the randomness.
+  ``model_state``: the model's collections besides its parameters (``objectives.ModelState``)."""
+  model_state: dict = flax.struct.field(default_factory=dict)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -98,17 +108,18 @@ def make_train_step(config: ml_collections.ConfigDict, model, mesh: Mesh,
   is donated: its buffers are reused for the new state. ``steps_per_epoch`` is needed only by
   a GFA beta ramp (``objectives.make_beta_schedule``).
   """
-  objective = objectives.make_objective(config, model, steps_per_epoch)
+  objective = objectives.make_stateful_objective(config, model, steps_per_epoch)
 
   def train_step(state, images, labels, key):
     key = jax.random.fold_in(key, state.step)
     augment_key, objective_key = jax.random.split(key)
     x = data.augment(augment_key, data.to_float(images),
                      crop_padding=config.crop_padding, flip=config.flip)
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params, {"image": x, "label": labels, "step": state.step}, objective_key)
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params, state.model_state, {"image": x, "label": labels, "step": state.step},
+        objective_key)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.apply_gradients(grads=grads), metrics
+    return state.apply_gradients(grads=grads, model_state=model_state), metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
@@ -118,7 +129,8 @@ def make_train_step(config: ml_collections.ConfigDict, model, mesh: Mesh,
 
 
 def make_eval_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
-  """Compiled ``eval_step(params, images_uint8, labels) -> per-example metrics`` of one batch.
+  """Compiled ``eval_step(variables, images_uint8, labels) -> per-example metrics`` of one
+  batch; ``variables`` is ``{'params': ..., **model_state}``, run in inference mode.
 
   Returns {'correct', 'task_loss'} and, with ``objectives.logs_alignment(config)`` (GFA
   runs, or ``config.eval_alignment``), ``alignment/<layer>`` cosines of every tapped layer,
@@ -132,13 +144,16 @@ def make_eval_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
   # The run's batch loss of each example alone (its mean over a batch is the batch loss).
   per_example_loss = jax.vmap(lambda logits, y: task_loss(logits[None], y[None]))
 
-  def eval_step(params, images, labels):
+  def eval_step(variables, images, labels):
     x = data.to_float(images)
     if alignment:
-      _, aux = gfa_objective(model.apply, params, x, labels, task_loss, layers=None)
+      params, model_state = checkpoints.split_variables(variables)
+      layers = tuple(zero_taps(model.apply, variables, x))  # Every tapped layer.
+      _, aux = gfa_objective(model.apply, params, x, labels, task_loss, layers=layers,
+                             **({"state": model_state} if model_state else {}))
       logits = aux["logits"]
     else:
-      logits = model.apply({"params": params}, x)
+      logits = model.apply(variables, x)
     out = {"correct": jnp.argmax(logits, -1) == labels,
            "task_loss": per_example_loss(logits, labels)}
     if alignment:
@@ -151,12 +166,12 @@ def make_eval_step(config: ml_collections.ConfigDict, model, mesh: Mesh):
                  out_shardings=batch_sharded)
 
 
-def evaluate(eval_step, params, images: np.ndarray, labels: np.ndarray, batch_size: int,
+def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, batch_size: int,
              mesh: Mesh) -> dict[str, float]:
   """Accuracy, task loss and (where ``eval_step`` computes it) per-layer alignment over
   ``images``, as ``{name: mean over the images}``, in padded batches of one shape split over
-  the training mesh."""
-  per_example = batching.map_batches(functools.partial(eval_step, params), [images, labels],
+  the training mesh. ``variables``: ``{'params': ..., **model_state}``."""
+  per_example = batching.map_batches(functools.partial(eval_step, variables), [images, labels],
                                      batch_size, sharding=NamedSharding(mesh, PartitionSpec("data")))
   means = {k: float(np.mean(v, dtype=np.float64)) for k, v in per_example.items()}
   return {"accuracy": means.pop("correct"), **means}
@@ -201,30 +216,35 @@ def _check_eval_batches(config: ml_collections.ConfigDict, splits: Splits, mesh:
 
 def create_train_state(config: ml_collections.ConfigDict, model, image_shape: tuple[int, ...],
                        key: jax.Array, steps_per_epoch: int) -> TrainState:
-  """The step-0 TrainState: ``model``'s parameters initialised from ``key`` for images of
-  ``image_shape`` (H, W, C, taken from the data) and the optimiser of ``config``, whose
-  schedule needs ``steps_per_epoch``. Also the target a checkpoint restores into."""
+  """The step-0 TrainState: ``model``'s parameters (and ``model_state``, e.g. BatchNorm's
+  statistics) initialised from ``key`` for images of ``image_shape`` (H, W, C, taken from the
+  data) and the optimiser of ``config``, whose schedule needs ``steps_per_epoch``. Also the
+  target a checkpoint restores into."""
   tx = make_optimizer(config, steps_per_epoch)
-  params = models.init_params(model, key, image_shape)
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  params, model_state = checkpoints.init_variables(model, key, image_shape)
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, model_state=model_state)
 
 
 def save_checkpoint(manager, state: TrainState, step: int, workdir: Path) -> None:
-  """Saves ``state``'s params and optimiser state as checkpoint ``step``; returns None.
+  """Saves ``state``'s params, optimiser state and model state (where the model has one) as
+  checkpoint ``step``; returns None.
 
-  Raises FloatingPointError, saving nothing, if a parameter is non-finite: the loss can be
-  finite at the old parameters while the update overflows them, and a checkpoint must always
-  be a state training can resume from.
+  Raises FloatingPointError, saving nothing, if a parameter (or a BatchNorm statistic) is
+  non-finite: the loss can be finite at the old parameters while the update overflows them,
+  and a checkpoint must always be a state training can resume from.
   """
-  if not all(np.isfinite(p).all() for p in jax.tree.leaves(batching.fetch(state.params))):
+  kept = (state.params, state.model_state)
+  if not all(np.isfinite(p).all() for p in jax.tree.leaves(batching.fetch(kept))):
     raise FloatingPointError(
         f"the parameters became non-finite by step {step} (the loss was finite at the "
         f"old ones); not saved. The last good checkpoint is step {manager.latest_step()} "
         f"in {workdir}; lower the learning rate, or set grad_clip_norm")
+  items = {"params": state.params, "opt_state": state.opt_state}
+  if state.model_state:  # A model without state saves the two items it always did.
+    items["model_state"] = state.model_state
   try:
     manager.save(step, args=checkpoints.ocp.args.Composite(
-        params=checkpoints.ocp.args.StandardSave(state.params),
-        opt_state=checkpoints.ocp.args.StandardSave(state.opt_state)), force=True)
+        **{k: checkpoints.ocp.args.StandardSave(v) for k, v in items.items()}), force=True)
   except Exception as e:
     # A full disk or a folder made read-only mid-run: Orbax leaves its temporary folder behind
     # and raises from deep inside. Remove the partial save, keep the last good checkpoint, say so.
@@ -265,26 +285,30 @@ def restore_checkpoint(manager, state: TrainState, workdir: Path) -> tuple[int, 
     manager.reload()
   for step in sorted(listed, reverse=True):
     try:
-      restored = checkpoints.restore(manager, step, state.params, state.opt_state)
+      restored = checkpoints.restore(manager, step, state.params, state.opt_state,
+                                     model_state=state.model_state)
     except ValueError as e:
       set_aside(step, str(e)[:200])
       manager.reload()
       continue
     return step, state.replace(step=step, params=restored["params"],
-                               opt_state=restored["opt_state"])
+                               opt_state=restored["opt_state"],
+                               model_state=restored.get("model_state", state.model_state))
   if manager.all_steps():
     raise ValueError(f"no checkpoint in {workdir}/checkpoints restores (all damaged); delete "
                      "that folder to start again")
   return 0, state
 
 
-def _preflight(config: ml_collections.ConfigDict, model, params, splits: Splits) -> None:
+def _preflight(config: ml_collections.ConfigDict, model, state: TrainState,
+               splits: Splits) -> None:
   """Runs the check the objective declares (``objectives.PREFLIGHTS``) on the step-0 batch."""
   check = objectives.PREFLIGHTS.get(config.objective)
   if check:
     first = data.train_batch_indices(len(splits.train_images), config.batch_size, config.seed, 0)
-    check(config, model, params, {"image": data.to_float(splits.train_images[first]),
-                                  "label": splits.train_labels[first]})
+    check(config, model, state.params, {"image": data.to_float(splits.train_images[first]),
+                                        "label": splits.train_labels[first]},
+          model_state=state.model_state)
 
 
 def _check_finite(metrics: dict, step: int, manager, workdir: Path) -> None:
@@ -298,14 +322,14 @@ def _check_finite(metrics: dict, step: int, manager, workdir: Path) -> None:
         f"in {workdir}. Lower the learning rate or beta, or set grad_clip_norm.")
 
 
-def _evaluate_splits(eval_step, params, splits: Splits, config: ml_collections.ConfigDict,
+def _evaluate_splits(eval_step, variables, splits: Splits, config: ml_collections.ConfigDict,
                      mesh: Mesh, step: int) -> dict:
   """The metrics.jsonl eval record of ``step``: ``test/<metric>`` over the test images and
   ``train/<metric>`` over the first ``num_train_eval_examples`` training images."""
   n = min(config.num_train_eval_examples, len(splits.train_images))
-  test = evaluate(eval_step, params, splits.test_images, splits.test_labels,
+  test = evaluate(eval_step, variables, splits.test_images, splits.test_labels,
                   config.eval_batch_size, mesh)
-  train = evaluate(eval_step, params, splits.train_images[:n], splits.train_labels[:n],
+  train = evaluate(eval_step, variables, splits.train_images[:n], splits.train_labels[:n],
                    config.eval_batch_size, mesh)
   return {"step": step, "kind": "eval", **{f"test/{k}": v for k, v in test.items()},
           **{f"train/{k}": v for k, v in train.items()}}
@@ -355,12 +379,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     if not start_step:
-      _preflight(config, model, state.params, splits)
+      _preflight(config, model, state, splits)
     train_step = make_train_step(config, model, mesh, steps_per_epoch)
     eval_step = make_eval_step(config, model, mesh)
 
     def run_eval(step):
-      record = _evaluate_splits(eval_step, state.params, splits, config, mesh, step)
+      record = _evaluate_splits(eval_step, {"params": state.params, **state.model_state},
+                                splits, config, mesh, step)
       write_metrics(record)
       return record
 

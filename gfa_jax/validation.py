@@ -12,7 +12,7 @@ import math
 import jax
 import ml_collections
 
-from gfa_jax import data, models, objectives, penalty
+from gfa_jax import checkpoints, data, models, objectives, penalty
 
 CHOICES = {
     "objective": objectives.OBJECTIVES, "task_loss": objectives.TASK_LOSSES,
@@ -83,6 +83,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def _tap_names(model, image_shape) -> list[str]:
   """The names of the layer inputs a model exposes to GFA (``penalty.zero_taps``' keys)."""
-  params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_shape))
+  params, state = jax.eval_shape(
+      lambda: checkpoints.init_variables(model, jax.random.key(0), image_shape))
   x = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
-  return sorted(penalty.zero_taps(model.apply, {"params": params}, x))
+  return sorted(penalty.zero_taps(model.apply, {"params": params, **state}, x))
