@@ -177,3 +177,34 @@ def test_readme_nnx_train_step_runs():
   assert np.isfinite(namespace["objective"])
   assert set(namespace["aux"]["alignment"]) == {"c1", "head"}
   assert not np.allclose(namespace["model"].bn.mean.get_value(), 0.0)
+
+
+def test_nested_layers_are_named_by_attribute_path():
+  class Block(nnx.Module):
+    def __init__(self, width, rngs):
+      self.conv = nnx.Conv(width, width, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+      return x + jnp.tanh(self.conv(x))
+
+  class Deep(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = nnx.List([Block(2, rngs), Block(2, rngs)])
+      self.head = nnx.Linear(2, 3, rngs=rngs)
+
+    def __call__(self, x):
+      for block in self.blocks:
+        x = block(x)
+      return self.head(x.mean(axis=(1, 2)))
+
+  model = Deep(nnx.Rngs(0))
+  x, y = batch()
+  _, aux = nnx.jit(lambda m: gfa_objective(m, None, x, y, ce, layers=["blocks/1/conv"]))(model)
+  # blocks/1/conv's input is block 0's output h; its tap perturbs the convolution's input,
+  # not the residual branch: dL/dh through the convolution only, by hand.
+  h = model.blocks[0](x)
+  conv_only = lambda t: h + jnp.tanh(model.blocks[1].conv(h + t))
+  g = jax.grad(lambda t: ce(model.head(conv_only(t).mean(axis=(1, 2))), y))(jnp.zeros_like(h))
+  cos = jnp.sum((g * h).reshape(4, -1), 1) / (
+      jnp.linalg.norm(g.reshape(4, -1), axis=1) * jnp.linalg.norm(h.reshape(4, -1), axis=1))
+  np.testing.assert_allclose(aux["cosines"]["blocks/1/conv"], cos, rtol=1e-5, atol=1e-6)
