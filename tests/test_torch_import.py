@@ -87,6 +87,21 @@ def test_logits_equal_the_torch_module_in_every_checkpoint_form(arch, tmp_path):
   assert sum(a.size for a in jax.tree.leaves(first)) == n_torch
 
 
+def test_every_arch_name_gives_its_published_size():
+  """The logits test covers one arch of each size family; the others differ only in depth and
+  width, which their names must set."""
+  for arch in torch_import.ARCHS:
+    model = torch_import.build_model(arch)
+    if "wrn-" in arch:
+      depth, width = map(int, arch.rsplit("-", 2)[1:])
+      assert (model.depth, model.width, model.activation) == (
+          depth, width, "swish" if arch.startswith("dm-") else "relu"), arch
+    else:
+      assert model.width == 64, arch
+  assert {type(torch_import.build_model(a)) for a in CASES} == {
+      type(torch_import.build_model(a)) for a in torch_import.ARCHS}
+
+
 def test_another_layout_does_not_load(tmp_path):
   """A mix-up of layouts or sizes fails loudly instead of giving wrong logits."""
   torch.manual_seed(0)

@@ -11,9 +11,11 @@ reads every checkpoint form and refuses keys that do not fit):
 
 - ``resnet18`` (resnet.py): Kuang Liu's ResNet-18, as pyautoattack's examples/resnet.py.
 - ``preact_resnet18`` (preact.py): RobustBench's ``PreActResNet18``.
-- ``wrn-28-10``, ``wrn-34-10``, ``wrn-34-20``, ``wrn-70-16`` (wrn.py): RobustBench's classic
-  ``WideResNet`` (ReLU, no normalisation; the unused ``sub_block1`` is ignored).
-- ``dm-wrn-28-10``, ``dm-wrn-70-16``, ``dm-preact-resnet18`` (dm.py): DeepMind's
+- ``wrn-28-10``, ``wrn-34-10``, ``wrn-34-15``, ``wrn-34-20``, ``wrn-70-16`` (wrn.py):
+  RobustBench's classic ``WideResNet`` (ReLU, no normalisation; the unused ``sub_block1`` is
+  ignored).
+- ``dm-wrn-28-10``, ``dm-wrn-34-10``, ``dm-wrn-34-20``, ``dm-wrn-70-16``, ``dm-wrn-82-8``,
+  ``dm-wrn-94-16``, ``dm-wrn-106-16``, ``dm-preact-resnet18`` (dm.py): DeepMind's
   ``DMWideResNet`` / ``DMPreActResNet`` (``activation="swish"`` by default or ``"relu"``; the
   CIFAR-10 mean/std applied inside, as theirs).
 

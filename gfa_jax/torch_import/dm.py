@@ -38,7 +38,9 @@ def dm_preact_resnet(*, depth: int = 18, width: int = 64, num_classes: int = 10,
                                num_classes=num_classes, mean=mean, std=std)
 
 
-ARCHS = {"dm-wrn-28-10": functools.partial(dm_wide_resnet, depth=28, width=10),
-         "dm-wrn-70-16": functools.partial(dm_wide_resnet, depth=70, width=16),
-         "dm-preact-resnet18": dm_preact_resnet}
+# The sizes of RobustBench's CIFAR-10 DMWideResNet entries.
+ARCHS = {f"dm-wrn-{depth}-{width}": functools.partial(dm_wide_resnet, depth=depth, width=width)
+         for depth, width in ((28, 10), (34, 10), (34, 20), (70, 16), (82, 8), (94, 16),
+                              (106, 16))}
+ARCHS["dm-preact-resnet18"] = dm_preact_resnet
 IGNORE: tuple[str, ...] = ()

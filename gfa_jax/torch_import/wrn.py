@@ -27,5 +27,5 @@ def wide_resnet(*, depth: int, width: int, num_classes: int = 10, activation: st
 
 
 ARCHS = {f"wrn-{depth}-{width}": functools.partial(wide_resnet, depth=depth, width=width)
-         for depth, width in ((28, 10), (34, 10), (34, 20), (70, 16))}
+         for depth, width in ((28, 10), (34, 10), (34, 15), (34, 20), (70, 16))}
 IGNORE = ("sub_block1.",)
