@@ -33,8 +33,8 @@ import jax.numpy as jnp
 
 from gfa_jax.models.common import (ACTIVATIONS, BN_EPS, BN_MOMENTUM, activation, batch_norm,
                                    max_pool_2x2, maybe_normalize, normalize)
-from gfa_jax.models.conv import (_kernel_gradient, conv3x3, conv_same, conv_same_for_flax,
-                                 conv_same_subsampled, torch_conv)
+from gfa_jax.models.conv import (_kernel_gradient, conv3x3, conv_same,  # noqa: F401
+                                 conv_same_for_flax, conv_same_subsampled, torch_conv)
 from gfa_jax.models.resnet import (CIFAR10_MEAN, CIFAR10_STD, BasicBlock, DMPreActBlock,
                                    DMPreActResNet, PreActBlock, PreActResNet18, ResNet18, ResNet20,
                                    TorchBasicBlock, group_norm)
@@ -49,8 +49,6 @@ __all__ = ["ACTIVATIONS", "BN_EPS", "BN_MOMENTUM", "CIFAR10_MEAN", "CIFAR10_STD"
            "batch_norm", "conv3x3", "conv_same", "conv_same_for_flax", "conv_same_subsampled",
            "create_model", "from_config", "group_norm", "init_params", "max_pool_2x2",
            "maybe_normalize", "normalize", "torch_conv"]
-# Reached for by scripts/conv_shifted_matmul.py (the kernel gradient's convolution).
-_PRIVATE = (_kernel_gradient,)
 
 
 MODELS = {"small_cnn": SmallCNN, "mlp": MLP, "resnet20": ResNet20, "vit": ViT,
