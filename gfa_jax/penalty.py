@@ -248,6 +248,16 @@ def apply_kwargs_with_rngs(apply_kwargs: Mapping[str, Any] | None,
   return {**(apply_kwargs or {}), **({} if rngs is None else {"rngs": rngs})}
 
 
+def collection_names(mutable: str | Sequence[str]) -> tuple[str, ...]:
+  """``mutable`` as a tuple of collection names (one name alone, as Flax's ``apply`` takes it)."""
+  if isinstance(mutable, str):
+    return (mutable,)
+  if isinstance(mutable, bool) or not all(isinstance(c, str) for c in mutable):
+    raise ValueError(f"gfa_objective mutable must name the collections the forward pass "
+                     f"updates, e.g. ('batch_stats',); got {mutable!r}")
+  return tuple(mutable)
+
+
 def linen_parts(apply_fn, params, x, y, task_loss, layers, state, mutable, rngs, apply_kwargs):
   """``(loss_fn, taps)`` of ``gfa_objective`` for a Linen ``apply``: ``loss_fn(taps)`` returns
   ``(task_loss, (features, (logits, updated collections)))``, ``gfa_penalty``'s has_aux form.
@@ -284,7 +294,7 @@ def gfa_objective(
     alpha: float = 1.0,
     beta: float | jax.Array = 1.0,
     state: Mapping[str, PyTree] | None = None,
-    mutable: Sequence[str] = (),
+    mutable: str | Sequence[str] = (),
     rngs: Mapping[str, jax.Array] | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
     **penalty_options: Any,
@@ -325,7 +335,7 @@ def gfa_objective(
   if class_indices:  # Not one-hot or soft targets: integers, one per image (when concrete).
     numerics.check_labels(y, None, len(x))
   if isinstance(apply_fn, nnx.Module):
-    linen_only = {"params": params, "state": state, "mutable": tuple(mutable) or None,
+    linen_only = {"params": params, "state": state, "mutable": mutable or None,
                   "rngs": rngs}
     given = [name for name, value in linen_only.items() if value is not None]
     if given:
@@ -335,7 +345,7 @@ def gfa_objective(
                                                      apply_kwargs)
   else:
     loss_fn, taps = linen_parts(apply_fn, params, x, y, task_loss, layers, state,
-                                tuple(mutable), rngs, apply_kwargs)
+                                collection_names(mutable), rngs, apply_kwargs)
     finish = dict
   penalty, aux = gfa_penalty(loss_fn, taps, has_aux=True, **penalty_options)
   objective = alpha * aux["task_loss"] + beta * penalty

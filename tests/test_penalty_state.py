@@ -141,3 +141,15 @@ def test_readme_stateful_snippet_runs():
   chex.assert_tree_all_finite(namespace["grads"])
   assert not np.allclose(namespace["batch_stats"]["BatchNorm_1"]["var"],
                          state["batch_stats"]["BatchNorm_1"]["var"])
+
+
+def test_mutable_takes_one_name_and_rejects_a_bool():
+  model, params, state, x, y = setup()
+  run = lambda mutable: gfa_objective(
+      model.apply, params, x, y, ce, layers=None, state=state, mutable=mutable,
+      rngs={"dropout": jax.random.key(0)}, apply_kwargs={"train": True})
+  with tap_module_inputs(LAYERS):
+    _, aux = run("batch_stats")
+    assert set(aux["state"]) == {"batch_stats"}
+    with pytest.raises(ValueError, match="mutable must name the collections"):
+      run(True)
