@@ -163,3 +163,13 @@ for r in 1 2; do
   python -m benchmarks.attacks --cases forward,torch_forward --model resnet18 --batch 64 \
       --steps 10 --rounds 5 > "results/benchmarks/forward_resnet18_at9d5d7b6_2026-12-07_run$r.jsonl"
 done
+
+# --- docs/validation.md, "Minimum-norm attacks" (issue 36): DeepFool, CW, EAD, FGSM, PGD and
+# OnePixel per example beside foolbox 3.3.4 and torchattacks 3.5.1 (the [crosscheck] extra);
+# resumable per (model, attack) unit under results/crosscheck/minnorm/, one core.
+mn() { taskset -c 1 python scripts/crosscheck_minnorm.py --data-dir "$DATA" "$@"; }
+mn --models standard_mse,pgd_at,gfa_deep --attacks cw,cw-bs,ead-l1,deepfool-l2,deepfool-linf,fgsm,pgd
+mn --models resnet18 --attacks deepfool-l2,deepfool-linf,fgsm,pgd,cw
+mn --models standard_mse,pgd_at,gfa_deep --attacks onepixel
+mn --models resnet18 --attacks cw-bs,ead-l1
+python scripts/crosscheck_minnorm.py --tables
