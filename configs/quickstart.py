@@ -1,5 +1,5 @@
 """GFA-DEEP on the embedded CIFAR-10 subset (2,000 train / 500 test), the paper's setting (MSE,
-beta 0.1): the first run of `make quickstart` (gfa_jax.quickstart), under a minute on 2 cores.
+beta 0.1): the first run of `make quickstart` (gfa_jax.quickstart) and `python train.py`'s default.
 
 Four epochs (60 steps) are enough to show the collapse docs/results.md reports; the
 quickstart's other runs (quickstart_standard.py, quickstart_weak.py) override this one.

@@ -466,7 +466,7 @@ def degenerate_model(predictions: np.ndarray, labels: np.ndarray, num_classes: i
   one = bool(shares.max() >= share)
   few = bool(n >= num_classes and relative_entropy < min_entropy)
   signs = ([f"one class >= {100 * share:.0f} % of inputs"] * one
-           + [f"few classes (entropy {relative_entropy:.2f} of the maximum < {min_entropy:g})"] * few
+           + [f"few classes (entropy {relative_entropy:.2f} of its max < {min_entropy:g})"] * few
            + [f"accuracy at chance (z < {min_z:g})"] * bool(z < min_z))
   if not signs:
     return None

@@ -134,8 +134,9 @@ def reading(records: Sequence[dict]) -> list[str]:
   if learnt:
     # The share of correctly classified images the attack breaks: comparable between models
     # of different clean accuracy.
-    broken = ", ".join(f'{r["name"]} {reporting.pct(1 - r["robust_accuracy"] / r["clean_accuracy"])}'
-                       for r in learnt)
+    broken = ", ".join(
+        f'{r["name"]} {reporting.pct(1 - r["robust_accuracy"] / r["clean_accuracy"])}'
+        for r in learnt)
     lines.append(f"Of the test images the models that did not collapse classify correctly, "
                  f"APGD-CE at Linf {EPS_TEXT} breaks {broken}.")
   lines.append("docs/results.md measures the same two regimes of GFA on all of CIFAR-10 "

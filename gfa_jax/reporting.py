@@ -225,8 +225,8 @@ def quickstart_lines(summary: Mapping[str, Any]) -> list[str]:
   first = runs[0]
   layers = list(dict.fromkeys(name for r in runs for name in r["train_alignment"]))
   lines = [f'data: {first["data"]}',
-           f'clean, robust: accuracy on the first {first["num_examples"]} test images, robust under '
-           f'{first["attack"]} at {first["norm"]} {first["eps_text"]}',
+           f'clean, robust: accuracy on the first {first["num_examples"]} test images, robust '
+           f'under {first["attack"]} at {first["norm"]} {first["eps_text"]}',
            *[f"{layers[0]}..{layers[-1]}: train alignment, the cosine of the loss gradient and "
              "each layer's input"] * bool(layers), "",
            f'{"run":<22} {"objective":<15} {"steps":>5} {"clean":>6} {"robust":>6}  '
@@ -235,7 +235,8 @@ def quickstart_lines(summary: Mapping[str, Any]) -> list[str]:
     objective = r["objective"] + (f', beta {r["beta"]:g}' if r["beta"] is not None else "")
     cosines = " ".join(f"{r['train_alignment'][name]:>+6.2f}" if name in r["train_alignment"]
                        else f'{"-":>6}' for name in layers)
-    collapsed = r["degenerate"].split(":")[0].replace("collapsed", "yes") if r["degenerate"] else "no"
+    collapsed = (r["degenerate"].split(":")[0].replace("collapsed", "yes") if r["degenerate"]
+                 else "no")
     lines.append(f'{r["name"]:<22} {objective:<15} {r["steps"]:>5} '
                  f'{pct(r["clean_accuracy"]):>6} {pct(r["robust_accuracy"]):>6}  {cosines}  '
                  f"{collapsed}")
