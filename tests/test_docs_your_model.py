@@ -80,3 +80,21 @@ def test_the_robustbench_command_runs_on_a_random_checkpoint(tmp_path):
   report = json.loads((tmp_path / "out.json").read_text())
   assert report["attack"] == "fgsm" and report["num_examples"] == 4
   assert report["clean_accuracy"] >= report["robust_accuracy"][0] >= 0.0
+
+
+def test_the_readme_s_first_snippet_trains_with_gfa():
+  """README's first screen (GFA on your own NNX model) runs: two train steps change the
+  weights and report a finite alignment for each named layer."""
+  import jax
+  import numpy as np
+  code = re.search(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), re.S | re.M)[1]
+  namespace = {}
+  exec(compile(code, "README.md, first python block", "exec"), namespace)
+  model, optimizer = namespace["model"], namespace["optimizer"]
+  before = np.asarray(model.head.kernel[...])
+  x = np.random.default_rng(0).uniform(size=(4, 8, 8, 3)).astype(np.float32)
+  for _ in range(2):
+    alignment = namespace["train_step"](model, optimizer, x, np.arange(4))
+  assert set(alignment) == {"conv", "head"}
+  assert all(np.isfinite(float(cos)) for cos in jax.tree.leaves(alignment))
+  assert not np.allclose(np.asarray(model.head.kernel[...]), before)
