@@ -109,7 +109,12 @@ def run() -> None:
   overrides = None
   if _ATTACK.value == "autoattack" and (_AA_VERSION.value != "standard" or _AA_ATTACKS.value):
     overrides = {"version": _AA_VERSION.value, "attacks": tuple(_AA_ATTACKS.value)}
-  model = evaluators.load_model(path, _STEP.value, torch_arch=_TORCH_MODEL.value and _ARCH.value)
+  try:
+    model = evaluators.load_model(path, _STEP.value,
+                                  torch_arch=_TORCH_MODEL.value and _ARCH.value)
+  except (TypeError, KeyError, AttributeError) as e:  # A hand-edited or foreign config.json.
+    raise ValueError(f"{path}: its config cannot build the model ({type(e).__name__}: "
+                     f"{cli.one_line(e)[:160]}); restore the run's config.json or retrain") from e
   request = evaluators.Request(
       norm=_NORM.value, eps=eps, eps_text=eps_text, num_examples=_NUM_EXAMPLES.value,
       batch_size=_BATCH_SIZE.value, seed=_SEED.value, overrides=overrides, budget=_BUDGET.value,

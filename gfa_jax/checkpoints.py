@@ -54,7 +54,13 @@ def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
         f"{path} not found: {workdir} is not a gfa-jax training workdir. Train one with "
         "`python train.py --config configs/quickstart.py` or pass --workdir DIR of a run."
     )
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    values = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); restore it from the run or retrain") from e
+  if not isinstance(values, dict):
+    raise ValueError(f"{path} holds a {type(values).__name__}, not a config; restore it")
+  return ml_collections.ConfigDict(values)
 
 
 # Every manager this process opened: `close_all` closes them before the interpreter exits, so

@@ -147,10 +147,8 @@ def check_images(x) -> None:
   dtypes are always checked.
   """
   if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
-    try:  # A list or other array-like: check what it would become.
-      x = np.asarray(x)
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"Images must be a 4-D NHWC array, got {type(x).__name__} ({e})") from e
+    raise ValueError(f"Images must be a 4-D NHWC array [B, H, W, C], got a "
+                     f"{type(x).__name__}; pass np.asarray(x, np.float32).")
   if x.ndim != 4:
     raise ValueError(f'Images must be a 4-D NHWC array [B, H, W, C], got shape '
                      f'{getattr(x, "shape", type(x))}. Add a batch axis with x[None] if needed.')

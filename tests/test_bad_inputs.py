@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,3 +150,18 @@ def test_data_dir_a_run_on_the_embedded_subset_ignores_is_refused(tmp_path, tiny
   assert result.returncode == 2, result.stderr[-2000:]
   assert "embedded" in _one_error_line(result.stderr)
   assert not (tmp_path / "eval").exists()
+
+
+def test_a_config_that_cannot_build_its_model_is_one_line(tmp_path, tiny_config):
+  # A hand-edited config (issue 36: "abc" where a tuple of widths belongs) failed with a
+  # TypeError from inside Flax.
+  from gfa_jax import checkpoints
+  tiny_config.model = ml_collections.ConfigDict({**tiny_config.model.to_dict(), "hidden": "abc"})
+  path = tmp_path / "params.msgpack"
+  checkpoints.export_params(path, tiny_config, {"w": np.zeros(2, np.float32)})
+  argv = [sys.executable, "eval.py", "--workdir", str(path), "--attack", "fgsm",
+          "--num_examples", "8"]
+  result = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "cannot build the model" in _one_error_line(result.stderr)

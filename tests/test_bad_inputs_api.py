@@ -2,6 +2,7 @@
 traceback from deep inside, a NaN, or a silently wrong number. In-process, on a linear model
 of 4x4x3 images and an MLP of the same size, so each case costs milliseconds."""
 
+import shutil
 import warnings
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gfa_jax import evaluate, models, objectives
+from gfa_jax import checkpoints, evaluate, models, objectives, run_files
 from gfa_jax.attacks.apgd import apgd
 from gfa_jax.attacks.autoattack import autoattack
 from gfa_jax.attacks.fgsm import fgsm
@@ -123,3 +124,30 @@ def test_evaluate_warns_once_and_records_probabilities(caplog):
   assert sum("probabilities" in r.getMessage() for r in caplog.records) == 1
   plain = evaluate.evaluate(logits_fn, X, Y, attack="fgsm", eps=[0.05], progress=False)
   assert "range_output" not in {c["check"] for c in plain["model_checks"]}
+
+
+def test_images_that_are_not_arrays_are_refused():
+  with pytest.raises(ValueError, match="Images must be a 4-D NHWC array.*list"):
+    fgsm(logits_fn, X.tolist(), Y, eps=0.1)
+
+
+def test_a_result_location_that_cannot_take_the_result_is_found_first(tmp_path, monkeypatch):
+  # eval.py runs this before the attack: an hours-long AutoAttack's JSON must not be lost.
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(OSError, match="cannot write the result"):
+    run_files.check_writable(tmp_path / "file" / "out.json")
+  with pytest.raises(ValueError, match="is a folder"):
+    run_files.check_writable(tmp_path)
+  run_files.check_writable(tmp_path / "new" / "deeper" / "out.json")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # The probe left nothing.
+  full = shutil.disk_usage(tmp_path)._replace(free=4096)
+  monkeypatch.setattr(run_files.shutil, "disk_usage", lambda path: full)
+  with pytest.raises(OSError, match="only 4 KiB free"):
+    run_files.check_writable(tmp_path / "out.json")
+
+
+@pytest.mark.parametrize("text", ['{"model": ', "[1, 2]"])
+def test_a_hand_edited_config_json_is_one_error(tmp_path, text):
+  (tmp_path / "config.json").write_text(text)
+  with pytest.raises(ValueError, match="config.json (is not valid JSON|holds a list)"):
+    checkpoints.load_run_config(tmp_path)
