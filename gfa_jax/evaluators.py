@@ -59,7 +59,9 @@ def load_model(path: str | Path, step: int | None = None, torch_arch: str | None
   path = Path(path)
   if torch_arch:
     config = ml_collections.ConfigDict({"data_source": "auto", "data_dir": ""})
-    return Model(*torch_import.load_torch_model(path, torch_arch), path.stem, config)
+    # Through as_model: two checkpoints of one arch then share every compiled attack.
+    model = adapters.as_model(torch_import.load_torch_model(path, torch_arch), label=path.stem)
+    return dataclasses.replace(model, config=config)
   label = path.parent.name if path.suffix == ".msgpack" and path.stem == "params" else path.stem
   return Model(*checkpoints.load_model(path, step=step), label, checkpoints.load_run_config(path))
 

@@ -1,6 +1,7 @@
 """adapters.as_model and gfa_jax.robustness: any model, one entry point, weights traced."""
 
 import dataclasses
+import functools
 
 import chex
 import flax.linen as nn
@@ -183,3 +184,25 @@ def test_robustness_reaches_the_analyses_through_the_evaluators():
   model = dataclasses.replace(model, config=ml_collections.ConfigDict({"task_loss": "ce"}))
   with pytest.raises(ValueError, match=r"evaluators.get\('alignment'\)"):
     gfa_jax.robustness(model, x, y, attack="alignment")
+
+
+def test_two_torch_checkpoints_of_one_arch_give_equal_functions(tmp_path, monkeypatch):
+  """evaluators.load_model(torch_arch=...) goes through as_model: the imported module is built
+  anew per file, yet the two Models' functions compare (and hash) equal, which is what the jit
+  caches key on; only their variables differ."""
+  torch = pytest.importorskip("torch")
+  from tests import torch_archs
+  from gfa_jax import evaluators, torch_import
+  arch = torch_import.ARCHS["wrn-28-10"]
+  monkeypatch.setitem(torch_import.ARCHS, "wrn-28-10", functools.partial(arch, depth=10, width=1))
+  models = []
+  for seed in (0, 1):
+    torch.manual_seed(seed)
+    path = tmp_path / f"wrn{seed}.pt"
+    torch.save(torch_archs.randomised(torch_archs.WideResNet(10, 1), seed).state_dict(), path)
+    models.append(evaluators.load_model(path, torch_arch="wrn-28-10"))
+  first, second = models
+  assert first.apply_fn == second.apply_fn and hash(first.apply_fn) == hash(second.apply_fn)
+  assert first.label == "wrn0" and first.config.data_source == "auto"
+  kernels = [m.variables["params"]["conv1"]["kernel"] for m in models]
+  assert kernels[0].shape == kernels[1].shape and not np.allclose(*kernels)
