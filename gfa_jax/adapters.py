@@ -158,7 +158,8 @@ def as_model(obj: Any, variables: Any = None, *, label: str | None = None,
   if not callable(obj):
     raise TypeError(f"as_model takes a logits function, an NNX module, a Linen (apply_fn, "
                     f"variables) pair or module, or a Model; got {type(obj).__name__}.")
-  if variables is not None or isinstance(obj, nn.Module):
+  if (variables is not None or isinstance(obj, nn.Module)
+      or isinstance(getattr(obj, "__self__", None), nn.Module)):  # a bound Linen method
     return _linen_model(obj, variables, label, kwargs)
   fn = batching.as_pytree(obj)
   if kwargs:

@@ -154,6 +154,8 @@ def test_bad_models_and_options_are_refused_in_one_line():
     gfa_jax.as_model(LinenNet(), variables["params"])
   with pytest.raises(ValueError, match="'params' entry"):
     gfa_jax.as_model(LinenNet())
+  with pytest.raises(ValueError, match="'params' entry"):
+    gfa_jax.as_model(LinenNet().apply)  # not a logits function: its variables are missing
   with pytest.raises(TypeError, match="got ndarray"):
     gfa_jax.as_model(np.zeros(3))
   with pytest.raises(ValueError, match="hashable"):
