@@ -170,7 +170,7 @@ def test_readme_nnx_train_step_runs():
 
   from tests.conftest import REPO
   blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-  snippet = next(b for b in blocks if "nnx.Optimizer" in b)
+  snippet = next(b for b in blocks if "any NNX model, untouched" in b)
   x = jax.random.uniform(jax.random.key(0), (2, 6, 6, 3))
   namespace = {"optax": optax, "loss": ce, "x": x, "y": jnp.array([1, 7])}
   exec(compile(snippet, "README.md", "exec"), namespace)
