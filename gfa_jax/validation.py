@@ -72,8 +72,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   model_config = dict(config.model)
   name = model_config.pop("name", None)
   model = models.create_model(name, **model_config)  # Names unknown models and fields.
-  if config.objective == "gfa":
+  try:  # Builds it, abstractly: a width of 0 or a word where widths belong fails here.
     taps = _tap_names(model, data.image_shape(config.data_source))
+  except (TypeError, ValueError, ZeroDivisionError, IndexError) as e:
+    raise _bad("model", config.model.to_dict(), "this model cannot be built with these fields "
+               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+  if config.objective == "gfa":
     unknown = [t for t in config.gfa_layers if t not in taps]
     if unknown or not config.gfa_layers:
       raise _bad("gfa_layers", tuple(config.gfa_layers),

@@ -51,6 +51,7 @@ CASES = {
     "unknown reduction": TRAIN + ["--config.gfa_reduction=max"],
     "unknown mse outputs": TRAIN + ["--config.mse_outputs=probs"],
     "no tapped layer": TRAIN + ["--config.gfa_layers=()"],
+    "zero-width layer": TRAIN + ["--config.model.hidden=(0,)"],
     # train.py / eval.py: a multi-process launch line missing a part (gfa_jax.distributed).
     "processes without an id": TRAIN + ["--num_processes", "2",
                                         "--coordinator_address", "127.0.0.1:1"],
