@@ -132,7 +132,7 @@ def test_readme_stateful_snippet_runs():
 
   from tests.conftest import REPO
   blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-  snippet = next(b for b in blocks if "batch_stats" in b)
+  snippet = next(b for b in blocks if 'mutable=["batch_stats"]' in b)
   model, params, state, x, y = setup()
   namespace = {"jax": jax, "gfa_objective": gfa_objective, "tap_module_inputs": tap_module_inputs,
                "model": model, "params": params, "batch_stats": state["batch_stats"], "x": x,
