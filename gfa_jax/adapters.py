@@ -94,6 +94,7 @@ def _name(fn: Any, default: str = "model") -> str:
 
 
 def _frozen_kwargs(apply_kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+  """apply_kwargs as a sorted tuple of pairs: part of a function that must hash by value."""
   if apply_kwargs is None:
     return ()
   if not isinstance(apply_kwargs, Mapping):
@@ -108,13 +109,17 @@ def _frozen_kwargs(apply_kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, A
   return frozen
 
 
+def _is_linen_apply(fn: Any) -> bool:
+  """Whether fn is a Linen module's bound ``apply``."""
+  return isinstance(getattr(fn, "__self__", None), nn.Module) and fn.__name__ == "apply"
+
+
 def _linen_model(apply_fn: Callable, variables: Any, label: str | None,
                  kwargs: tuple[tuple[str, Any], ...]) -> Model:
-  module = getattr(apply_fn, "__self__", None)
-  if isinstance(apply_fn, nn.Module):
-    module = apply_fn
-  elif not (isinstance(module, nn.Module) and getattr(apply_fn, "__name__", "") == "apply"):
-    module = None  # any other apply_fn(variables, x)
+  """The Model of a Linen module, its bound apply, or any ``apply_fn(variables, x)``: a module
+  (given or behind its apply) is kept by value, so equal modules give equal functions."""
+  module = apply_fn if isinstance(apply_fn, nn.Module) else (
+      apply_fn.__self__ if _is_linen_apply(apply_fn) else None)
   if module is not None:
     if not isinstance(variables, Mapping) or "params" not in variables:
       raise ValueError(f"a Linen {type(module).__name__} needs its variables dict "
@@ -158,8 +163,7 @@ def as_model(obj: Any, variables: Any = None, *, label: str | None = None,
   if not callable(obj):
     raise TypeError(f"as_model takes a logits function, an NNX module, a Linen (apply_fn, "
                     f"variables) pair or module, or a Model; got {type(obj).__name__}.")
-  if (variables is not None or isinstance(obj, nn.Module)
-      or isinstance(getattr(obj, "__self__", None), nn.Module)):  # a bound Linen method
+  if variables is not None or isinstance(obj, nn.Module) or _is_linen_apply(obj):
     return _linen_model(obj, variables, label, kwargs)
   fn = batching.as_pytree(obj)
   if kwargs:
