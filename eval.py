@@ -7,8 +7,13 @@ of the test split of the run's data set, in order.
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
+
+# Ctrl-C while the libraries load ends the process at once, with no traceback; from
+# gfa_jax.cli.run on it prints how to resume.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 from absl import flags, logging
 

@@ -4,7 +4,12 @@ Overrides: `--config.beta=0.5 --config.data_dir=/data`. `--workdir` defaults to
 `runs/<config file name>`; rerunning the same command resumes from its latest checkpoint.
 """
 
+import signal
 from pathlib import Path
+
+# Ctrl-C while the libraries load ends the process at once, with no traceback; from
+# gfa_jax.cli.run on it prints how to resume.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 from absl import flags, logging
 from ml_collections import config_flags
