@@ -363,6 +363,8 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
   subset = _check_subset(subset, len(x))
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"seed must be an integer, got {seed!r:.40}.")
   first = np.asarray(jax.jit(logits_fn)(x[:batch_size]))
   # The number of classes is known from here on: labels beyond it would be scored as wrong.
   check_logits(first, len(first))

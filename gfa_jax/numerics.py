@@ -152,6 +152,9 @@ def check_images(x) -> None:
   if x.ndim != 4:
     raise ValueError(f'Images must be a 4-D NHWC array [B, H, W, C], got shape '
                      f'{getattr(x, "shape", type(x))}. Add a batch axis with x[None] if needed.')
+  if x.shape[1] in (1, 3) and x.shape[2] == x.shape[3] > 4:  # [B, C, H, W], e.g. from torch
+    raise ValueError(f"Images look channels-first [B, C, H, W] (shape {x.shape}); gfa-jax takes "
+                     "NHWC: transpose them with x.transpose(0, 2, 3, 1).")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"Images must be floating point in [0, 1], got dtype {x.dtype}. "
                      "Convert uint8 images with x.astype(np.float32) / 255.")

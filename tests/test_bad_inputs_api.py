@@ -14,6 +14,7 @@ from gfa_jax import checkpoints, evaluate, models, objectives, run_files
 from gfa_jax.attacks.apgd import apgd
 from gfa_jax.attacks.autoattack import autoattack
 from gfa_jax.attacks.fgsm import fgsm
+from gfa_jax.attacks.pgd import pgd
 from gfa_jax.penalty import gfa_objective, gfa_penalty
 
 SHAPE = (4, 4, 3)
@@ -151,3 +152,18 @@ def test_a_hand_edited_config_json_is_one_error(tmp_path, text):
   (tmp_path / "config.json").write_text(text)
   with pytest.raises(ValueError, match="config.json (is not valid JSON|holds a list)"):
     checkpoints.load_run_config(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["pgd steps 2.5", "evaluate seed as text", "channels first"])
+def test_more_arguments_of_the_wrong_kind_are_one_error(case):
+  # From the round of hostile inputs in docs/hostile_inputs.md: each was a TypeError from
+  # inside JAX, or (channels first) silently accepted by a model that flattens its input.
+  calls = {
+      "pgd steps 2.5": lambda: pgd(logits_fn, X, Y, key=KEY, eps=0.1, steps=2.5),
+      "evaluate seed as text": lambda: evaluate.evaluate(logits_fn, X, Y, attack="fgsm",
+                                                         eps=[0.1], seed="abc"),
+      "channels first": lambda: fgsm(logits_fn, np.zeros((2, 3, 8, 8), np.float32),
+                                     Y[:2], eps=0.1),
+  }
+  with pytest.raises(ValueError, match="integer|channels-first"):
+    calls[case]()

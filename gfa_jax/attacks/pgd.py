@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from gfa_jax.attacks import core
@@ -38,8 +39,8 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
   core.check_images(x)
   core.check_eps(eps, norm, x=x)
   core.check_labels(logits_fn, x, y, loss)
-  if steps < 0:
-    raise ValueError(f"steps must be >= 0, got {steps}.")
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+    raise ValueError(f"steps must be an integer >= 0, got {steps!r}.")
   loss_fn = core.resolve_loss(loss)
   value_and_grad = core.loss_and_grad(logits_fn, loss_fn)
   x = jax.lax.stop_gradient(x)
