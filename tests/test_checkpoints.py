@@ -1,9 +1,10 @@
 """load_model on workdirs and params-only files, and its errors."""
 
 import errno
-import os
 import shutil
+import tempfile
 import types
+from pathlib import Path
 
 import chex
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from gfa_jax import checkpoints, train_lib
+from tests.conftest import run_python
 
 
 @pytest.fixture(scope="module")
@@ -86,20 +88,48 @@ def test_an_unreadable_checkpoint_is_reported_not_set_aside(workdir, tmp_path, m
   assert not (run / "damaged_checkpoints").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file")
-def test_a_chmod_000_checkpoint_file_is_reported_not_set_aside(workdir, tmp_path):
-  run = tmp_path / "run"
-  shutil.copytree(workdir, run)
-  files = [f for f in (run / "checkpoints" / "8" / "params").rglob("*") if f.is_file()]
-  for f in files:
-    f.chmod(0)
+def test_a_chmod_000_checkpoint_is_reported_not_set_aside(workdir):
+  # The real thing: files of the newest checkpoint mode 000, read by a user who may not read
+  # them. Root reads them anyway, so the process drops to nobody (uid 65534) before resuming;
+  # the run lives in a fresh temporary folder (pytest's own are private to their owner).
+  top = Path(tempfile.mkdtemp())
   try:
-    with pytest.raises(PermissionError, match="not readable by this user"):
-      _resume(run)
-    assert not (run / "damaged_checkpoints").exists()
+    _check_unreadable_checkpoint(workdir, top)
   finally:
-    for f in files:
-      f.chmod(0o644)
+    for path in top.rglob("*"):
+      path.chmod(0o777)
+    shutil.rmtree(top)
+
+
+def _check_unreadable_checkpoint(workdir, top):
+  run = top / "run"
+  shutil.copytree(workdir, run)
+  for path in [top, *run.rglob("*"), run]:
+    path.chmod(0o777 if path.is_dir() else 0o666)
+  for f in (run / "checkpoints" / "8" / "params").rglob("*"):
+    if f.is_file():
+      f.chmod(0)
+  result = run_python(f"""
+import encodings.cp437  # Loaded lazily by zipfile, from a folder nobody may not read.
+import os
+import jax
+from configs import tiny
+from gfa_jax import train_lib
+config = tiny.get_config()
+config.num_epochs = 1
+jax.devices()
+if os.geteuid() == 0:
+  os.setegid(65534)
+  os.seteuid(65534)
+try:
+  train_lib.train_and_evaluate(config, {str(run)!r})
+except PermissionError as e:
+  print("refused:", e)
+""")
+  assert "refused: checkpoint" in result.stdout and "not readable" in result.stdout, (
+      result.stdout[-1000:], result.stderr[-2000:])
+  assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
+  assert not (run / "damaged_checkpoints").exists()
 
 
 def test_a_full_disk_during_a_save_is_one_error_and_leaves_no_partial_folder(
