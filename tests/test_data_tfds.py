@@ -73,7 +73,8 @@ def prepared(tmp_path_factory):
   return root / "home", dataset, arrays
 
 
-def test_download_prepares_an_array_record_copy_read_image_for_image(prepared, monkeypatch):
+def test_download_prepares_an_array_record_copy_read_image_for_image(prepared, monkeypatch,
+                                                                     capsys):
   home, dataset, arrays = prepared
   folder = home / "tensorflow_datasets" / "cifar10"
   version = tfds_copy.version_dir(folder)
@@ -97,6 +98,7 @@ def test_download_prepares_an_array_record_copy_read_image_for_image(prepared, m
   clean_env(monkeypatch, home)  # A later run finds it in the default place, no flag needed.
   again = data.load_dataset("cifar10")
   np.testing.assert_array_equal(again.train_images, dataset.train_images)
+  assert f"Reading CIFAR-10 from {folder}\n" in capsys.readouterr().err  # Which copy, said.
 
 
 def write_tfrecord(path, records):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -130,7 +131,9 @@ def load_dataset(source: str = "cifar10", data_dir: str | None = None, *,
   if folder is None and download:
     folder, reader = tfds_copy.download(dirs[0]), tfds_copy.read_tfds_copy
   if folder is not None:
-    logging.info("Reading CIFAR-10 from %s", folder)
+    # Which copy a run reads, said where the user sees it (the trainers log at WARNING); the
+    # dataset's description, which reports quote, names no machine path.
+    print(f"Reading CIFAR-10 from {folder}", file=sys.stderr, flush=True)
     return reader(folder)
   if source == "auto":
     logging.warning("CIFAR-10 not found (data source 'auto'); training on the embedded "
