@@ -51,11 +51,12 @@ def check_config_matches(workdir: Path, config: ml_collections.ConfigDict) -> No
     return
   old = checkpoints.load_run_config(workdir).to_dict()
   new = json.loads(config.to_json_best_effort())
-  # Where the data lives is not part of the run (a committed run resumes on another machine),
-  # nor is what evaluations log (it changes no parameter), and a field added to the config
-  # since the run started matches if it keeps its default.
+  # Where the data lives or came from is not part of the run (a committed run resumes on
+  # another machine, a downloaded copy is the same data), nor is what evaluations log (it
+  # changes no parameter), and a field added to the config since the run started matches if
+  # it keeps its default.
   same = lambda k: (old.get(k, objectives.ADDED_FIELDS.get(k)) == new.get(k)
-                    or k in ("data_dir", "eval_alignment"))
+                    or k in ("data_dir", "download", "eval_alignment"))
   differing = sorted(k for k in set(old) | set(new) if not same(k))
   if differing:
     raise ValueError(
