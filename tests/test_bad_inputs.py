@@ -130,7 +130,7 @@ def test_ctrl_c_stops_training_with_one_line_saying_how_to_resume(tmp_path):
   process = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   assert process.stdout.readline().startswith("Training"), process.communicate()[1][-2000:]
-  time.sleep(1.0)  # Compiling the train step, or running it.
+  time.sleep(0.5)  # Compiling the train step (seconds), or running it.
   process.send_signal(signal.SIGINT)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 130, (process.returncode, stderr[-2000:])
