@@ -15,6 +15,11 @@ and the log; all of them write the checkpoints, through Orbax). Randomness is
 ``fold_in(key(seed), step)`` and the batch order a function of (seed, step), so resuming from a
 checkpoint reproduces an uninterrupted run exactly.
 
+The loop never waits for the device between steps: the next batch is gathered and put while a
+step runs, and the metrics are read back only at logging, evaluation and saving steps, where
+the finiteness check of every step since the last read (``_FiniteWatch``) names the first
+non-finite one before anything is written.
+
 Models with state (BatchNorm, dropout: ``__call__(x, train=False)``) carry their non-parameter
 collections in ``TrainState.model_state`` (``{'batch_stats': ...}``, ``{}`` for the others):
 the training forward pass updates them (``objectives.make_stateful_objective`` says which
@@ -322,6 +327,36 @@ def _check_finite(metrics: dict, step: int, manager, workdir: Path) -> None:
         f"in {workdir}. Lower the learning rate or beta, or set grad_clip_norm.")
 
 
+class _FiniteWatch:
+  """The MUST_BE_FINITE metrics of the steps since the last check, kept on the device.
+
+  Reading them after every step would make the device wait for the host at every step; they
+  are read together (one transfer) before anything is logged, evaluated or saved, and the
+  first non-finite step among them is named, as a check after every step would have named it.
+  """
+
+  def __init__(self):
+    self.pending: list[tuple[int, dict]] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    """Keeps ``step``'s metrics (device arrays) for the next ``check``; returns None."""
+    self.pending.append((step, {k: metrics[k] for k in MUST_BE_FINITE}))
+
+  def check(self, manager, workdir: Path) -> None:
+    """``_check_finite`` of every pending step in order; returns None (raises on the first)."""
+    pending, self.pending = self.pending, []
+    for (step, _), metrics in zip(pending, batching.fetch([m for _, m in pending])):
+      _check_finite(metrics, step, manager, workdir)
+
+
+def _put_batch(splits: Splits, config: ml_collections.ConfigDict, step: int, sharding):
+  """Step ``step``'s (images, labels), gathered on the host and placed with ``sharding``."""
+  indices = data.train_batch_indices(len(splits.train_images), config.batch_size, config.seed,
+                                     step)
+  return (batching.put_rows(splits.train_images, indices, sharding),
+          batching.put_rows(splits.train_labels, indices, sharding))
+
+
 def _evaluate_splits(eval_step, variables, splits: Splits, config: ml_collections.ConfigDict,
                      mesh: Mesh, step: int) -> dict:
   """The metrics.jsonl eval record of ``step``: ``test/<metric>`` over the test images and
@@ -399,18 +434,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                          disable=not primary)
     record = {}
     last_time, last_step = time.perf_counter(), start_step
+    watch = _FiniteWatch()
     try:
+      # One step ahead: the next batch is gathered and put while the step runs (dispatch is
+      # asynchronous), and nothing is read back except at logging, evaluation and saving steps.
+      batch = (_put_batch(splits, config, start_step, batch_sharding)
+               if start_step < total_steps else None)
       for step in range(start_step, total_steps):
-        indices = data.train_batch_indices(num_train, config.batch_size, config.seed, step)
-        state, metrics = train_step(state,
-                                    batching.put_rows(splits.train_images, indices, batch_sharding),
-                                    batching.put_rows(splits.train_labels, indices, batch_sharding),
-                                    step_key)
+        state, metrics = train_step(state, *batch, step_key)
         done = step + 1
-        metrics = batching.fetch(metrics)
-        _check_finite(metrics, done, manager, workdir)
+        if done < total_steps:
+          batch = _put_batch(splits, config, done, batch_sharding)
+        watch.add(done, metrics)
         progress.update(1)
-        if done % config.log_every_steps == 0 or done == total_steps:
+        log_now = done % config.log_every_steps == 0 or done == total_steps
+        eval_now = ((config.eval_every_steps and done % config.eval_every_steps == 0)
+                    or done == total_steps)
+        save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
+        if log_now or eval_now or save_now:
+          watch.check(manager, workdir)  # Nothing non-finite is logged, evaluated or saved.
+        if log_now:
+          metrics = batching.fetch(metrics)
           now = time.perf_counter()
           record = {"step": done, "kind": "train", "epoch": done / steps_per_epoch,
                     "seconds_per_step": (now - last_time) / (done - last_step),
@@ -418,11 +462,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           last_time, last_step = now, done
           write_metrics(record)
           progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
-        if (config.eval_every_steps and done % config.eval_every_steps == 0) or done == total_steps:
+        if eval_now:
           record = run_eval(done)
           if primary:
             progress.write(_format_eval(record))
-        if done % config.checkpoint_every_steps == 0 or done == total_steps:
+        if save_now:
           save_checkpoint(manager, state, done, workdir)
     finally:
       progress.close()

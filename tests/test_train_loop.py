@@ -1,0 +1,86 @@
+"""The training loop keeps the device busy: metrics are read back only at logging, evaluation
+and saving steps, the next batch is put while a step runs, and the results are those of the
+loop that read everything back after every step. Also bfloat16 compute as an opt-in."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gfa_jax import batching, checkpoints, train_lib
+
+# Recorded from the loop before issue 34 (it read the metrics back after every step): configs/
+# tiny.py for 16 steps, logged every 3. (step, loss, grad_norm) of each train record, and the
+# sum of the final parameters.
+RECORDED_LOGS = [(3, 0.18005071580410004, 0.08505505323410034),
+                 (6, 0.18124878406524658, 0.1311001181602478),
+                 (9, 0.17889495193958282, 0.09544781595468521),
+                 (12, 0.17577220499515533, 0.07578641921281815),
+                 (15, 0.1726059764623642, 0.06970318406820297),
+                 (16, 0.17394249141216278, 0.08746006339788437)]
+RECORDED_PARAM_SUM = 59.170118674327085
+
+
+def read_metrics(workdir, kind):
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def param_sum(workdir):
+  _, variables = checkpoints.load_model(workdir)
+  return sum(np.sum(np.asarray(p), dtype=np.float64) for p in jax.tree.leaves(variables["params"]))
+
+
+class CountingStep:
+  """``make_train_step`` whose step counts its calls (``calls``), optionally making the
+  metrics and parameters of call ``poison_at`` NaN."""
+
+  def __init__(self, monkeypatch, poison_at: int | None = None):
+    self.calls, self.poison_at = 0, poison_at
+    make = train_lib.make_train_step
+    monkeypatch.setattr(train_lib, "make_train_step",
+                        lambda *a, **k: self.wrap(make(*a, **k)))
+
+  def wrap(self, step):
+    def counted(state, *args):
+      state, metrics = step(state, *args)
+      self.calls += 1
+      if self.calls == self.poison_at:  # Later steps then go on from NaN parameters.
+        metrics = {**metrics, "loss": metrics["loss"] * jnp.nan}
+        state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+      return state, metrics
+    return counted
+
+
+def test_metrics_are_read_only_at_logging_steps_and_results_are_unchanged(
+    tiny_config, tmp_path, monkeypatch):
+  tiny_config.log_every_steps, tiny_config.eval_every_steps = 3, 0
+  tiny_config.checkpoint_every_steps = 8
+  step = CountingStep(monkeypatch)
+  read_after = []  # How many steps had run at each read back to the host.
+  fetch = batching.fetch
+  monkeypatch.setattr(batching, "fetch", lambda tree: (read_after.append(step.calls), fetch(tree))[1])
+  train_lib.train_and_evaluate(tiny_config, tmp_path)
+  assert step.calls == 16
+  assert set(read_after) <= {0, 3, 6, 8, 9, 12, 15, 16}, read_after  # Logs, saves; 0: before.
+  logs = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path, "train")]
+  assert [s for s, *_ in logs] == [s for s, *_ in RECORDED_LOGS]
+  np.testing.assert_allclose([v for _, *v in logs], [v for _, *v in RECORDED_LOGS], rtol=1e-6)
+  np.testing.assert_allclose(param_sum(tmp_path), RECORDED_PARAM_SUM, rtol=1e-6)
+
+
+def test_a_non_finite_step_between_reads_is_named_and_never_saved(
+    tiny_config, tmp_path, monkeypatch):
+  tiny_config.log_every_steps, tiny_config.eval_every_steps = 8, 0
+  tiny_config.checkpoint_every_steps = 4
+  CountingStep(monkeypatch, poison_at=6)
+  with pytest.raises(FloatingPointError, match=r"non-finite loss at step 6 .* last good "
+                     r"checkpoint is step 4"):
+    train_lib.train_and_evaluate(tiny_config, tmp_path)
+  assert checkpoints.latest_step(tmp_path) == 4
+  chex.assert_tree_all_finite(checkpoints.load_model(tmp_path)[1]["params"])
+  metrics = tmp_path / "metrics.jsonl"  # Step 8's NaN record was never written.
+  assert not metrics.exists() or read_metrics(tmp_path, "train") == []
