@@ -372,11 +372,14 @@ def alignment_table(apply_fn: ApplyFn, variables: Any,
   _check_layers(apply_fn, variables, x_any, layers)
   # Per-image cosines: padded rows of the last batch are dropped before the mean (the padding
   # only rescales the batch loss, which a cosine does not see).
-  batch_fn = jax.jit(lambda p, xb, yb: gfa_objective(
-      apply_fn, p, xb, yb, task_loss, layers=layers)[1]["cosines"])
+  # A model with state (BatchNorm's running averages) runs in its default, inference mode.
+  batch_fn = jax.jit(lambda p, s, xb, yb: gfa_objective(
+      apply_fn, p, xb, yb, task_loss, layers=layers, state=s)[1]["cosines"])
   params = variables["params"]
+  state = {k: v for k, v in variables.items() if k != "params"}
   table = {}
   for split, (x, y) in splits.items():
-    cosines = batching.map_batches(functools.partial(batch_fn, params), [x, y], batch_size)
+    cosines = batching.map_batches(functools.partial(batch_fn, params, state), [x, y],
+                                   batch_size)
     table[split] = {name: float(np.mean(cosines[name])) for name in layers}
   return table

@@ -27,8 +27,9 @@ def main() -> None:
   metrics = Path(args.workdir) / "metrics.jsonl"
   evals = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "eval"]
   final = next((r for r in reversed(evals) if r["step"] == step), None)
-  checkpoints.export_params(args.output, checkpoints.load_run_config(args.workdir),
-                            variables["params"], {"step": step, "final_eval": final})
+  params, model_state = checkpoints.split_variables(variables)
+  checkpoints.export_params(args.output, checkpoints.load_run_config(args.workdir), params,
+                            {"step": step, "final_eval": final}, model_state=model_state)
   print(f"wrote {args.output} (step {step})")
 
 

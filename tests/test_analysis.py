@@ -111,6 +111,23 @@ def test_alignment_table_agrees_with_per_example_cosines():
   assert markdown.splitlines()[0] == "| split | layer0 | layer1 |"
 
 
+def test_alignment_table_runs_a_batchnorm_model_on_its_running_averages():
+  """A model with batch_stats (a trained or imported BatchNorm network) is measured in
+  inference mode: an image's cosine is the same alone as in a batch."""
+  from gfa_jax import models
+  model = models.create_model("wrn", depth=10, width=1)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  variables = {k: variables[k] for k in ("params", "batch_stats")}
+  x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+  y = np.arange(4) % 10
+  batched = analysis.alignment_table(model.apply, variables, {"all": (x, y)}, cross_entropy,
+                                     layers=("layer1",), batch_size=4)
+  alone = analysis.alignment_table(model.apply, variables, {"all": (x, y)}, cross_entropy,
+                                   layers=("layer1",), batch_size=1)
+  assert np.isfinite(batched["all"]["layer1"])
+  assert batched["all"]["layer1"] == pytest.approx(alone["all"]["layer1"], abs=1e-5)
+
+
 def test_unknown_layer_is_a_clear_error():
   apply_fn, variables, x, y = setup(n=2)
   with pytest.raises(ValueError, match=r"unknown layers \['layer7'\].*layer0"):
