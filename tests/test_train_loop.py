@@ -3,6 +3,9 @@ and saving steps, the next batch is put while a step runs, and the results are t
 loop that read everything back after every step. Also bfloat16 compute as an opt-in."""
 
 import json
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 
 from gfa_jax import batching, checkpoints, train_lib
+from tests.conftest import REPO
 
 # Recorded from the loop before issue 34 (it read the metrics back after every step): configs/
 # tiny.py for 16 steps, logged every 3. (step, loss, grad_norm) of each train record, and the
@@ -84,3 +88,17 @@ def test_a_non_finite_step_between_reads_is_named_and_never_saved(
   chex.assert_tree_all_finite(checkpoints.load_model(tmp_path)[1]["params"])
   metrics = tmp_path / "metrics.jsonl"  # Step 8's NaN record was never written.
   assert not metrics.exists() or read_metrics(tmp_path, "train") == []
+
+
+def test_loop_overhead_benchmark_runs_at_tiny_size(tmp_path):
+  # Run from elsewhere, as it is pointed at other checkouts: it must find --repo's gfa_jax.
+  result = subprocess.run(
+      [sys.executable, str(REPO / "benchmarks" / "loop_overhead.py"), "--configs", "tiny",
+       "--steps", "4", "--log-every", "2", "--rounds", "1", "--repo", str(REPO)],
+      cwd=tmp_path, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  machine, tiny = map(json.loads, result.stdout.splitlines())
+  assert machine["gfa_jax"] == str(REPO / "gfa_jax")
+  assert tiny["name"] == "tiny" and tiny["step_ms"] > 0 and tiny["loop_ms"] > 0, tiny
+  assert tiny["loop_overhead"] == pytest.approx(tiny["loop_ms"] / tiny["step_ms"] - 1, abs=1e-3)
