@@ -72,6 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 128  # Global batch, split over all devices (must divide evenly).
   config.num_epochs = 30  # Training length.
   config.seed = 0  # Seeds the parameters, the data order and the augmentation.
+  # float32 | bfloat16: the training step's convolutions and matmuls in bfloat16 (parameters,
+  # optimiser, activations, GFA's cosines and the loss stay float32). Models with a dtype field
+  # only (small_cnn, mlp). Evaluation and attacks always run float32: steps of 1/255 and
+  # min-norm searches need more than bfloat16's ~3 significant digits.
+  config.compute_dtype = "float32"
 
   # --- Logging, evaluation, checkpoints --------------------------------------------------
   config.log_every_steps = 50  # Train metrics to metrics.jsonl every this many steps.

@@ -64,6 +64,16 @@ class TrainState(train_state.TrainState):
   model_state: dict = flax.struct.field(default_factory=dict)
 
 
+def training_model(config: ml_collections.ConfigDict):
+  """The model the training step runs: ``config.model``'s, computing its convolutions and
+  matmuls in ``config.compute_dtype`` (bfloat16 opt-in; parameters stay float32). Evaluation
+  uses ``models.from_config(config.model)``, float32, as eval.py and the attacks do."""
+  compute_dtype = config.get("compute_dtype", "float32")  # Runs from before the field.
+  if compute_dtype == "float32":
+    return models.from_config(config.model)
+  return models.from_config({**dict(config.model), "dtype": compute_dtype})
+
+
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
   """The Optax optimiser with the learning-rate schedule named in the config."""
   total_steps = config.num_epochs * steps_per_epoch
@@ -391,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   num_train = len(splits.train_images)
   steps_per_epoch = data.steps_per_epoch(num_train, config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
-  model = models.from_config(config.model)
+  model = training_model(config)
   # The step key is folded with the step inside train_step: a resumed run draws the same.
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   state = create_train_state(config, model, splits.train_images.shape[1:], init_key,
@@ -416,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if not start_step:
       _preflight(config, model, state, splits)
     train_step = make_train_step(config, model, mesh, steps_per_epoch)
-    eval_step = make_eval_step(config, model, mesh)
+    eval_step = make_eval_step(config, models.from_config(config.model), mesh)  # float32
 
     def run_eval(step):
       record = _evaluate_splits(eval_step, {"params": state.params, **state.model_state},

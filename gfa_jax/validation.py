@@ -25,6 +25,7 @@ POSITIVE_INTS = ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps
                  "checkpoint_every_steps", "max_to_keep")
 NON_NEGATIVE_INTS = ("eval_every_steps", "num_train", "num_eval_examples",
                      "num_train_eval_examples", "crop_padding", "seed")
+COMPUTE_DTYPES = ("float32", "bfloat16")  # config.compute_dtype (train_lib.training_model)
 NON_NEGATIVE_FLOATS = ("beta", "alpha", "weight_decay", "grad_clip_norm", "warmup_epochs",
                        "beta_ramp_start_epochs", "beta_ramp_epochs")
 
@@ -72,6 +73,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   model_config = dict(config.model)
   name = model_config.pop("name", None)
   model = models.create_model(name, **model_config)  # Names unknown models and fields.
+  if "dtype" in model_config:  # The checkpoint's model would then evaluate in it too.
+    raise _bad("model.dtype", model_config["dtype"], "drop it and set config.compute_dtype: "
+               "only training computes in bfloat16, evaluation and attacks in float32")
+  compute_dtype = config.get("compute_dtype", "float32")  # Runs from before the field: float32.
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise _bad("compute_dtype", compute_dtype, f"choose one of {list(COMPUTE_DTYPES)}")
+  if compute_dtype != "float32" and not hasattr(model, "dtype"):
+    raise _bad("compute_dtype", compute_dtype, f"model {name!r} computes in float32 only "
+               "(bfloat16: small_cnn, mlp); use float32")
   try:  # Builds it, abstractly: a width of 0 or a word where widths belong fails here.
     taps = _tap_names(model, data.image_shape(config.data_source))
   except (TypeError, ValueError, ZeroDivisionError, IndexError) as e:

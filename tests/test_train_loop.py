@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
-from gfa_jax import batching, checkpoints, train_lib
+from gfa_jax import batching, checkpoints, data, train_lib, validation
 from tests.conftest import REPO
 
 # Recorded from the loop before issue 34 (it read the metrics back after every step): configs/
@@ -66,7 +67,12 @@ def test_metrics_are_read_only_at_logging_steps_and_results_are_unchanged(
   step = CountingStep(monkeypatch)
   read_after = []  # How many steps had run at each read back to the host.
   fetch = batching.fetch
-  monkeypatch.setattr(batching, "fetch", lambda tree: (read_after.append(step.calls), fetch(tree))[1])
+
+  def counted_fetch(tree):
+    read_after.append(step.calls)
+    return fetch(tree)
+
+  monkeypatch.setattr(batching, "fetch", counted_fetch)
   train_lib.train_and_evaluate(tiny_config, tmp_path)
   assert step.calls == 16
   assert set(read_after) <= {0, 3, 6, 8, 9, 12, 15, 16}, read_after  # Logs, saves; 0: before.
@@ -102,3 +108,53 @@ def test_loop_overhead_benchmark_runs_at_tiny_size(tmp_path):
   assert machine["gfa_jax"] == str(REPO / "gfa_jax")
   assert tiny["name"] == "tiny" and tiny["step_ms"] > 0 and tiny["loop_ms"] > 0, tiny
   assert tiny["loop_overhead"] == pytest.approx(tiny["loop_ms"] / tiny["step_ms"] - 1, abs=1e-3)
+
+
+def test_bfloat16_compute_trains_close_to_float32(tiny_config):
+  # SmallCNN, narrow: the explicit-VJP convolutions (conv_same) and the matmuls in bfloat16.
+  tiny_config.model.name, tiny_config.model.features = "small_cnn", (4, 8, 8)
+  del tiny_config.model["hidden"]  # The MLP's tuple; SmallCNN's is one int.
+  tiny_config.model.hidden, tiny_config.batch_size = 16, 8
+  dataset = data.load_dataset("embedded")
+  mesh = train_lib.make_mesh()
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    tiny_config.compute_dtype = dtype
+    validation.validate_config(tiny_config)
+    model = train_lib.training_model(tiny_config)
+    state = train_lib.create_train_state(tiny_config, model, dataset.train_images.shape[1:],
+                                         jax.random.key(0), 4)
+    # Placed as the step returns it: an uncommitted state would compile the step twice.
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    step = train_lib.make_train_step(tiny_config, model, mesh, 4)
+    runs[dtype] = []
+    for i in range(3):
+      rows = data.train_batch_indices(64, 8, 0, i)
+      state, metrics = step(state, dataset.train_images[rows], dataset.train_labels[rows],
+                            jax.random.key(1))
+      runs[dtype].append(batching.fetch(metrics))
+    assert {p.dtype for p in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
+  assert train_lib.training_model(tiny_config).dtype == "bfloat16"
+  values = lambda dtype, prefix: np.array(
+      [[v for k, v in sorted(m.items()) if k.startswith(prefix)] for m in runs[dtype]])
+  assert np.all(np.isfinite(values("bfloat16", "alignment/")))
+  # bfloat16 rounds each product's operands to 8 significant bits (relative 2^-9); the loss and
+  # the cosines are sums of many such products, whose errors average out: after 3 Adam steps
+  # of 1e-3 from the same start they stay within one bfloat16 rounding unit (2^-8) of float32.
+  np.testing.assert_allclose(values("bfloat16", "loss"), values("float32", "loss"), rtol=2**-8)
+  np.testing.assert_allclose(values("bfloat16", "alignment/"), values("float32", "alignment/"),
+                             atol=2**-8)
+  assert not np.array_equal(values("bfloat16", "loss"), values("float32", "loss"))  # It did.
+
+
+def test_compute_dtype_is_checked(tiny_config):
+  tiny_config.compute_dtype = "float16"
+  with pytest.raises(ValueError, match=r"config.compute_dtype='float16' is invalid; choose one"):
+    validation.validate_config(tiny_config)
+  tiny_config.compute_dtype, tiny_config.model.name = "bfloat16", "resnet20"
+  del tiny_config.model["hidden"]
+  with pytest.raises(ValueError, match="model 'resnet20' computes in float32 only"):
+    validation.validate_config(tiny_config)
+  tiny_config.model.name, tiny_config.model.dtype = "mlp", "bfloat16"
+  with pytest.raises(ValueError, match="config.model.dtype='bfloat16' is invalid; drop it"):
+    validation.validate_config(tiny_config)

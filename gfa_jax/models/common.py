@@ -20,6 +20,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 
+def float32_out(h: jax.Array) -> jax.Array:
+  """``h`` as float32. A layer computing in bfloat16 (a model's ``dtype``) hands float32 on,
+  so the activations, GFA's taps and cosines and the loss stay float32: only the convolutions
+  and matmuls round. A float32 ``h`` is returned as it is (the default path is unchanged)."""
+  return h if h.dtype == jnp.float32 else h.astype(jnp.float32)
+
+
 def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
   """(x - mean) / std per channel; one value applies to every channel. Refuses a channel
   count the statistics were not made for (3-channel CIFAR statistics on grey images would

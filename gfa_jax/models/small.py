@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from gfa_jax.models.common import _ImageModel, max_pool_2x2, normalize
+from gfa_jax.models.common import _ImageModel, float32_out, max_pool_2x2, normalize
 from gfa_jax.models.conv import conv_same_for_flax
 from gfa_jax.penalty import tap
 
@@ -21,6 +21,10 @@ class SmallCNN(_ImageModel):
 
   features: Sequence[int] = (32, 64, 128)
   hidden: int = 256
+  # Where the convolutions and matmuls compute: None (float32, as the parameters) or
+  # "bfloat16" (inputs and kernels cast down, outputs back to float32; the parameters stay
+  # float32). train_lib sets it from config.compute_dtype; evaluation and attacks use None.
+  dtype: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -28,13 +32,14 @@ class SmallCNN(_ImageModel):
     conv_fn = conv_same_for_flax if self.explicit_conv_vjp else None
     for i, width in enumerate(self.features):
       h = tap(self, f"layer{i}", h)
-      conv = nn.Conv(width, (3, 3), padding="SAME", conv_general_dilated=conv_fn)
-      h = max_pool_2x2(nn.relu(conv(h)))
+      conv = nn.Conv(width, (3, 3), padding="SAME", conv_general_dilated=conv_fn,
+                     dtype=self.dtype)
+      h = max_pool_2x2(nn.relu(float32_out(conv(h))))
     h = h.reshape(h.shape[0], -1)
     h = tap(self, f"layer{len(self.features)}", h)
-    h = nn.relu(nn.Dense(self.hidden)(h))
+    h = nn.relu(float32_out(nn.Dense(self.hidden, dtype=self.dtype)(h)))
     h = tap(self, f"layer{len(self.features) + 1}", h)
-    return nn.Dense(self.num_classes)(h)
+    return float32_out(nn.Dense(self.num_classes, dtype=self.dtype)(h))
 
 
 class MLP(nn.Module):
@@ -44,12 +49,16 @@ class MLP(nn.Module):
   hidden: Sequence[int] = (512, 256, 128)
   mean: Sequence[float] = (0.5,)  # One value for every channel: CIFAR-10 and Fashion-MNIST.
   std: Sequence[float] = (0.5,)
+  # Where the matmuls compute: None (float32, as the parameters) or
+  # "bfloat16" (inputs and kernels cast down, outputs back to float32; the parameters stay
+  # float32). train_lib sets it from config.compute_dtype; evaluation and attacks use None.
+  dtype: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = normalize(x, self.mean, self.std).reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
       h = tap(self, f"layer{i}", h)
-      h = nn.relu(nn.Dense(width)(h))
+      h = nn.relu(float32_out(nn.Dense(width, dtype=self.dtype)(h)))
     h = tap(self, f"layer{len(self.hidden)}", h)
-    return nn.Dense(self.num_classes)(h)
+    return float32_out(nn.Dense(self.num_classes, dtype=self.dtype)(h))
