@@ -3,6 +3,7 @@ compiled step called alone.
 
     python benchmarks/loop_overhead.py                            # this checkout
     python benchmarks/loop_overhead.py --repo ../gfa-jax-5353cb7  # another checkout's gfa_jax
+    python benchmarks/loop_overhead.py --compute-dtype bfloat16   # the step in bfloat16
 
 Runs as a script, not ``-m``, and imports ``gfa_jax`` and ``configs`` from ``--repo`` (default:
 the checkout holding this file), so the same measurement points at any commit's loop, e.g. a
@@ -54,6 +55,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=200, help="train steps per round of each")
   p.add_argument("--log-every", type=int, default=10, help="the loop's log_every_steps")
   p.add_argument("--rounds", type=int, default=3, help="rounds (step, then loop) per config")
+  p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="config.compute_dtype (bfloat16 needs a checkout that has it)")
   p.add_argument("--plain-xla", action="store_true",
                  help="leave $XLA_FLAGS alone (default: the flags train.py sets, where the "
                       "measured checkout has gfa_jax.xla_flags)")
@@ -82,6 +85,13 @@ def config_for(name: str, args: argparse.Namespace):
   config.eval_every_steps = 0
   config.checkpoint_every_steps = total
   config.num_eval_examples = config.num_train_eval_examples = config.eval_batch_size = 100
+  if args.compute_dtype != "float32":
+    from gfa_jax import train_lib
+
+    if not hasattr(train_lib, "training_model"):  # It would train float32 without a word.
+      raise SystemExit(f"error: the gfa_jax measured ({args.repo}) has no compute_dtype; "
+                       "drop --compute-dtype or point --repo at a newer checkout")
+    config.compute_dtype = args.compute_dtype
   return config, num_train
 
 
@@ -96,7 +106,8 @@ def time_step(config, num_train: int, steps: int) -> float:
   images, labels = dataset.train_images[:num_train], dataset.train_labels[:num_train]
   mesh = train_lib.make_mesh()
   steps_per_epoch = num_train // config.batch_size
-  model = models.from_config(config.model)
+  model = (train_lib.training_model(config) if hasattr(train_lib, "training_model")
+           else models.from_config(config.model))  # What the loop steps.
   params = models.init_params(model, jax.random.key(0), images.shape[1:])
   tx = train_lib.make_optimizer(config, steps_per_epoch)
   state = jax.device_put(train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx),
@@ -161,6 +172,7 @@ def main(argv: list[str]) -> None:
     step, loop = statistics.median(step_s), statistics.median(loop_s)
     print(json.dumps({
         "name": name, "model": config.model.name, "objective": config.objective,
+        "compute_dtype": config.get("compute_dtype", "float32"),
         "batch": config.batch_size, "steps": args.steps, "log_every": args.log_every,
         "step_ms": round(1e3 * step, 3), "loop_ms": round(1e3 * loop, 3),
         "step_steps_per_s": round(1 / step, 2), "loop_steps_per_s": round(1 / loop, 2),
