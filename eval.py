@@ -7,6 +7,7 @@ of the test split of the run's data set, in order.
 """
 
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ _ARCH = F.DEFINE_enum("arch", "resnet18", sorted(evaluators.torch_import.ARCHS),
 _ATTACK_CONSTANT = F.DEFINE_boolean("attack_constant_models", False, "Attack even a model whose "
                                     "logits do not depend on its input (default: such a model "
                                     "is not attacked; robust = clean, and the report says so).")
+_KEEP_PROGRESS = F.DEFINE_boolean("keep_progress", False, "attacks: keep <output>.progress/ (the "
+                                  "finished batches a rerun resumes from) after the JSON is "
+                                  "written; by default it is deleted then.")
 F.mark_flag_as_required("attack")
 DEFAULT_EPS = {"linf": "8/255", "l2": "0.5", "l1": "12"}
 DEFAULT_OUTPUT = {"alignment": "alignment.json", "mechanism": "mechanism"}
@@ -120,18 +124,23 @@ def run() -> None:
   except (TypeError, KeyError, AttributeError) as e:  # A hand-edited or foreign config.json.
     raise ValueError(f"{path}: its config cannot build the model ({type(e).__name__}: "
                      f"{cli.one_line(e)[:160]}); restore the run's config.json or retrain") from e
-  request = evaluators.Request(
-      norm=_NORM.value, eps=eps, eps_text=eps_text, num_examples=_NUM_EXAMPLES.value,
-      batch_size=_BATCH_SIZE.value, seed=_SEED.value, overrides=overrides, budget=_BUDGET.value,
-      subset=tuple(cli.read_indices(_SUBSET.value)) if _SUBSET.value else None,
-      surrogate=_SURROGATE.value and evaluators.load_model(_SURROGATE.value) or None,
-      compare=_COMPARE.value and evaluators.load_model(_COMPARE.value) or None)
-  source, data_dir = data_source(model.config)
   # Where the result goes is checked before the work: an hours-long attack must not be lost.
   folder_output = _ATTACK.value in ("checklist", "mechanism")
   name = DEFAULT_OUTPUT.get(_ATTACK.value, f"{_ATTACK.value}_{_NORM.value}" +
                             ("" if folder_output else ".json"))
   output = Path(_OUTPUT.value or (path if path.is_dir() else path.parent) / "eval" / name)
+  # Attacks store each finished batch there: rerunning the command resumes (gfa_jax.eval_units),
+  # and several processes split the batches through it (it must be on a shared file system).
+  progress = (None if _ATTACK.value in evaluators.analyses()
+              else output.with_name(output.name + ".progress"))
+  request = evaluators.Request(
+      norm=_NORM.value, eps=eps, eps_text=eps_text, num_examples=_NUM_EXAMPLES.value,
+      batch_size=_BATCH_SIZE.value, seed=_SEED.value, overrides=overrides, budget=_BUDGET.value,
+      subset=tuple(cli.read_indices(_SUBSET.value)) if _SUBSET.value else None,
+      surrogate=_SURROGATE.value and evaluators.load_model(_SURROGATE.value) or None,
+      compare=_COMPARE.value and evaluators.load_model(_COMPARE.value) or None,
+      resume_dir=progress and str(progress))
+  source, data_dir = data_source(model.config)
   if distributed.is_primary():
     run_files.check_writable(output, folder=folder_output)
     if _PLOT.value:
@@ -142,15 +151,24 @@ def run() -> None:
   result.report.update(checkpoint={"path": str(path), "step": step}, data=dataset.description,
                        subset_file=_SUBSET.value, git_commit=evaluate.git_commit())
   hint = "" if data_dir else f" (for all of CIFAR-10 pass --data_dir or set ${data.DATA_DIR_ENV})"
-  # With several processes each one evaluates every image on its own devices (the result is
-  # the same on all of them); process 0 reports and writes.
+  # With several processes each one computed its share of the attack batches and read the
+  # others' from the progress folder, so every process holds the whole result; process 0
+  # reports and writes.
+  if distributed.is_primary():
+    print("\n".join([f"data: {dataset.description}{hint}", *result.lines]))
+    for written in result.write(output):
+      print(f"wrote {written}")
+    if _PLOT.value and "attacks" in result.report:  # robust accuracy vs eps
+      print(f"wrote {reporting.plot_robust_accuracy(result.report, _PLOT.value)}")
+  if progress is None:
+    return
+  distributed.sync("evaluation written")  # no process still reads the progress folder
   if not distributed.is_primary():
     return
-  print("\n".join([f"data: {dataset.description}{hint}", *result.lines]))
-  for written in result.write(output):
-    print(f"wrote {written}")
-  if _PLOT.value and "attacks" in result.report:  # robust accuracy vs eps
-    print(f"wrote {reporting.plot_robust_accuracy(result.report, _PLOT.value)}")
+  if _KEEP_PROGRESS.value:
+    print(f"kept {progress} (--keep_progress)")
+  else:
+    shutil.rmtree(progress, ignore_errors=True)
 
 
 def main(argv):
@@ -161,4 +179,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, resume="rerun the same command: an attack carries on from <output>.progress/")

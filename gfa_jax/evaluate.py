@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import tqdm
 
-from gfa_jax import batching
+from gfa_jax import batching, eval_units
 from gfa_jax.numerics import check_batch, check_logits
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
@@ -275,15 +275,17 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
   if spec.kind == EPS_BOUNDED:
     masks = []
     with tqdm.tqdm(total=num_batches() * len(eps), desc=name, disable=not progress) as bar:
-      for value in eps:
-        masks.append(still_robust(attack_correct(bar, value), value))
+      for i, value in enumerate(eps):
+        with eval_units.scope(f"eps{i}"):
+          masks.append(still_robust(attack_correct(bar, value), value))
   elif spec.kind == ENSEMBLE:  # AutoAttack skips misclassified points itself
     masks, broken_by, after, checks, stage_seconds, compile_seconds, skipped = (
         [] for _ in range(7))
-    for value in tqdm.tqdm(eps, desc=name, disable=not progress):
-      x_adv, breakdown = spec.fn(logits_fn, x, y, key=key, eps=value, norm=norm,
-                                 batch_size=batch_size, progress=progress,
-                                 skip_if_constant=not_run is not None, **hparams)
+    for i, value in enumerate(tqdm.tqdm(eps, desc=name, disable=not progress)):
+      with eval_units.scope(f"eps{i}"):
+        x_adv, breakdown = spec.fn(logits_fn, x, y, key=key, eps=value, norm=norm,
+                                   batch_size=batch_size, progress=progress,
+                                   skip_if_constant=not_run is not None, **hparams)
       masks.append(still_robust(x_adv, value))
       broken_by.append(breakdown["broken_by"])
       after.append(breakdown["robust_accuracy_after"])
@@ -336,7 +338,8 @@ def run_attack(name: str, logits_fn: Callable, x: np.ndarray, y: np.ndarray, *,
 def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, attack: str,
              eps: Sequence[float], norm: str = "linf", batch_size: int = 500, seed: int = 0,
              subset: Sequence[int] | None = None, overrides: dict | None = None,
-             progress: bool = True, skip_if_constant: bool = True) -> dict:
+             progress: bool = True, skip_if_constant: bool = True,
+             resume_dir: str | Path | None = None) -> dict:
   """Evaluates `attack` ('all' for every attack supporting `norm`) on images [N, H, W, C] in
   [0, 1] with int labels [N]; returns the JSON-ready result dict (docs/evaluation.md).
 
@@ -352,6 +355,10 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
       (`input_independence`, recorded under `model_checks`), the attacks are not run: each
       attack's section says `not_run` and its robust accuracy is the clean accuracy, which is
       what any attack would leave. False attacks anyway.
+    resume_dir: a progress folder (`eval_units`): each finished attack batch is stored there,
+      and a rerun of the same request loads them instead of computing them again (the result
+      is the uninterrupted run's); several processes on it split the batches. A different
+      request on the folder raises ValueError. The caller deletes it when done.
   """
   start = time.perf_counter()
   names = validate(attack, eps, norm)
@@ -365,6 +372,13 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
     raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f"seed must be an integer, got {seed!r:.40}.")
+  # With resume_dir every attack batch is a unit stored there as it finishes (eval_units); a
+  # folder of another request is refused before any work.
+  store = eval_units.UnitStore(resume_dir, {
+      "schema_version": SCHEMA_VERSION, "model": eval_units.model_fingerprint(logits_fn),
+      "data": eval_units.fingerprint(x, y), "attack": attack, "eps": [float(e) for e in eps],
+      "norm": norm, "num_examples": len(x), "batch_size": batch_size, "seed": int(seed),
+      "overrides": overrides, "skip_if_constant": skip_if_constant}) if resume_dir else None
   first = np.asarray(jax.jit(logits_fn)(x[:batch_size]))
   # The number of classes is known from here on: labels beyond it would be scored as wrong.
   check_logits(first, len(first))
@@ -390,10 +404,13 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
   results, skipped = {}, {}
   if attack == ALL:
     skipped = {n: f"does not support norm {norm!r}" for n in ATTACKS if n not in names}
-  for name in names:
-    results[name] = run_attack(name, logits_fn, x, y, eps=list(eps), norm=norm,
-                               clean_correct=clean_correct, batch_size=batch_size, seed=seed,
-                               overrides=overrides, progress=progress, not_run=not_run)
+  with eval_units.recording(store):
+    for name in names:
+      with eval_units.scope(name):
+        results[name] = run_attack(name, logits_fn, x, y, eps=list(eps), norm=norm,
+                                   clean_correct=clean_correct, batch_size=batch_size,
+                                   seed=seed, overrides=overrides, progress=progress,
+                                   not_run=not_run)
 
   # The headline: the attack's masks, or with 'all' the per-point worst case over every attack
   # with an eps threat model (OnePixel's pixel budget is another threat model).

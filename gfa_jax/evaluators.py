@@ -40,6 +40,7 @@ class Request:
   surrogate: Model | None = None  # checklist: the transfer attack's standard-trained model
   compare: Model | None = None  # mechanism: a second model measured beside the first
   progress: bool = True  # attacks, checklist: progress bars on the terminal
+  resume_dir: str | None = None  # attacks: progress folder, resumable (gfa_jax.eval_units)
 
 
 @dataclasses.dataclass
@@ -146,7 +147,7 @@ def run_attacks(attack: str, model: Model, data: Data, request: Request) -> Resu
       model.logits_fn, images, labels, attack=attack, eps=list(request.eps), norm=request.norm,
       batch_size=request.batch_size, seed=request.seed, subset=request.subset,
       overrides=request.overrides, progress=request.progress,
-      skip_if_constant=not request.attack_constant_models)
+      skip_if_constant=not request.attack_constant_models, resume_dir=request.resume_dir)
   report["eps_text"] = request.eps_text
 
   def write(path: Path) -> list[Path]:

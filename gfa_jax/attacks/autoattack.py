@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gfa_jax import batching, numerics, profiling
+from gfa_jax import batching, eval_units, numerics, profiling
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
 from gfa_jax.attacks.fab import fab
@@ -290,7 +290,7 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
       # APGD-T and FAB-T: one target at a time on the points still robust, as the reference.
       run = (core.run_per_target if core.splits_per_target(attack, call_hparams)
              else functools.partial(core.run_in_batches, bucket=True))
-      with bar:
+      with bar, eval_units.scope(f"{index}-{name}"):  # units of each stage (eval_units)
         candidates = run(attack, fn, x[todo], y[todo], key=jax.random.fold_in(key, index),
                          batch_size=batch_size, eps=eps, hparams=call_hparams, progress=bar)
       fooled = batching.predict(logits_fn, candidates, batch_size) != y[todo]

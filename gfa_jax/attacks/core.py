@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gfa_jax import batching, numerics
+from gfa_jax import batching, eval_units, numerics
 # The shared numerics (losses, input checks), re-exported under the names the attacks use.
 from gfa_jax.numerics import (LOSSES, LogitsFn, LossFn, check_images, dlr_loss,  # noqa: F401
                               is_better, loss_and_grad, margin_loss, misclassified, resolve_loss,
@@ -319,10 +319,11 @@ def run_per_target(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.n
   for target in range(num_targets):
     if not len(todo):
       break
-    candidates = run_in_batches(attack, logits_fn, x[todo], y[todo],
-                                key=jax.random.fold_in(key, target), batch_size=batch_size,
-                                eps=eps, hparams=tuple(hp.items()), bucket=bucket,
-                                traced={"first_target": target})
+    with eval_units.scope(f"target{target}"):
+      candidates = run_in_batches(attack, logits_fn, x[todo], y[todo],
+                                  key=jax.random.fold_in(key, target), batch_size=batch_size,
+                                  eps=eps, hparams=tuple(hp.items()), bucket=bucket,
+                                  traced={"first_target": target})
     x_adv[todo] = candidates
     fooled = batching.predict(logits_fn, candidates, batch_size) != y[todo]
     todo = todo[~fooled]
@@ -341,7 +342,8 @@ def run_in_batches(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.n
   it keys the compilation cache together with the attack and logits_fn); `traced` holds int
   keyword arguments passed as traced scalars, so changing them compiles nothing new. `progress`,
   a tqdm bar, advances by one per batch; `bucket` pads fewer than batch_size rows to a power of
-  two.
+  two. Within `eval_units.recording` each batch is a unit: loaded if stored, else computed (by
+  this process, or read from the one that owns it) and stored.
   """
   eps = None if eps is None else jnp.asarray(eps, jnp.float32)
   traced = {k: jnp.asarray(v, jnp.int32) for k, v in (traced or {}).items()}
@@ -350,6 +352,10 @@ def run_in_batches(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.n
   def run(xb, yb, key_b):
     return _attack_batch(xb, yb, key_b, eps, traced, model, attack=attack, hparams=hparams)
 
-  out = batching.map_batches(run, [np.asarray(x, np.float32), np.asarray(y, np.int32)],
+  units = eval_units.batch_units(len(x), batch_size, bucket)
+  out = batching.map_batches(run if units is None else units.wrap(run),
+                             [np.asarray(x, np.float32), np.asarray(y, np.int32)],
                              batch_size, key=key, bucket=bucket, progress=progress)
-  return np.zeros_like(np.asarray(x, np.float32)) if out is None else out
+  if out is None:
+    return np.zeros_like(np.asarray(x, np.float32))
+  return out if units is None else units.complete(out)
