@@ -75,15 +75,16 @@ class UnitStore:
     # Through JSON, so that tuples and lists, ints and floats compare as they are stored.
     manifest = json.loads(json.dumps({"unit_store_version": VERSION, **request}, default=str))
     path = self.folder / MANIFEST
-    if path.exists():
-      stored = json.loads(path.read_text())
+    stored = json.loads(path.read_text()) if path.exists() else None
+    # A folder without any finished unit (a run that failed before its first batch) holds
+    # nothing to lose: a corrected request takes it over.
+    if stored not in (None, manifest) and any(self.folder.glob("*.npz")):
       differ = sorted(k for k in stored.keys() | manifest.keys()
                       if stored.get(k) != manifest.get(k))
-      if differ:
-        raise ValueError(f"{self.folder} holds the progress of another evaluation (it differs "
-                         f"in {', '.join(differ)}); pass another --output, or delete "
-                         f"{self.folder} to start this one from zero")
-    else:  # Several processes may write it at once: the same bytes, each atomically.
+      raise ValueError(f"{self.folder} holds the progress of another evaluation (it differs "
+                       f"in {', '.join(differ)}); pass another --output, or delete "
+                       f"{self.folder} to start this one from zero")
+    if stored != manifest:  # Several processes may write it at once: the same bytes, atomically.
       from gfa_jax import reporting  # here: it loads matplotlib, which attacks never need
       reporting.write_json(path, manifest, indent=1)
     self.process, self.processes = jax.process_index(), jax.process_count()

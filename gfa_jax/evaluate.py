@@ -372,13 +372,6 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
     raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f"seed must be an integer, got {seed!r:.40}.")
-  # With resume_dir every attack batch is a unit stored there as it finishes (eval_units); a
-  # folder of another request is refused before any work.
-  store = eval_units.UnitStore(resume_dir, {
-      "schema_version": SCHEMA_VERSION, "model": eval_units.model_fingerprint(logits_fn),
-      "data": eval_units.fingerprint(x, y), "attack": attack, "eps": [float(e) for e in eps],
-      "norm": norm, "num_examples": len(x), "batch_size": batch_size, "seed": int(seed),
-      "overrides": overrides, "skip_if_constant": skip_if_constant}) if resume_dir else None
   first = np.asarray(jax.jit(logits_fn)(x[:batch_size]))
   # The number of classes is known from here on: labels beyond it would be scored as wrong.
   check_logits(first, len(first))
@@ -390,6 +383,13 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
     raise ValueError(f"the model outputs non-finite logits on {int((~np.isfinite(first)).any(-1).sum())}"
                      f" of the first {len(first)} clean images; it is broken (diverged "
                      "training?) — evaluate an earlier checkpoint (--step) or retrain")
+  # With resume_dir every attack batch is a unit stored there as it finishes (eval_units); a
+  # folder of another request is refused before any attack, a bad model or input before it is made.
+  store = eval_units.UnitStore(resume_dir, {
+      "schema_version": SCHEMA_VERSION, "model": eval_units.model_fingerprint(logits_fn),
+      "data": eval_units.fingerprint(x, y), "attack": attack, "eps": [float(e) for e in eps],
+      "norm": norm, "num_examples": len(x), "batch_size": batch_size, "seed": int(seed),
+      "overrides": overrides, "skip_if_constant": skip_if_constant}) if resume_dir else None
   predictions = batching.predict(logits_fn, x, batch_size)
   clean_correct = predictions == y
   degenerate = degenerate_model(predictions, y, num_classes=first.shape[-1])

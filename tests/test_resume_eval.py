@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gfa_jax import batching, evaluate
+from gfa_jax import batching, eval_units, evaluate
 from gfa_jax.attacks import autoattack
 from tests.conftest import REPO
 
@@ -179,3 +179,13 @@ def test_eval_command_line_resumes_refuses_another_request_and_cleans_up(tmp_pat
   resumed = json.loads(out.read_text())
   for key in ("still_robust", "clean_correct", "robust_accuracy"):
     assert resumed[key] == report[key], key
+
+
+def test_a_folder_without_finished_units_is_taken_over_by_a_corrected_request(tmp_path):
+  eval_units.UnitStore(tmp_path, {"seed": 0})  # e.g. a run whose flags failed before batch 0
+  store = eval_units.UnitStore(tmp_path, {"seed": 1})
+  store.save("apgd.eps0.call0.b000000", np.ones(3, np.float32))
+  with pytest.raises(ValueError, match=r"differs in seed\)"):
+    eval_units.UnitStore(tmp_path, {"seed": 2})
+  np.testing.assert_array_equal(
+      eval_units.UnitStore(tmp_path, {"seed": 1}).load("apgd.eps0.call0.b000000"), np.ones(3))
