@@ -129,11 +129,17 @@ def units() -> dict[str, Unit]:
 
 
 def per_example(x_adv: np.ndarray, x: np.ndarray, adversarial: np.ndarray) -> dict:
-  """Success and norms of the returned images; a point returned unchanged is a failure."""
+  """Success and norms of the returned images; a point returned unchanged is a failure.
+
+  `black` marks all-zero images: foolbox's CW and EAD return one where they found nothing
+  (their `best_advs` starts as zeros), and a black image the model misclassifies then counts
+  as a success of norm ||x||; the table counts those separately.
+  """
   delta = (x_adv.astype(np.float64) - x).reshape(len(x), -1)
   changed = np.abs(delta).max(axis=1) > 0
   pixels = np.abs(x_adv.astype(np.float64) - x).max(axis=-1).reshape(len(x), -1)
   return {"adversarial": (adversarial & changed).tolist(),
+          "black": (np.abs(x_adv).reshape(len(x), -1).max(axis=1) == 0).tolist(),
           "l1": np.abs(delta).sum(1).tolist(), "l2": np.sqrt((delta ** 2).sum(1)).tolist(),
           "linf": np.abs(delta).max(1).tolist(), "l0": (pixels > 0).sum(1).tolist()}
 
@@ -226,6 +232,8 @@ def compare(record: dict) -> list[dict]:
                  "agreement": float((ours_adv == ref_adv).mean()) if clean.any() else None,
                  "only_ours": int((ours_adv & ~ref_adv).sum()),
                  "only_ref": int((~ours_adv & ref_adv).sum()),
+                 "only_ref_black": int((~ours_adv & ref_adv & np.asarray(ref["black"])[clean])
+                                       .sum()),
                  "ratio_median": quantile(0.5), "ratio_p90": quantile(0.9),
                  "seconds": (ours["seconds"], ref["seconds"])})
   return rows
@@ -234,8 +242,8 @@ def compare(record: dict) -> list[dict]:
 def table(in_dir: Path) -> str:
   fmt = lambda v, spec: "-" if v is None else format(v, spec)
   lines = ["| model | attack | vs | clean-correct N | gfa-jax success % | reference success % | "
-           "mask agreement % | only gfa-jax / only ref | norm | ratio median | ratio p90 | "
-           "time gfa-jax / ref (s) |",
+           "mask agreement % | only gfa-jax / only ref (of which black images) | norm | "
+           "ratio median | ratio p90 | time gfa-jax / ref (s) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   settings = {}
   for path in sorted(in_dir.glob("*.json")):
@@ -244,7 +252,8 @@ def table(in_dir: Path) -> str:
       pct = lambda v: fmt(None if v is None else 100 * v, ".1f")
       lines.append(f"| {row['model']} | {row['attack']} | {row['reference']} | {row['n']} | "
                    f"{pct(row['success_ours'])} | {pct(row['success_ref'])} | "
-                   f"{pct(row['agreement'])} | {row['only_ours']} / {row['only_ref']} | "
+                   f"{pct(row['agreement'])} | {row['only_ours']} / {row['only_ref']} "
+                   f"({row['only_ref_black']}) | "
                    f"{row['norm']} | {fmt(row['ratio_median'], '.3f')} | "
                    f"{fmt(row['ratio_p90'], '.3f')} | "
                    f"{row['seconds'][0]:.0f} / {row['seconds'][1]:.0f} |")
