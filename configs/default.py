@@ -74,8 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Seeds the parameters, the data order and the augmentation.
   # float32 | bfloat16: the training step's convolutions and matmuls in bfloat16 (parameters,
   # optimiser, activations, GFA's cosines and the loss stay float32). Models with a dtype field
-  # only (small_cnn, mlp). Evaluation and attacks always run float32: steps of 1/255 and
-  # min-norm searches need more than bfloat16's ~3 significant digits.
+  # only (small_cnn, mlp, resnet20, vit). Evaluation and attacks always run float32: attack
+  # steps of 1/255 and min-norm searches need more than bfloat16's ~3 significant digits.
   config.compute_dtype = "float32"
 
   # --- Logging, evaluation, checkpoints --------------------------------------------------

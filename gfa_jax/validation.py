@@ -80,8 +80,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if compute_dtype not in COMPUTE_DTYPES:
     raise _bad("compute_dtype", compute_dtype, f"choose one of {list(COMPUTE_DTYPES)}")
   if compute_dtype != "float32" and not hasattr(model, "dtype"):
+    able = [n for n, cls in models.MODELS.items() if "dtype" in cls.__dataclass_fields__]
     raise _bad("compute_dtype", compute_dtype, f"model {name!r} computes in float32 only "
-               "(bfloat16: small_cnn, mlp); use float32")
+               f"(bfloat16: {', '.join(able)}); use float32")
   try:  # Builds it, abstractly: a width of 0 or a word where widths belong fails here.
     taps = _tap_names(model, data.image_shape(config.data_source))
   except (TypeError, ValueError, ZeroDivisionError, IndexError) as e:

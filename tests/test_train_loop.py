@@ -2,6 +2,7 @@
 and saving steps, the next batch is put while a step runs, and the results are those of the
 loop that read everything back after every step. Also bfloat16 compute as an opt-in."""
 
+import functools
 import json
 import os
 import subprocess
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gfa_jax import batching, checkpoints, data, train_lib, validation
+from gfa_jax import (batching, checkpoints, data, models, objectives, train_lib,
+                     validation)
+from gfa_jax.penalty import gfa_objective
 from tests.conftest import REPO
 
 # Recorded from the loop before issue 34 (it read the metrics back after every step): configs/
@@ -147,13 +150,40 @@ def test_bfloat16_compute_trains_close_to_float32(tiny_config):
   assert not np.array_equal(values("bfloat16", "loss"), values("float32", "loss"))  # It did.
 
 
+@pytest.mark.parametrize("name, fields", [
+    ("resnet20", {"stage_features": (4, 8, 8), "blocks_per_stage": 1}),
+    ("vit", {"width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 16})])
+def test_bfloat16_resnet20_and_vit_objectives_are_close_to_float32(name, fields):
+  x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
+  y = jnp.arange(4)
+  init = jax.jit(lambda key: models.init_params(models.create_model(name, **fields), key,
+                                               x.shape[1:]))  # Eagerly: 20 s of op dispatch.
+  params = init(jax.random.key(0))
+  out = {}
+  for dtype in (None, "bfloat16"):
+    model = models.create_model(name, dtype=dtype, **fields)
+    # Two taps: the image and a block's input (every tap costs compile time, not coverage).
+    objective = functools.partial(gfa_objective, model.apply, x=x, y=y,
+                                  task_loss=objectives.mse("softmax"), layers=("layer0", "layer1"))
+    (value, aux), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+    out[dtype] = value, np.array([np.mean(c) for c in aux["cosines"].values()]), grads
+  (value, cosines, grads), (value16, cosines16, grads16) = out[None], out["bfloat16"]
+  assert np.all(np.isfinite(cosines16))
+  chex.assert_trees_all_equal_dtypes(grads16, grads)  # float32 gradients of float32 params.
+  # As for SmallCNN: within one bfloat16 rounding unit (2^-8) of float32.
+  np.testing.assert_allclose(value16, value, rtol=2**-8)
+  np.testing.assert_allclose(cosines16, cosines, atol=2**-8)
+  assert value16 != value
+
+
 def test_compute_dtype_is_checked(tiny_config):
   tiny_config.compute_dtype = "float16"
   with pytest.raises(ValueError, match=r"config.compute_dtype='float16' is invalid; choose one"):
     validation.validate_config(tiny_config)
-  tiny_config.compute_dtype, tiny_config.model.name = "bfloat16", "resnet20"
+  tiny_config.compute_dtype, tiny_config.model.name = "bfloat16", "resnet18"  # BatchNorm.
   del tiny_config.model["hidden"]
-  with pytest.raises(ValueError, match="model 'resnet20' computes in float32 only"):
+  with pytest.raises(ValueError, match=r"model 'resnet18' computes in float32 only \(bfloat16: "
+                     r"small_cnn, mlp, resnet20, vit\)"):
     validation.validate_config(tiny_config)
   tiny_config.model.name, tiny_config.model.dtype = "mlp", "bfloat16"
   with pytest.raises(ValueError, match="config.model.dtype='bfloat16' is invalid; drop it"):

@@ -198,8 +198,10 @@ def conv_same_for_flax(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_d
 
 
 
-def conv3x3(features: int, strides: int = 1, explicit_conv_vjp: bool = True) -> Any:
-  """A bias-free 3x3 convolution with padding 1 (PyTorch's ``padding=1``), stride 1 or 2.
+def conv3x3(features: int, strides: int = 1, explicit_conv_vjp: bool = True,
+            dtype: str | None = None) -> Any:
+  """A bias-free 3x3 convolution with padding 1 (PyTorch's ``padding=1``), stride 1 or 2,
+  computing in ``dtype`` (None: float32, as its kernel).
 
   With ``explicit_conv_vjp`` it runs through ``conv_same``, stride 2 through
   ``conv_same_subsampled`` (same values as lax's strided convolution with padding
@@ -208,8 +210,8 @@ def conv3x3(features: int, strides: int = 1, explicit_conv_vjp: bool = True) -> 
   init = nn.initializers.he_normal()
   if not explicit_conv_vjp:
     return nn.Conv(features, (3, 3), strides=strides, padding=((1, 1), (1, 1)), use_bias=False,
-                   kernel_init=init)
-  return nn.Conv(features, (3, 3), padding="SAME", use_bias=False, kernel_init=init,
+                   kernel_init=init, dtype=dtype)
+  return nn.Conv(features, (3, 3), padding="SAME", use_bias=False, kernel_init=init, dtype=dtype,
                  conv_general_dilated=functools.partial(conv_same_for_flax, subsample=strides))
 
 

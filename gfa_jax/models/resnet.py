@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gfa_jax.models.common import (_ImageModel, activation, batch_norm, maybe_normalize,
-                                   normalize)
+from gfa_jax.models.common import (_ImageModel, activation, batch_norm, float32_out,
+                                   maybe_normalize, normalize)
 from gfa_jax.models.conv import conv3x3, torch_conv
 from gfa_jax.penalty import tap
 
@@ -45,12 +45,13 @@ class BasicBlock(nn.Module):
   features: int
   strides: int = 1
   explicit_conv_vjp: bool = True
+  dtype: str | None = None  # Of the convolutions (ResNet20.dtype).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = conv3x3(self.features, self.strides, self.explicit_conv_vjp)(x)
+    h = float32_out(conv3x3(self.features, self.strides, self.explicit_conv_vjp, self.dtype)(x))
     h = nn.relu(group_norm(self.features)(h))
-    h = conv3x3(self.features, 1, self.explicit_conv_vjp)(h)
+    h = float32_out(conv3x3(self.features, 1, self.explicit_conv_vjp, self.dtype)(h))
     h = group_norm(self.features)(h)
     shortcut = x[:, ::self.strides, ::self.strides, :]
     extra = self.features - x.shape[-1]
@@ -80,23 +81,26 @@ class ResNet20(_ImageModel):
 
   stage_features: Sequence[int] = (16, 32, 64)
   blocks_per_stage: int = 3
+  # Where the convolutions and matmuls compute: None (float32, as the parameters) or
+  # "bfloat16" (outputs back to float32; GroupNorm and the shortcut stay float32).
+  dtype: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = normalize(x, self.mean, self.std)
     h = tap(self, "layer0", h)
-    h = conv3x3(self.stage_features[0], 1, self.explicit_conv_vjp)(h)
+    h = float32_out(conv3x3(self.stage_features[0], 1, self.explicit_conv_vjp, self.dtype)(h))
     h = nn.relu(group_norm(self.stage_features[0])(h))
     layer = 1
     for stage, width in enumerate(self.stage_features):
       for block in range(self.blocks_per_stage):
         h = tap(self, f"layer{layer}", h)
         strides = 2 if stage > 0 and block == 0 else 1
-        h = BasicBlock(width, strides, self.explicit_conv_vjp)(h)
+        h = BasicBlock(width, strides, self.explicit_conv_vjp, self.dtype)(h)
         layer += 1
     h = jnp.mean(h, axis=(1, 2))
     h = tap(self, f"layer{layer}", h)
-    return nn.Dense(self.num_classes)(h)
+    return float32_out(nn.Dense(self.num_classes, dtype=self.dtype)(h))
 
 
 class TorchBasicBlock(nn.Module):

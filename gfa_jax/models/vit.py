@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gfa_jax.models.common import normalize
+from gfa_jax.models.common import float32_out, normalize
 from gfa_jax.penalty import tap
 
 
@@ -17,13 +17,19 @@ class TransformerBlock(nn.Module):
 
   num_heads: int
   mlp_dim: int
+  dtype: str | None = None  # Of the matmuls (ViT.dtype).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    # In bfloat16 the attention's softmax still runs in float32 (its logits' differences
+    # matter); None leaves Flax's default call as it was.
+    low = {"dtype": self.dtype, "force_fp32_for_softmax": True} if self.dtype else {}
     h = nn.LayerNorm()(x)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(h, h)
+    x = x + float32_out(nn.MultiHeadDotProductAttention(num_heads=self.num_heads, **low)(h, h))
     h = nn.LayerNorm()(x)
-    h = nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.mlp_dim)(h)))
+    out = nn.Dense(x.shape[-1], dtype=self.dtype)  # Built first: named Dense_0, as before.
+    h = float32_out(nn.Dense(self.mlp_dim, dtype=self.dtype)(h))
+    h = float32_out(out(nn.gelu(h)))
     return x + h
 
 
@@ -49,6 +55,9 @@ class ViT(nn.Module):
   mlp_dim: int = 256
   mean: Sequence[float] = (0.5, 0.5, 0.5)
   std: Sequence[float] = (0.5, 0.5, 0.5)
+  # Where the matmuls compute: None (float32, as the parameters) or "bfloat16" (outputs back
+  # to float32; LayerNorm, GELU and the attention's softmax stay float32).
+  dtype: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,13 +67,13 @@ class ViT(nn.Module):
     p = self.patch_size
     patches = h.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, (height // p) * (width // p), p * p * c)
-    h = nn.Dense(self.width, name="patch_embedding")(patches)
+    h = float32_out(nn.Dense(self.width, name="patch_embedding", dtype=self.dtype)(patches))
     position = self.param("position_embedding", nn.initializers.normal(0.02),
                           (1, *h.shape[1:]), h.dtype)
     h = h + position
     for i in range(self.depth):
       h = tap(self, f"layer{i + 1}", h)
-      h = TransformerBlock(self.num_heads, self.mlp_dim)(h)
+      h = TransformerBlock(self.num_heads, self.mlp_dim, self.dtype)(h)
     h = jnp.mean(nn.LayerNorm()(h), axis=1)
     h = tap(self, f"layer{self.depth + 1}", h)
-    return nn.Dense(self.num_classes)(h)
+    return float32_out(nn.Dense(self.num_classes, dtype=self.dtype)(h))
