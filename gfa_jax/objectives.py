@@ -63,7 +63,7 @@ TAPPED_OBJECTIVES = ("gfa",)
 # Config fields added after the first release, with the value a config without them means
 # (configs/default.py sets the same): older run configs resume, older checkpoints load.
 ADDED_FIELDS = {"gfa_gradient": "exact", "gfa_direction": "align", "gfa_reduction": "mean",
-                "nesterov": False, "eval_alignment": False}
+                "nesterov": False, "eval_alignment": False, "compute_dtype": "float32"}
 
 
 def field(config: ml_collections.ConfigDict, name: str):
