@@ -40,10 +40,10 @@ from gfa_jax.models.resnet import (CIFAR10_MEAN, CIFAR10_STD, BasicBlock, DMPreA
                                    TorchBasicBlock, group_norm)
 from gfa_jax.models.small import MLP, SmallCNN
 from gfa_jax.models.vit import TransformerBlock, ViT
-from gfa_jax.models.wide_resnet import DMWideBlock, DMWideResNet, WideBlock, WideResNet
+from gfa_jax.models.wide_resnet import DMWideResNet, WideBlock, WideResNet
 
 __all__ = ["ACTIVATIONS", "BN_EPS", "BN_MOMENTUM", "CIFAR10_MEAN", "CIFAR10_STD", "MLP", "MODELS",
-           "BasicBlock", "DMPreActBlock", "DMPreActResNet", "DMWideBlock", "DMWideResNet",
+           "BasicBlock", "DMPreActBlock", "DMPreActResNet", "DMWideResNet",
            "PreActBlock", "PreActResNet18", "ResNet18", "ResNet20", "SmallCNN", "TorchBasicBlock",
            "TransformerBlock", "ViT", "WideBlock", "WideResNet", "abstract_params", "activation",
            "batch_norm", "conv3x3", "conv_same", "conv_same_for_flax", "conv_same_subsampled",

@@ -16,6 +16,7 @@ features.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -42,98 +43,87 @@ def group_widths(width: int) -> tuple[int, int, int, int]:
   return 16, 16 * width, 32 * width, 64 * width
 
 
+class Layout(NamedTuple):
+  """The torch module names of one code base's WideResNet (Flax names are these with "."
+  written "__"), and its stride-2 padding. ``block`` is formatted with the group counted from
+  1 (``g1``) or 0 (``g0``) and the block's index ``i``."""
+  stem: str
+  block: str
+  bn_0: str
+  conv_0: str
+  bn_1: str
+  conv_1: str
+  shortcut: str
+  final_bn: str
+  head: str
+  pad_end: bool  # a stride-2 conv_0 pads (0, 1), TF's "SAME", instead of torch's (1, 1)
+
+
+CLASSIC = Layout("conv1", "block{g1}__layer__{i}", "bn1", "conv1", "bn2", "conv2",
+                 "convShortcut", "bn1", "fc", pad_end=False)
+DEEPMIND = Layout("init_conv", "layer__{g0}__block__{i}", "batchnorm_0", "conv_0",
+                  "batchnorm_1", "conv_1", "shortcut", "batchnorm", "logits", pad_end=True)
+
+
 class WideBlock(nn.Module):
-  """The classic ``BasicBlock``: a = act(bn1(x)); out = conv2(act(bn2(conv1(a)))). Where the
-  channel count changes, the shortcut is ``convShortcut`` (1x1) of a; else it is x itself."""
+  """The pre-activation block of both layouts: a = act(bn_0(x)); out = conv_1(act(bn_1(
+  conv_0(a)))). Where the channel count changes, the shortcut is a 1x1 convolution of a; else
+  it is x itself."""
   features: int
   stride: int
   activation: str = "relu"
+  layout: Layout = CLASSIC
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    act = activation(self.activation)
-    a = act(batch_norm("bn1", train)(x))
+    names, act = self.layout, activation(self.activation)
+    a = act(batch_norm(names.bn_0, train)(x))
     shortcut = x
     if x.shape[-1] != self.features:
-      shortcut = torch_conv(self.features, 1, self.stride, "convShortcut")(a)
-    out = torch_conv(self.features, 3, self.stride, "conv1")(a)
-    out = act(batch_norm("bn2", train)(out))
-    return torch_conv(self.features, 3, 1, "conv2")(out) + shortcut
+      shortcut = torch_conv(self.features, 1, self.stride, names.shortcut)(a)
+    out = torch_conv(self.features, 3, self.stride, names.conv_0,
+                     pad_end=names.pad_end and self.stride == 2)(a)
+    out = act(batch_norm(names.bn_1, train)(out))
+    return torch_conv(self.features, 3, 1, names.conv_1)(out) + shortcut
 
 
 class WideResNet(nn.Module):
   """RobustBench's classic ``WideResNet(depth, widen_factor=width)`` (keys ``conv1``,
   ``block1.layer.0.bn1`` ..., ``bn1``, ``fc``). ReLU and no normalisation, as published
-  (``activation``, ``mean``/``std`` are there for training variants)."""
+  (``activation``, ``mean``/``std`` are there for training variants). ``layout`` names the
+  modules (``DMWideResNet`` is this network in DeepMind's layout)."""
   depth: int = 28
   width: int = 10
   activation: str = "relu"
   num_classes: int = 10
   mean: Sequence[float] | None = None
   std: Sequence[float] | None = None
+  layout: Layout = CLASSIC
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    n, widths = blocks_per_group(self.depth), group_widths(self.width)
+    n, widths, names = blocks_per_group(self.depth), group_widths(self.width), self.layout
     x = tap(self, "layer0", maybe_normalize(x, self.mean, self.std))
-    out = torch_conv(widths[0], 3, 1, "conv1")(x)
+    out = torch_conv(widths[0], 3, 1, names.stem)(x)
     layer = 1
     for group in range(3):
       for index in range(n):
         out = tap(self, f"layer{layer}", out)
         stride = 2 if group and not index else 1
-        out = WideBlock(widths[group + 1], stride, self.activation,
-                        name=f"block{group + 1}__layer__{index}")(out, train)
+        out = WideBlock(widths[group + 1], stride, self.activation, names,
+                        name=names.block.format(g0=group, g1=group + 1, i=index))(out, train)
         layer += 1
-    out = activation(self.activation)(batch_norm("bn1", train)(out))
+    out = activation(self.activation)(batch_norm(names.final_bn, train)(out))
     out = tap(self, f"layer{layer}", jnp.mean(out, axis=(1, 2)))
-    return nn.Dense(self.num_classes, name="fc")(out)
+    return nn.Dense(self.num_classes, name=names.head)(out)
 
 
-class DMWideBlock(nn.Module):
-  """DeepMind's ``_Block``: like ``WideBlock`` (keys ``batchnorm_0``, ``conv_0``,
-  ``batchnorm_1``, ``conv_1``, ``shortcut``), but a stride-2 ``conv_0`` pads (0, 1)."""
-  features: int
-  stride: int
-  activation: str = "swish"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    act = activation(self.activation)
-    a = act(batch_norm("batchnorm_0", train)(x))
-    shortcut = x
-    if x.shape[-1] != self.features:
-      shortcut = torch_conv(self.features, 1, self.stride, "shortcut")(a)
-    out = torch_conv(self.features, 3, self.stride, "conv_0", pad_end=self.stride == 2)(a)
-    out = act(batch_norm("batchnorm_1", train)(out))
-    return torch_conv(self.features, 3, 1, "conv_1")(out) + shortcut
-
-
-class DMWideResNet(nn.Module):
+class DMWideResNet(WideResNet):
   """DeepMind's ``DMWideResNet(depth, width)`` (keys ``init_conv``,
-  ``layer.0.block.0.batchnorm_0`` ..., ``batchnorm``, ``logits``): swish by default (most
-  RobustBench entries; ``activation="relu"`` for the others), the CIFAR-10 mean/std applied
-  inside (not part of the state_dict; None for neither)."""
-  depth: int = 28
-  width: int = 10
+  ``layer.0.block.0.batchnorm_0`` ..., ``batchnorm``, ``logits``; stride-2 ``conv_0`` padded
+  (0, 1)): swish by default (most RobustBench entries; ``activation="relu"`` for the others),
+  the CIFAR-10 mean/std applied inside (not part of the state_dict; None for neither)."""
   activation: str = "swish"
-  num_classes: int = 10
   mean: Sequence[float] | None = CIFAR10_MEAN
   std: Sequence[float] | None = CIFAR10_STD
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    n, widths = blocks_per_group(self.depth), group_widths(self.width)
-    x = tap(self, "layer0", maybe_normalize(x, self.mean, self.std))
-    out = torch_conv(widths[0], 3, 1, "init_conv")(x)
-    layer = 1
-    for group in range(3):
-      for index in range(n):
-        out = tap(self, f"layer{layer}", out)
-        stride = 2 if group and not index else 1
-        out = DMWideBlock(widths[group + 1], stride, self.activation,
-                          name=f"layer__{group}__block__{index}")(out, train)
-        layer += 1
-    out = activation(self.activation)(batch_norm("batchnorm", train)(out))
-    out = tap(self, f"layer{layer}", jnp.mean(out, axis=(1, 2)))
-    return nn.Dense(self.num_classes, name="logits")(out)
+  layout: Layout = DEEPMIND
