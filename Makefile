@@ -1,11 +1,13 @@
 # The two commands of the README, each in a local virtual environment made on first use:
 #   make quickstart   GFA-DEEP (paper), standard and small-beta GFA on the embedded CIFAR-10 subset,
 #                     APGD-CE on its 500 test images, one table (gfa_jax/quickstart.py)
-#   make test         the dialect check (ruff) and the test suite (what CI runs: make test VENV=.venv-ci)
+#   make test         the dialect check (ruff) and the fast tests (minutes; every commit)
+#   make test-slow    the slow set: multi-process, cross-check, benchmark and long runs
+#   make test-all     both (what CI runs: .ci/run)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: quickstart test versions
+.PHONY: quickstart test test-slow test-all versions
 
 # Installed again only when pyproject.toml changes (the stamp is older than it). Quiet: pip's
 # own warnings and errors still show, its list of what it installs does not.
@@ -24,4 +26,9 @@ quickstart: $(VENV)/.installed
 
 test: versions
 	$(PYTHON) -m ruff check --no-cache .
-	JAX_PLATFORMS=cpu $(PYTHON) -m pytest -q -n 2 tests
+	JAX_PLATFORMS=cpu $(PYTHON) -m pytest -q -n 2 -m "not slow" tests
+
+test-slow: versions
+	JAX_PLATFORMS=cpu $(PYTHON) -m pytest -q -n 2 -m slow tests
+
+test-all: test test-slow

@@ -111,6 +111,7 @@ def test_alignment_table_agrees_with_per_example_cosines():
   assert markdown.splitlines()[0] == "| split | layer0 | layer1 |"
 
 
+@pytest.mark.slow
 def test_alignment_table_runs_a_batchnorm_model_on_its_running_averages():
   """A model with batch_stats (a trained or imported BatchNorm network) is measured in
   inference mode: an image's cosine is the same alone as in a batch."""

@@ -40,6 +40,7 @@ def images(batch, seed=1, low=0.0, high=1.0):
   return jax.random.uniform(jax.random.key(seed), (batch, *SHAPE), minval=low, maxval=high)
 
 
+@pytest.mark.slow
 def test_square_breaks_a_zero_gradient_model_where_pgd_fails():
   logits_fn, w = linear_model(quantise=True)
   x = images(8, low=0.25, high=0.75)
@@ -59,6 +60,7 @@ def test_square_breaks_a_zero_gradient_model_where_pgd_fails():
   assert float(jnp.mean(jnp.argmax(logits_fn(x_sq), -1) == y)) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("linf", 4 / 255), ("l2", 0.3)])
 def test_square_respects_eps_and_box_and_is_deterministic(norm, eps):
   logits_fn, _ = linear_model()
@@ -208,6 +210,7 @@ def test_square_queries_only_the_points_still_robust():
   core.check_adversarial(x_adv, x, 0.1, "linf")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("linf", 6 / 255), ("l2", 0.5)])
 def test_square_compaction_changes_no_result(norm, eps):
   """Querying only the robust points (compact) gives, per example, the search of the whole

@@ -333,6 +333,7 @@ def test_apgd_t_rejects_more_targets_than_classes():
     apgd_t(logits_fn, images(2), jnp.array([0, 1]), key=jax.random.key(0), eps=0.03)
 
 
+@pytest.mark.slow
 def test_first_target_attacks_the_class_of_that_rank():
   """first_target=t (traced or not) runs the same iterates as naming the (2+t)-th class."""
   logits_fn = wiggly_model(num_classes=5)
@@ -347,6 +348,7 @@ def test_first_target_attacks_the_class_of_that_rank():
     chex.assert_trees_all_close(by_rank, by_class)
 
 
+@pytest.mark.slow
 def test_run_per_target_attacks_only_the_points_still_robust():
   """After a target fools a point, later targets do not see it (the reference's loop), and the
   result is as strong as all targets on every point."""

@@ -77,6 +77,7 @@ print(json.dumps({"devices": jax.local_device_count(), "masks": masks}))
 """
 
 
+@pytest.mark.slow
 def test_two_devices_give_the_masks_of_one_for_pgd_apgd_and_autoattack():
   """Sharded evaluation (each batch split over the local devices) changes no robust mask."""
   from tests.conftest import run_python

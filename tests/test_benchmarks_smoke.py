@@ -13,6 +13,9 @@ import pytest
 from benchmarks import common
 from tests.conftest import REPO
 
+# The slow set (make test-slow; CI runs it too): benchmark scripts run end to end.
+pytestmark = pytest.mark.slow
+
 TINY = ["--steps", "1", "--warmup", "0", "--rounds", "1"]
 
 

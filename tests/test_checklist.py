@@ -55,6 +55,7 @@ def statuses(report):
   return {c["id"]: c["status"] for c in report["checks"]}
 
 
+@pytest.mark.slow
 def test_healthy_linear_model_passes_every_check(tmp_path):
   surrogate_w = W + 0.3 * np.asarray(jax.random.normal(jax.random.key(3), W.shape))
   report = run(linear, tmp_path, surrogate=(linear, {"w": surrogate_w}))
@@ -74,6 +75,7 @@ def test_healthy_linear_model_passes_every_check(tmp_path):
   assert sweep["eps"][-1] == 0.5 and sweep["worst_case"][-1] == 0.0
 
 
+@pytest.mark.slow
 def test_quantised_model_fails_black_box_and_gradient_checks(tmp_path):
   report = run(quantised, tmp_path, surrogate=(linear, {"w": W}))
   result = statuses(report)

@@ -16,6 +16,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from gfa_jax.attacks import cw, deepfool, ead  # noqa: E402
 
+# The slow set (make test-slow; CI runs it too): cross-checks against foolbox and torchattacks.
+pytestmark = pytest.mark.slow
+
 BATCH, SHAPE, HIDDEN, CLASSES = 24, (4, 4, 3), 32, 5
 
 

@@ -25,6 +25,9 @@ from benchmarks import torch_peer  # noqa: E402
 from gfa_jax import batching, checkpoints, data, evaluate  # noqa: E402
 from gfa_jax.attacks import autoattack, core  # noqa: E402
 
+# The slow set (make test-slow; CI runs it too): cross-checks against the reference AutoAttack.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 EPS = 8 / 255
 N = 64

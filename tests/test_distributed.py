@@ -15,6 +15,9 @@ import pytest
 from gfa_jax import checkpoints, distributed
 from tests.conftest import REPO
 
+# The slow set (make test-slow; CI runs it too): several processes.
+pytestmark = pytest.mark.slow
+
 TRAIN = [sys.executable, "train.py", "--config", "configs/tiny.py"]
 
 

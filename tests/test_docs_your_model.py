@@ -27,6 +27,7 @@ def blocks(language: str, slow: bool = False) -> list[str]:
   return [code for comment, code in found if comment.startswith(SLOW) == slow]
 
 
+@pytest.mark.slow
 def test_every_python_block_runs_in_order(monkeypatch):
   monkeypatch.chdir(REPO)
   namespace = {"__name__": "your_model_md"}
@@ -52,6 +53,7 @@ def _with(args: list[str], flag: str, value: str) -> list[str]:
   return [*args, flag, value]
 
 
+@pytest.mark.slow
 def test_the_robustbench_command_runs_on_a_random_checkpoint(tmp_path):
   """The document's eval.py line on a random state_dict of its --arch family at width 1 (the
   same depth and key layout; the full width costs a minute on a CPU, and test_torch_import

@@ -5,9 +5,13 @@ return the masks of one process (issue 34, part 2), for APGD-CE and the standard
 import json
 
 import numpy as np
+import pytest
 
 from tests import test_resume_eval as resume
 from tests.test_distributed import free_port
+
+# The slow set (make test-slow; CI runs it too): several processes.
+pytestmark = pytest.mark.slow
 
 ATTACKS = ("apgd", "autoattack")
 

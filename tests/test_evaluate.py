@@ -90,6 +90,7 @@ def test_eps_bounded_curve_matches_closed_form_and_counts_misclassified_as_not_r
   assert not masks[:, ~clean_correct].any()
 
 
+@pytest.mark.slow
 def test_autoattack_matches_closed_form_with_consistent_breakdown():
   logits_fn, x, y, clean_correct, distances = linear_problem(10, seed=1)
   d = distances["linf"]
@@ -113,6 +114,7 @@ def test_autoattack_matches_closed_form_with_consistent_breakdown():
     ("rand", (), ["apgd-ce", "apgd-dlr"]),
     ("custom", ("apgd-dlr", "fab"), ["apgd-dlr", "fab"]),
 ])
+@pytest.mark.slow
 def test_autoattack_versions_run_their_sequence_and_say_so(version, attacks, sequence):
   logits_fn, x, y, clean_correct, distances = linear_problem(10, seed=1)
   d = distances["linf"]
@@ -267,6 +269,7 @@ def _run_eval(*args, cwd, **extra_env):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_eval_command_line_end_to_end(tmp_path):
   from configs import tiny
   from gfa_jax import data
@@ -341,6 +344,7 @@ def test_eval_alignment_reports_every_layer_for_both_splits(tmp_path):
   assert "| train |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_eval_mechanism_compares_two_models(tmp_path):
   from configs import tiny
   from gfa_jax import data

@@ -57,6 +57,7 @@ def test_mlp_logits_and_registry():
     create_model("resnet20", hidden=[8, 8, 8])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel_size,stride,size", [(3, 1, (7, 6)), (5, 1, (7, 6)),
                                                      (3, 2, (8, 6)), (5, 2, (8, 4)),
                                                      (3, 3, (9, 6)), (1, 2, (8, 6)),
@@ -140,6 +141,7 @@ def test_resnet20_and_vit_logits_and_taps(name, shapes):
   np.testing.assert_allclose(state["intermediates"]["layer0"], 2 * x - 1, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet20", "vit"])
 def test_resnet20_and_vit_gfa_objective_is_finite(name):
   model = create_model(name)
@@ -161,6 +163,7 @@ def test_resnet20_and_vit_gfa_objective_is_finite(name):
   assert float(optax.tree.norm(grads)) > 0
 
 
+@pytest.mark.slow
 def test_resnet20_layer0_alignment_is_zero_by_scale_invariance():
   # Bias-free conv + GroupNorm: L(c * h0) = L(h0), so <dL/dh0, h0> = 0 (docs/results.md).
   # layer1 feeds the identity shortcut too, so it is not invariant: its cosine is not 0.
@@ -187,6 +190,7 @@ def test_resnet20_and_vit_treat_each_sample_on_its_own(name):
   assert not np.allclose(after[1], before[1])
 
 
+@pytest.mark.slow
 def test_resnet20_without_explicit_conv_vjp_is_the_same_function():
   """Stride-2 convolutions via conv_same + subsampling equal lax's padding-1 strided ones."""
   x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))

@@ -50,6 +50,7 @@ def objective(model, params, state, x, y, train, key=None, **kwargs):
                          apply_kwargs={"train": train}, **kwargs)
 
 
+@pytest.mark.slow
 def test_batchnorm_train_mode_runs_under_jit_grad_and_updates_the_statistics_once():
   model, params, state, x, y = setup()
   key = jax.random.key(2)
@@ -68,6 +69,7 @@ def test_batchnorm_train_mode_runs_under_jit_grad_and_updates_the_statistics_onc
   assert eval_aux["state"] == {}
 
 
+@pytest.mark.slow
 def test_train_mode_gradient_is_that_of_the_batch_loss_with_batch_statistics():
   """The documented choice: dL/dh is the gradient of the batch loss with BatchNorm normalising
   by the batch's statistics (cross-sample terms included), h sample i's own layer input."""

@@ -94,6 +94,7 @@ def units(folder):
   return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.npz")}
 
 
+@pytest.mark.slow
 def test_a_killed_autoattack_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
   monkeypatch.setattr(autoattack, "ATTACKS", cheap_attacks())
   reference = run("autoattack")
@@ -147,6 +148,7 @@ def test_another_request_on_the_same_progress_folder_is_refused(tmp_path):
     run("apgd", resume_dir=tmp_path / "p", seed=1)
 
 
+@pytest.mark.slow
 def test_eval_command_line_resumes_refuses_another_request_and_cleans_up(tmp_path):
   import ml_collections
 

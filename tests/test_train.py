@@ -21,6 +21,7 @@ def read_metrics(workdir, kind):
   return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+@pytest.mark.slow
 def test_beta_raises_alignment_and_beta_zero_does_not(tiny_config, tmp_path):
   tiny_config.num_epochs = 5  # 40 steps.
   gains = {}
@@ -65,6 +66,7 @@ def final_params(workdir):
   return variables["params"]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_during_save_equals_uninterrupted_run(tmp_path):
   reference = run_python(RUN.format(workdir=tmp_path / "reference"))
   assert reference.returncode == 0, reference.stderr[-2000:]
@@ -79,6 +81,7 @@ def test_resume_after_sigkill_during_save_equals_uninterrupted_run(tmp_path):
   assert steps == sorted(set(steps)), "metrics logged after the last checkpoint must be dropped"
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device(tmp_path):
   code = RUN.format(workdir="unused") + "print(jax.device_count())"
   for devices in (1, 2):
@@ -206,6 +209,7 @@ def test_a_second_trainer_is_refused_and_a_killed_holder_leaves_no_lock(tiny_con
   assert not (workdir / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_two_trainers_started_together_one_runs_one_is_refused(tmp_path):
   """The race of the issue: two real train.py processes on one workdir at the same moment."""
   workdir = tmp_path / "run"
@@ -226,6 +230,7 @@ def test_two_trainers_started_together_one_runs_one_is_refused(tmp_path):
   assert not (workdir / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_resume_survives_a_partial_metrics_line_and_a_damaged_checkpoint(tiny_config, tmp_path):
   workdir = tmp_path / "run"
   tiny_config.num_epochs = 1

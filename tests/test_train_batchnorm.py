@@ -104,6 +104,7 @@ def batch_stats_at(workdir, step):
   return checkpoints.load_model(workdir, step=step)[1]["batch_stats"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["standard", "gfa", "pgd_at"])
 def test_batchnorm_model_trains_checkpoints_resumes_and_evaluates_on_running_averages(
     objective, tmp_path):
@@ -156,6 +157,7 @@ RECORDED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["standard", "gfa", "pgd_at"])
 def test_model_without_state_trains_as_before(objective):
   config = tiny.get_config()

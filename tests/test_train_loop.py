@@ -99,6 +99,7 @@ def test_a_non_finite_step_between_reads_is_named_and_never_saved(
   assert not metrics.exists() or read_metrics(tmp_path, "train") == []
 
 
+@pytest.mark.slow
 def test_loop_overhead_benchmark_runs_at_tiny_size(tmp_path):
   # Run from elsewhere, as it is pointed at other checkouts: it must find --repo's gfa_jax.
   result = subprocess.run(
@@ -150,6 +151,7 @@ def test_bfloat16_compute_trains_close_to_float32(tiny_config):
   assert not np.array_equal(values("bfloat16", "loss"), values("float32", "loss"))  # It did.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, fields", [
     ("resnet20", {"stage_features": (4, 8, 8), "blocks_per_stage": 1}),
     ("vit", {"width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 16})])

@@ -3,6 +3,8 @@
 import os
 import textwrap
 
+import pytest
+
 from gfa_jax import xla_flags
 from tests.conftest import run_python
 
@@ -21,6 +23,7 @@ def test_keeps_the_users_choice(monkeypatch):
   assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
 
 
+@pytest.mark.slow
 def test_cw_under_the_command_lines_flags_matches_deepfool():
   """CW-L2 under the flags eval.py sets finds perturbations as small as DeepFool's.
 
