@@ -37,6 +37,8 @@ def test_every_python_block_runs_in_order(monkeypatch):
     exec(compile(code, f"docs/your_model.md, python block {i + 1}", "exec"), namespace)
   report = namespace["report"]  # the last evaluation the document prints
   assert 0.0 <= report["robust_accuracy"][-1] <= report["clean_accuracy"] <= 1.0
+  statuses = {check["status"] for check in namespace["checklist"]["checks"]}
+  assert len(namespace["checklist"]["checks"]) >= 8 and statuses <= {"PASS", "WARN", "FAIL"}
   # The slow blocks at least compile and name only what the executed blocks defined.
   for code in blocks("python", slow=True):
     names = [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Name)]
