@@ -173,3 +173,13 @@ mn --models resnet18 --attacks deepfool-l2,deepfool-linf,fgsm,pgd,cw
 mn --models standard_mse,pgd_at,gfa_deep --attacks onepixel
 mn --models resnet18 --attacks cw-bs,ead-l1
 python scripts/crosscheck_minnorm.py --tables
+
+# --- docs/results.md: CW-L2 / EAD-L1 with the reference's whole-batch abort (issue 36) ------
+# Resumable: a model's file is skipped once written. GFA_DATA_DIR: the CIFAR-10 folder.
+for m in standard_mse gfa_deep_edge pgd_at trades gradalign standard_ce gfa_first gfa_deep gfa_deep_ce; do
+  mkdir -p results/rerun_minnorm/$m
+  [ -f results/rerun_minnorm/$m/cw_l2.json ] || python eval.py --workdir results/$m/params.msgpack \
+    --attack cw --norm l2 --num_examples 100 --batch_size 100 --output results/rerun_minnorm/$m/cw_l2.json
+  [ -f results/rerun_minnorm/$m/ead_l1.json ] || python eval.py --workdir results/$m/params.msgpack \
+    --attack ead --norm l1 --num_examples 100 --batch_size 100 --output results/rerun_minnorm/$m/ead_l1.json
+done
