@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,10 @@ from typing import Any
 import flax.serialization
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
-from gfa_jax import data, models, penalty, reporting
+from gfa_jax import batching, data, distributed, models, penalty, reporting
 
 
 def save_config(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
@@ -243,3 +245,84 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[Callable, dic
           f"(available: {list(manager.all_steps())}).")
     restored = restore(manager, step, target, model_state=state_target)
     return model.apply, {"params": restored["params"], **restored.get("model_state", {})}
+
+
+# --------------------------------------------------------------------------------------------
+# A training run's state: saved only when finite, restored past damaged checkpoints.
+
+
+def save_train_state(manager: ocp.CheckpointManager, state: Any, step: int, workdir: Path) -> None:
+  """Saves a train state's (``train_lib.TrainState``: params, opt_state, model_state) params,
+  optimiser state and model state (where the model has one) as checkpoint ``step``; returns
+  None.
+
+  Raises FloatingPointError, saving nothing, if a parameter (or a BatchNorm statistic) is
+  non-finite: the loss can be finite at the old parameters while the update overflows them,
+  and a checkpoint must always be a state training can resume from.
+  """
+  kept = (state.params, state.model_state)
+  if not all(np.isfinite(p).all() for p in jax.tree.leaves(batching.fetch(kept))):
+    raise FloatingPointError(
+        f"the parameters became non-finite by step {step} (the loss was finite at the "
+        f"old ones); not saved. The last good checkpoint is step {manager.latest_step()} "
+        f"in {workdir}; lower the learning rate, or set grad_clip_norm")
+  items = {"params": state.params, "opt_state": state.opt_state}
+  if state.model_state:  # A model without state saves the two items it always did.
+    items["model_state"] = state.model_state
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        **{k: ocp.args.StandardSave(v) for k, v in items.items()}), force=True)
+  except Exception as e:
+    # A full disk or a folder made read-only mid-run: Orbax leaves its temporary folder behind
+    # and raises from deep inside. Remove the partial save, keep the last good checkpoint, say so.
+    if distributed.is_primary():
+      remove_partial_saves(workdir)
+    if not os_error(e):
+      raise
+    raise OSError(f"saving checkpoint {step} in {workdir}/checkpoints failed ({type(e).__name__}: "
+                  f"{str(e)[:160]}); the disk may be full or not writable. The last good "
+                  f"checkpoint is step {manager.latest_step()}: free space, then rerun the same "
+                  "command to resume from it") from e
+
+
+def restore_train_state(manager: ocp.CheckpointManager, state: Any,
+                        workdir: Path) -> tuple[int, Any]:
+  """``(step, state)`` of the newest checkpoint in ``workdir`` that restores, ``(0, state)``
+  if there is none. A damaged newer one (truncated by a full disk, a half-copied folder) is
+  moved to ``workdir/damaged_checkpoints`` with a warning instead of stopping the run."""
+  folder = workdir / "checkpoints"
+
+  def set_aside(step, why):
+    # Out of the manager's folder: a later save of that step must not collide with it. Every
+    # process gets here for the same step (they read the same files); one moves it.
+    target = workdir / "damaged_checkpoints" / str(step)
+    distributed.sync(f"set aside checkpoint {step}")
+    if distributed.is_primary():
+      target.parent.mkdir(exist_ok=True)
+      shutil.rmtree(target, ignore_errors=True)
+      (folder / str(step)).rename(target)
+    distributed.sync(f"set aside checkpoint {step}: done")
+    warnings.warn(f"skipping the damaged checkpoint {folder}/{step} ({why}); moved it to "
+                  f"{target}", stacklevel=4)
+
+  listed = set(manager.all_steps())
+  on_disk = {int(d.name) for d in folder.iterdir() if d.name.isdigit()} if folder.is_dir() else set()
+  for step in sorted(on_disk - listed):  # Orbax no longer reads it as a checkpoint.
+    set_aside(step, "unreadable metadata")
+  if on_disk - listed:
+    manager.reload()
+  for step in sorted(listed, reverse=True):
+    try:
+      restored = restore(manager, step, state.params, state.opt_state,
+                                     model_state=state.model_state)
+    except ValueError as e:
+      set_aside(step, str(e)[:200])
+      manager.reload()
+      continue
+    return step, state.replace(step=step, params=restored["params"],
+                               opt_state=restored["opt_state"],
+                               model_state=restored.get("model_state", state.model_state))
+  if manager.all_steps():
+    raise ValueError(f"no checkpoint in {workdir}/checkpoints restores (all damaged); delete "
+                     "that folder to start again")
+  return 0, state

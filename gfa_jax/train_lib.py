@@ -1,7 +1,7 @@
 """Training: ``train_and_evaluate(config, workdir)``, the jitted data-parallel step and the loop.
 
 Laid out as flax/examples lays it out: ``create_train_state``, ``make_train_step`` /
-``make_eval_step``, ``save_checkpoint`` / ``restore_checkpoint`` and the loop in
+``make_eval_step`` and the loop in
 ``train_and_evaluate``. Nothing here is specific to one objective: what an objective needs
 before its first step is its ``objectives.PREFLIGHTS`` hook, and the run folder's lock and
 metrics file live in ``run_files``.
@@ -33,9 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -240,81 +238,6 @@ def create_train_state(config: ml_collections.ConfigDict, model, image_shape: tu
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx, model_state=model_state)
 
 
-def save_checkpoint(manager, state: TrainState, step: int, workdir: Path) -> None:
-  """Saves ``state``'s params, optimiser state and model state (where the model has one) as
-  checkpoint ``step``; returns None.
-
-  Raises FloatingPointError, saving nothing, if a parameter (or a BatchNorm statistic) is
-  non-finite: the loss can be finite at the old parameters while the update overflows them,
-  and a checkpoint must always be a state training can resume from.
-  """
-  kept = (state.params, state.model_state)
-  if not all(np.isfinite(p).all() for p in jax.tree.leaves(batching.fetch(kept))):
-    raise FloatingPointError(
-        f"the parameters became non-finite by step {step} (the loss was finite at the "
-        f"old ones); not saved. The last good checkpoint is step {manager.latest_step()} "
-        f"in {workdir}; lower the learning rate, or set grad_clip_norm")
-  items = {"params": state.params, "opt_state": state.opt_state}
-  if state.model_state:  # A model without state saves the two items it always did.
-    items["model_state"] = state.model_state
-  try:
-    manager.save(step, args=checkpoints.ocp.args.Composite(
-        **{k: checkpoints.ocp.args.StandardSave(v) for k, v in items.items()}), force=True)
-  except Exception as e:
-    # A full disk or a folder made read-only mid-run: Orbax leaves its temporary folder behind
-    # and raises from deep inside. Remove the partial save, keep the last good checkpoint, say so.
-    if distributed.is_primary():
-      checkpoints.remove_partial_saves(workdir)
-    if not checkpoints.os_error(e):
-      raise
-    raise OSError(f"saving checkpoint {step} in {workdir}/checkpoints failed ({type(e).__name__}: "
-                  f"{str(e)[:160]}); the disk may be full or not writable. The last good "
-                  f"checkpoint is step {manager.latest_step()}: free space, then rerun the same "
-                  "command to resume from it") from e
-
-
-def restore_checkpoint(manager, state: TrainState, workdir: Path) -> tuple[int, TrainState]:
-  """``(step, state)`` of the newest checkpoint in ``workdir`` that restores, ``(0, state)``
-  if there is none. A damaged newer one (truncated by a full disk, a half-copied folder) is
-  moved to ``workdir/damaged_checkpoints`` with a warning instead of stopping the run."""
-  folder = workdir / "checkpoints"
-
-  def set_aside(step, why):
-    # Out of the manager's folder: a later save of that step must not collide with it. Every
-    # process gets here for the same step (they read the same files); one moves it.
-    target = workdir / "damaged_checkpoints" / str(step)
-    distributed.sync(f"set aside checkpoint {step}")
-    if distributed.is_primary():
-      target.parent.mkdir(exist_ok=True)
-      shutil.rmtree(target, ignore_errors=True)
-      (folder / str(step)).rename(target)
-    distributed.sync(f"set aside checkpoint {step}: done")
-    warnings.warn(f"skipping the damaged checkpoint {folder}/{step} ({why}); moved it to "
-                  f"{target}", stacklevel=4)
-
-  listed = set(manager.all_steps())
-  on_disk = {int(d.name) for d in folder.iterdir() if d.name.isdigit()} if folder.is_dir() else set()
-  for step in sorted(on_disk - listed):  # Orbax no longer reads it as a checkpoint.
-    set_aside(step, "unreadable metadata")
-  if on_disk - listed:
-    manager.reload()
-  for step in sorted(listed, reverse=True):
-    try:
-      restored = checkpoints.restore(manager, step, state.params, state.opt_state,
-                                     model_state=state.model_state)
-    except ValueError as e:
-      set_aside(step, str(e)[:200])
-      manager.reload()
-      continue
-    return step, state.replace(step=step, params=restored["params"],
-                               opt_state=restored["opt_state"],
-                               model_state=restored.get("model_state", state.model_state))
-  if manager.all_steps():
-    raise ValueError(f"no checkpoint in {workdir}/checkpoints restores (all damaged); delete "
-                     "that folder to start again")
-  return 0, state
-
-
 def _preflight(config: ml_collections.ConfigDict, model, state: TrainState,
                splits: Splits) -> None:
   """Runs the check the objective declares (``objectives.PREFLIGHTS``) on the step-0 batch."""
@@ -416,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       checkpoints.save_config(workdir, config)
     manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.max_to_keep)
     metrics_path = workdir / "metrics.jsonl"
-    start_step, state = restore_checkpoint(manager, state, workdir)
+    start_step, state = checkpoints.restore_train_state(manager, state, workdir)
     if primary:
       run_files.drop_metrics_after(metrics_path, start_step)
     write_metrics = (functools.partial(run_files.write_metrics, metrics_path) if primary
@@ -477,7 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           if primary:
             progress.write(_format_eval(record))
         if save_now:
-          save_checkpoint(manager, state, done, workdir)
+          checkpoints.save_train_state(manager, state, done, workdir)
     finally:
       progress.close()
     manager.wait_until_finished()

@@ -144,6 +144,6 @@ def test_a_full_disk_during_a_save_is_one_error_and_leaves_no_partial_folder(
   monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", fill_disk)
   state = types.SimpleNamespace(params={"w": np.ones(3, np.float32)}, opt_state={}, model_state={})
   with pytest.raises(OSError, match="disk may be full.*last good checkpoint is step 8"):
-    train_lib.save_checkpoint(manager, state, 12, run)
+    checkpoints.save_train_state(manager, state, 12, run)
   assert not list((run / "checkpoints").glob("*tmp*"))
   manager.close()
