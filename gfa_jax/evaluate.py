@@ -31,7 +31,7 @@ import tqdm
 
 from gfa_jax import batching, eval_units
 from gfa_jax.model_checks import degenerate_model, input_independence
-from gfa_jax.numerics import check_batch, check_logits
+from gfa_jax.numerics import check_batch, check_labels, check_logits
 from gfa_jax.attacks import core
 from gfa_jax.attacks.apgd import apgd, apgd_t
 from gfa_jax.attacks.autoattack import autoattack, check_range_output
@@ -352,7 +352,7 @@ def evaluate(logits_fn: Callable[[jax.Array], jax.Array], images, labels, *, att
   first = np.asarray(jax.jit(logits_fn)(x[:batch_size]))
   # The number of classes is known from here on: labels beyond it would be scored as wrong.
   check_logits(first, len(first))
-  check_batch(x, y, num_classes=first.shape[-1])
+  check_labels(y, first.shape[-1], len(x))
   # Probabilities instead of logits: attacks meet vanishing gradients (AutoAttack's check).
   range_check = check_range_output(first)
   if not np.isfinite(first).all():

@@ -133,11 +133,8 @@ def check_randomized(logits_fn: LogitsFn, x, y, n: int = 5, alpha: float = 1e-4)
 
 def check_range_output(logits, alpha: float = 1e-5) -> dict:
   """Warns if the outputs look like a probability distribution instead of logits."""
-  logits = np.asarray(logits)
-  probabilities = (logits.max() < 1 + alpha and logits.min() > -alpha
-                   and bool(np.all(np.abs(logits.sum(-1) - 1) < alpha)))
   return _check("range_output", "the outputs look like probabilities: attack the logits."
-                if probabilities else None)
+                if numerics.looks_like_probabilities(logits, alpha) else None)
 
 
 def check_zero_gradients(logits_fn: LogitsFn, x, y) -> dict:
