@@ -169,12 +169,15 @@ def build_forward_case(impl: str, args: argparse.Namespace) -> common.Case:
   else:
     import torch
     torch.set_num_threads(args.threads)
-    net, _ = reference.reference_model(model)
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    device = common.torch_device(args)
+    sync = common.torch_synchronizer(device)
+    net = reference.reference_model(model)[0].to(device)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
 
     def step():
       with torch.no_grad():
-        return net(xt)
+        net(xt)
+      sync()
 
     step()  # the first call sets oneDNN's kernels up: not a step's cost
   return common.Case(step, len(x), None, {"framework": impl, "model": model,
@@ -195,9 +198,10 @@ def build_autoattack_case(impl: str, args: argparse.Namespace) -> common.Case:
   else:
     import torch
     torch.set_num_threads(args.threads)
-    net, _ = reference.reference_model(model)
+    device = common.torch_device(args)  # the reference on the GPU where PyTorch sees one
+    net = reference.reference_model(model)[0].to(device)
     run = lambda: reference.run_reference("autoattack", net, x, y, args.eps, "linf", 0,
-                                          args.batch)
+                                          args.batch, device=str(device))
 
   def step():
     last.update(run())

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -286,8 +287,33 @@ def parser(description: str, *, steps: int, warmup: int, rounds: int) -> argpars
   p.add_argument("--plain-xla", action="store_true",
                  help="leave $XLA_FLAGS as it is (default: add the flags train.py and eval.py "
                       "set, gfa_jax.xla_flags, so the numbers are what users get)")
+  p.add_argument("--torch-device", default="auto",
+                 help="device of the PyTorch cases: cpu, cuda, cuda:1... (default auto: cuda "
+                      "when PyTorch sees a GPU, else cpu); JAX uses its default device")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # Internal: run one case.
   return p
+
+
+def torch_device(args: argparse.Namespace):
+  """The ``torch.device`` of ``--torch-device`` ('auto': the GPU when PyTorch sees one), so
+  the PyTorch side of a comparison runs where the JAX side does on a GPU machine."""
+  import torch
+
+  name = getattr(args, "torch_device", "auto")
+  if name == "auto":
+    name = "cuda" if torch.cuda.is_available() else "cpu"
+  device = torch.device(name)
+  if device.type == "cuda" and not torch.cuda.is_available():
+    raise ValueError(f"--torch-device {name}: PyTorch sees no GPU; use cpu or auto")
+  return device
+
+
+def torch_synchronizer(device) -> Callable[[], None]:
+  """What a PyTorch step calls last so that it returns only when its kernels have finished
+  (CUDA launches are asynchronous; on the CPU there is nothing to wait for)."""
+  import torch
+
+  return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 def select_cases(names: Sequence[str], wanted: str) -> list[str]:
@@ -363,14 +389,38 @@ def main(module: str, cases: dict[str, Callable[[argparse.Namespace], Case]],
 # The PyTorch peer's train-step cases (benchmarks/torch_peer.py), which train_step.py --peer
 # runs interleaved with its own; here so neither script imports the other.
 TRAIN_STEP_MODELS = ("small_cnn", "resnet20", "resnet18")  # train_step.build_model's names
+PEER_MODELS = ("small_cnn", "resnet18")  # and every wrn<depth>_<width>
 TORCH_TRAIN_CASES = ("torch_standard", "torch_gfa_first", "torch_gfa_deep", "torch_gemm")
+
+
+def wrn_size(name: str) -> tuple[int, int] | None:
+  """``(depth, width)`` of a model name ``wrn<depth>_<width>`` (WRN-28-10: ``wrn28_10``), else
+  None."""
+  match = re.fullmatch(r"wrn(\d+)_(\d+)", name)
+  return (int(match[1]), int(match[2])) if match else None
+
+
+def train_step_model(name: str) -> str:
+  """argparse type of ``--model``: a TRAIN_STEP_MODELS name or ``wrn<depth>_<width>``."""
+  size = wrn_size(name)
+  if name in TRAIN_STEP_MODELS or (size and (size[0] - 4) % 6 == 0 and size[0] > 4):
+    return name
+  raise argparse.ArgumentTypeError(
+      f"unknown model {name!r}; choose one of {list(TRAIN_STEP_MODELS)} or wrn<depth>_<width> "
+      "with depth = 6n + 4 (WRN-28-10: wrn28_10)")
 
 
 def add_train_step_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
   """The flags train_step.py and its PyTorch peer share (one definition, so both read them)."""
   p.add_argument("--batch", type=int, default=128, help="images per train step")
-  p.add_argument("--model", default="small_cnn", choices=TRAIN_STEP_MODELS,
-                 help="the model stepped (the PyTorch peer has small_cnn only)")
+  p.add_argument("--model", default="small_cnn", type=train_step_model,
+                 help=f"the model stepped: one of {', '.join(TRAIN_STEP_MODELS)} or a WideResNet "
+                      f"wrn<depth>_<width> (wrn28_10); the PyTorch peer has "
+                      f"{', '.join(PEER_MODELS)} and the WideResNets")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype of the step's convolutions and matmuls (parameters and "
+                      "optimiser stay float32): JAX's config.compute_dtype, or a bfloat16 cast "
+                      "for the BatchNorm models; PyTorch's autocast")
   p.add_argument("--gemm-size", type=int, default=2048, help="n of the n^3 matmul probe")
   p.add_argument("--peer", action="store_true",
                  help="also run the PyTorch peer's cases (needs the [bench] extra)")

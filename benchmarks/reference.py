@@ -91,9 +91,10 @@ def run_ours(name, apply_fn, variables, x, y, eps, norm, seed, batch_size) -> di
           "robust_after": first("robust_accuracy_after")}
 
 
-def run_reference(name, net, x, y, eps, norm, seed, batch_size) -> dict:
+def run_reference(name, net, x, y, eps, norm, seed, batch_size, device="cpu") -> dict:
   """The reference attack, in run_ours's record: its check warnings, and seconds and robust
-  accuracy of each stage from its log lines."""
+  accuracy of each stage from its log lines. ``net`` must already be on ``device`` (e.g.
+  'cuda'), where the reference moves each batch."""
   import torch
   from pyautoattack import AutoAttack
 
@@ -123,7 +124,7 @@ def run_reference(name, net, x, y, eps, norm, seed, batch_size) -> dict:
   logger.propagate = False
   try:
     aa = AutoAttack(net, norm=REF_NORM[norm], eps=eps, version="standard", seed=seed,
-                    device="cpu")
+                    device=device)
     if name != "autoattack":
       aa.attacks_to_run = [name]
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
@@ -144,10 +145,10 @@ def run_reference(name, net, x, y, eps, norm, seed, batch_size) -> dict:
   def predict(images):
     with torch.no_grad():
       return np.concatenate([net(torch.from_numpy(images[i:i + batch_size].transpose(0, 3, 1, 2)
-                                                  .copy())).argmax(1).numpy()
+                                                  .copy()).to(device)).argmax(1).cpu().numpy()
                              for i in range(0, len(images), batch_size)])
 
-  x_adv = x_adv.detach().numpy().transpose(0, 2, 3, 1)
+  x_adv = x_adv.detach().cpu().numpy().transpose(0, 2, 3, 1)
   clean = predict(x) == y
   return {"mask": robust_mask(predict, x_adv, x, y, clean, eps, norm), "seconds": seconds,
           "checks": warnings, "stage_seconds": stage_seconds, "robust_after": robust_after}

@@ -3,6 +3,10 @@
     pip install -e '.[bench]'          # on our machines: pip install 'torch==2.13.0+cpu'
     python -m benchmarks.torch_peer    # torch train steps + GEMM probe, JSON lines
 
+The train steps also run the ResNet-18 and WideResNets of tests/torch_archs.py (``--model``;
+GFA's layer inputs through forward pre-hooks, ``InputTaps``), under bfloat16 autocast with
+``--dtype bfloat16``, and on ``--torch-device`` (default: the GPU when PyTorch sees one).
+
 This is what a PyTorch user would write (eager mode, NCHW, ``torch.autograd.grad(...,
 create_graph=True)`` on the layer inputs for GFA, Adam), so that ``train_step.py --peer`` and
 ``attacks.py`` can time the JAX library against it in the same run. ``load_jax_params`` copies
@@ -87,7 +91,7 @@ def safe_norm(v: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-  a, b = a.flatten(1), b.flatten(1)
+  a, b = a.flatten(1).float(), b.flatten(1).float()  # float32 under bfloat16 autocast too
   return (a * b).sum(dim=1) / torch.clamp(safe_norm(a) * safe_norm(b), min=eps)
 
 
@@ -95,7 +99,7 @@ def gfa_loss(model: SmallCNN, x: torch.Tensor, y: torch.Tensor, layers, alpha: f
              beta: float, eps: float = 1e-12):
   """``(objective, task_loss, penalty)`` with the alignment of the inputs of ``layers``."""
   logits, features = model(x, input_needs_grad=0 in layers)
-  task_loss = mse_softmax(logits, y)
+  task_loss = mse_softmax(logits.float(), y)
   taps = [features[i] for i in layers]
   grads = torch.autograd.grad(task_loss, taps, create_graph=True)
   alignment = torch.stack([per_sample_cosine(g, h, eps).mean() for g, h in zip(grads, taps)])
@@ -129,8 +133,8 @@ def pgd(model, x, y, eps: float, steps: int, step_size: float | None = None):
   step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
   x_adv = _project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
   best_x = x_adv.clone()
-  best_loss = torch.full((len(x),), -float("inf"))
-  best_fooled = torch.zeros(len(x), dtype=torch.bool)
+  best_loss = torch.full((len(x),), -float("inf"), device=x.device)
+  best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
 
   def keep_best(x_adv, loss, logits):
     nonlocal best_loss, best_fooled
@@ -161,12 +165,12 @@ def apgd_ce(model, x, y, eps: float, steps: int = 100, rho: float = 0.75):
   loss, logits, grad = _ce_and_grad(model, x_adv, y)
   x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
   x_out, out_loss, out_fooled = x_adv.clone(), loss.clone(), logits.argmax(1) != y
-  loss_steps = torch.zeros(steps + 1, n)
+  loss_steps = torch.zeros(steps + 1, n, device=x.device)
   loss_steps[0] = loss
-  step = torch.full((n, 1, 1, 1), 2.0 * eps)
+  step = torch.full((n, 1, 1, 1), 2.0 * eps, device=x.device)
   x_old = x_adv.clone()
   loss_best_last_check = loss_best.clone()
-  reduced_last_check = torch.ones(n, dtype=torch.bool)
+  reduced_last_check = torch.ones(n, dtype=torch.bool, device=x.device)
   since_check = 0
   for i in range(steps):
     with torch.no_grad():
@@ -204,38 +208,116 @@ def apgd_ce(model, x, y, eps: float, steps: int = 100, rho: float = 0.75):
 TRAIN_CASE_NAMES = common.TORCH_TRAIN_CASES
 
 
+class InputTaps:
+  """GFA's layer inputs of a torch model that does not return them: forward pre-hooks record
+  the input of each of ``modules`` (``layer0`` first), as ``penalty.tap_module_inputs`` does
+  for Flax. ``forward`` returns ``(logits, features)`` like ``SmallCNN``."""
+
+  def __init__(self, model: nn.Module, modules):
+    self.model, self.inputs = model, {}
+    for i, module in enumerate(modules):
+      module.register_forward_pre_hook(functools.partial(self._record, i))
+
+  def _record(self, i, module, args):
+    self.inputs[i] = args[0]
+
+  def __call__(self, x: torch.Tensor, input_needs_grad: bool = False):
+    if input_needs_grad and not x.requires_grad:
+      x = x.detach().requires_grad_(True)  # layer0 is the image the stem sees.
+    self.inputs.clear()
+    logits = self.model(x)
+    return logits, [self.inputs[i] for i in sorted(self.inputs)]
+
+  def parameters(self):
+    return self.model.parameters()
+
+
+def peer_model(name: str):
+  """The torch twin of train_step.build_model's ``name``, returning ``(logits, features)``:
+  SmallCNN, or tests/torch_archs.py's ResNet-18 / WideResNet (the published code's layout) in
+  eval mode (BatchNorm on fixed running statistics, as the JAX side's ``FixedStats``) with the
+  inputs of the stem and of the first two residual blocks as layer0..2."""
+  if name == "small_cnn":
+    return SmallCNN()
+  from tests import torch_archs  # the twins of the architectures gfa_jax imports
+
+  if name == "resnet18":
+    net = torch_archs.ResNet18().eval()
+    return InputTaps(net, [net.conv1, net.layer1[0], net.layer1[1]])
+  size = common.wrn_size(name)
+  if size is None:
+    raise ValueError(f"the PyTorch peer has no model {name!r}; choose one of "
+                     f"{list(common.PEER_MODELS)} or wrn<depth>_<width>")
+  net = torch_archs.WideResNet(*size).eval()
+  blocks = [*net.block1.layer, *net.block2.layer, *net.block3.layer]  # gfa_jax's layer1, 2...
+  return InputTaps(net, [net.conv1, *blocks[:2]])
+
+
 def build_train_case(layers, args: argparse.Namespace) -> common.Case:
-  """One Adam step of SmallCNN on a fixed batch: standard (layers None) or GFA."""
+  """One Adam step on a fixed batch on ``--torch-device``: standard (layers None) or GFA, in
+  float32 or under bfloat16 autocast (``--dtype``)."""
   from configs import default
 
   torch.set_num_threads(args.threads)
+  device = common.torch_device(args)
+  sync = common.torch_synchronizer(device)
+  torch.backends.cudnn.benchmark = True  # what a user timing a fixed shape on a GPU sets
   config = default.get_config()
   torch.manual_seed(0)
-  model = SmallCNN()
+  model = peer_model(getattr(args, "model", "small_cnn"))
+  (model.model if isinstance(model, InputTaps) else model).to(device)
   optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-  x = torch.rand(args.batch, 3, 32, 32)
-  y = torch.randint(0, 10, (args.batch,))
+  x = torch.rand(args.batch, 3, 32, 32, device=device)
+  y = torch.randint(0, 10, (args.batch,), device=device)
+  dtype = getattr(args, "dtype", "float32")
+  autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
+                               enabled=dtype == "bfloat16")
 
   def step():
     optimizer.zero_grad(set_to_none=True)
-    if layers is None:
-      loss = mse_softmax(model(x)[0], y)
-    else:
-      loss = gfa_loss(model, x, y, layers, config.alpha, config.beta, config.gfa_eps)[0]
+    with autocast():
+      if layers is None:
+        loss = mse_softmax(model(x)[0].float(), y)
+      else:
+        loss = gfa_loss(model, x, y, layers, config.alpha, config.beta, config.gfa_eps)[0]
     loss.backward()
     optimizer.step()
+    sync()
 
   kind = "standard" if layers is None else "gfa"
-  return common.Case(step, args.batch, common.FLOPS_PER_IMAGE[kind] * args.batch,
-                     {"framework": "torch"})
+  small = getattr(args, "model", "small_cnn") == "small_cnn"
+  flops = common.FLOPS_PER_IMAGE[kind] * args.batch if small else None  # SmallCNN's count only
+  return common.Case(step, args.batch, flops,
+                     {"framework": "torch", "model": getattr(args, "model", "small_cnn"),
+                      "dtype": dtype, "device": device_name(device)},
+                     functools.partial(device_memory, device))
+
+
+def device_name(device) -> str:
+  return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def device_memory(device) -> dict:
+  """PyTorch's peak GPU memory since the worker started (set-up included); {} on the CPU."""
+  if device.type != "cuda":
+    return {}
+  return {"device_peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
 
 
 def build_gemm(args: argparse.Namespace) -> common.Case:
-  """PyTorch's (MKL's) float32 matmul rate on an n x n x n product: this CPU's GEMM rate."""
+  """PyTorch's float32 matmul rate on an n x n x n product on ``--torch-device`` (on a CPU,
+  MKL's: this CPU's GEMM rate)."""
   torch.set_num_threads(args.threads)
+  device = common.torch_device(args)
+  sync = common.torch_synchronizer(device)
   n = args.gemm_size
-  a, b = torch.randn(n, n), torch.randn(n, n)
-  return common.Case(lambda: torch.mm(a, b), 0, 2.0 * n**3, {"framework": "torch"})
+  a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+
+  def step():
+    torch.mm(a, b)
+    sync()
+
+  return common.Case(step, 0, 2.0 * n**3, {"framework": "torch", "device": device_name(device)})
 
 
 def build_attack_case(name: str, args: argparse.Namespace) -> common.Case:
@@ -243,26 +325,29 @@ def build_attack_case(name: str, args: argparse.Namespace) -> common.Case:
   from benchmarks import attacks
 
   torch.set_num_threads(args.threads)
+  device = common.torch_device(args)
   params, images, labels, description = attacks.model_and_images(args)
-  model = load_jax_params(SmallCNN(), params).eval()
+  model = load_jax_params(SmallCNN(), params).eval().to(device)
   for p in model.parameters():
     p.requires_grad_(False)
-  x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-  y = torch.from_numpy(labels).long()
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+  y = torch.from_numpy(labels).long().to(device)
   attack = {"torch_apgd_ce": functools.partial(apgd_ce, model, eps=args.eps, steps=args.apgd_steps),
             "torch_pgd": functools.partial(pgd, model, eps=args.eps, steps=args.pgd_steps)}[name]
   attack(x[:args.batch], y[:args.batch], steps=1)  # Warm-up: oneDNN sets up per shape.
   last = {}
 
-  def step():
-    last["x_adv"] = attacks.run_in_batches(attack, x, y, args.batch)
+  def step():  # .cpu() waits for the batch's kernels, so the step ends when they have run
+    last["x_adv"] = attacks.run_in_batches(lambda a, b: attack(a, b).cpu(), x, y, args.batch)
 
   def accuracy(images):
     with torch.no_grad():
-      return round((model(torch.as_tensor(images))[0].argmax(1) == y).float().mean().item(), 4)
+      logits = model(torch.as_tensor(images, device=device))[0]
+      return round((logits.argmax(1) == y).float().mean().item(), 4)
 
   flops = attacks.attack_flops_per_image(name.removeprefix("torch_"), args) * len(x)
-  return common.Case(step, len(x), flops, {"framework": "torch", "images": description},
+  return common.Case(step, len(x), flops, {"framework": "torch", "images": description,
+                                           "device": device_name(device)},
                      lambda: {"robust_accuracy": accuracy(last["x_adv"]),
                               "clean_accuracy": accuracy(x)})
 

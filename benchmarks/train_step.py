@@ -1,7 +1,9 @@
-"""Times the jitted SmallCNN train step: standard, GFA-FIRST, GFA-DEEP and PGD-AT.
+"""Times the jitted train step (SmallCNN by default): standard, GFA-FIRST, GFA-DEEP and PGD-AT.
 
     python -m benchmarks.train_step --batch 128            # JAX only
     python -m benchmarks.train_step --batch 128 --peer     # + the PyTorch peer and GEMM probes
+    python -m benchmarks.train_step --model wrn28_10 --dtype bfloat16 --peer \
+        --cases standard,gfa_deep                          # WRN-28-10 in bfloat16, both sides
 
 The step is ``train_lib.make_train_step`` itself (on-device augmentation, Adam, donated state)
 with ``configs/default.py`` overridden per case, fed one fixed device-resident uint8 batch (the
@@ -64,20 +66,55 @@ class FixedStats:
     return self.module.apply({**variables, "batch_stats": self.batch_stats}, *args, **kwargs)
 
 
+class Bfloat16Cast:
+  """A model's ``apply`` computing in bfloat16: parameters, statistics and images cast on the
+  way in, logits back to float32 on the way out (the parameters, their gradients and Adam stay
+  float32). For the BatchNorm models, which have no ``dtype`` field (train_lib's
+  ``compute_dtype`` covers small_cnn, mlp, resnet20, vit); unlike that field it also runs
+  BatchNorm in bfloat16, as a whole-network cast does."""
+
+  def __init__(self, model):
+    self.model = model
+
+  def apply(self, variables, x, *args, **kwargs):
+    import jax
+    import jax.numpy as jnp
+
+    cast = lambda t: jax.tree.map(
+        lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
+    out = self.model.apply(cast(variables), cast(x), *args, **kwargs)
+    return jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, out)
+
+
 def build_model(name: str, config, key):
-  """``(model, params)`` of a benchmark model: a ``models.MODELS`` name through the config,
-  as train.py builds it, or ``resnet18``, the validation's ResNet-18 (``torch_import``,
-  BatchNorm with fixed statistics, randomly initialised)."""
-  from gfa_jax import data, models, torch_import
+  """``(model, params)`` of a benchmark model, computing in ``config.compute_dtype``: a
+  ``models.MODELS`` name through the config, as train.py builds it (``training_model``), or a
+  BatchNorm model with fixed statistics, randomly initialised: ``resnet18`` (the validation's
+  ResNet-18, ``torch_import``) or ``wrn<depth>_<width>`` (RobustBench's WideResNet; WRN-28-10
+  is ``wrn28_10``), cast to bfloat16 whole by ``Bfloat16Cast`` when asked."""
+  from gfa_jax import data, models, torch_import, train_lib
 
   shape = data.image_shape("cifar10")
-  if name == "resnet18":
-    module = torch_import.TorchResNet18()
-    variables = module.init(key, np.zeros((1, *shape), np.float32))
-    return FixedStats(module, variables["batch_stats"]), variables["params"]
+  size = common.wrn_size(name)
+  if name == "resnet18" or size:
+    module = torch_import.TorchResNet18() if name == "resnet18" else models.WideResNet(*size)
+    variables = jax_init(module, key, shape)
+    model = FixedStats(module, variables["batch_stats"])
+    if config.get("compute_dtype", "float32") == "bfloat16":
+      model = Bfloat16Cast(model)
+    return model, variables["params"]
   config.model.name = name
-  model = models.from_config(config.model)
-  return model, models.init_params(model, key, shape)
+  model = train_lib.training_model(config)
+  return model, models.init_params(models.from_config(config.model), key, shape)
+
+
+def jax_init(module, key, shape):
+  """``module``'s variables for one image of ``shape``, initialised in one compiled program
+  (op by op, a WRN-28-10's init dispatches hundreds of small computations)."""
+  import jax
+  import jax.numpy as jnp
+
+  return jax.jit(lambda k: module.init(k, jnp.zeros((1, *shape), jnp.float32)))(key)
 
 
 def build_train_case(overrides: dict, args: argparse.Namespace) -> common.Case:
@@ -92,6 +129,7 @@ def build_train_case(overrides: dict, args: argparse.Namespace) -> common.Case:
   config = default.get_config()
   config.update(overrides)
   config.batch_size = args.batch
+  config.compute_dtype = getattr(args, "dtype", "float32")
   model, params = build_model(args.model, config, jax.random.key(0))
   mesh = train_lib.make_mesh()
   train_lib.check_divisible(args.batch, mesh)
@@ -113,11 +151,23 @@ def build_train_case(overrides: dict, args: argparse.Namespace) -> common.Case:
     holder["state"], metrics = compiled(holder["state"], images, labels, key)
     jax.block_until_ready((holder["state"], metrics))
 
-  info = {"framework": "jax", "model": args.model, "batch": args.batch, **xla_cost(compiled)}
+  info = {"framework": "jax", "model": args.model, "batch": args.batch,
+          "dtype": config.compute_dtype, "device": str(jax.devices()[0].device_kind),
+          **xla_cost(compiled)}
   # Our FLOP count is SmallCNN's; other models are rated by XLA's own count of the step.
   flops = (flops_per_image(config) * args.batch if args.model == "small_cnn"
            else info["xla_gflop_per_step"] * 1e9)
-  return common.Case(step, args.batch, flops, info)
+  return common.Case(step, args.batch, flops, info, device_memory)
+
+
+def device_memory() -> dict:
+  """Peak memory of the default device (GPU, TPU) since the worker started, compilation and
+  set-up included: ``{}`` where the backend keeps no statistics (CPU; see peak_rss_mb)."""
+  import jax
+
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return {"device_peak_mb": round(peak / 2**20, 1)} if peak else {}
 
 
 def build_gemm(args: argparse.Namespace) -> common.Case:
@@ -167,17 +217,20 @@ def main(argv: list[str]) -> None:
   args = common.add_train_step_flags(common.parser(__doc__.splitlines()[0], steps=20, warmup=3, rounds=5)
                    ).parse_args(argv)
   extra = []
-  if args.peer and args.model != "small_cnn":
-    sys.exit(f"--peer has SmallCNN only (benchmarks/torch_peer.py); drop --peer for "
-             f"--model {args.model}")
+  if args.peer and args.model not in common.PEER_MODELS and not common.wrn_size(args.model):
+    sys.exit(f"error: the PyTorch peer has {', '.join(common.PEER_MODELS)} and the WideResNets "
+             f"(benchmarks/torch_peer.py); drop --peer for --model {args.model}")
   if args.peer and not args.worker:
     if importlib.util.find_spec("torch") is None:
       sys.exit("--peer needs PyTorch: pip install -e '.[bench]' (CPU build: "
                "pip install 'torch==2.13.0+cpu')")
-    extra = [("benchmarks.torch_peer", n) for n in common.TORCH_TRAIN_CASES]
+    # The peer's twins of the cases chosen (all of them by default).
+    chosen = {common.split_variant(n)[0] for n in common.select_cases(list(CASES), args.cases)}
+    extra = [("benchmarks.torch_peer", n) for n in common.TORCH_TRAIN_CASES
+             if n.removeprefix("torch_") in chosen]
   results = common.main("benchmarks.train_step", CASES, args, extra)
   if results and args.peer:
-    print(json.dumps(summary(results)), flush=True)
+    print(json.dumps({**summary(results), "model": args.model, "dtype": args.dtype}), flush=True)
 
 
 if __name__ == "__main__":
