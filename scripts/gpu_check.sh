@@ -10,6 +10,7 @@
 # Sections, in this order, each under its own `timeout` and the whole under BUDGET_S, each
 # writing its JSON as soon as it ends (a section cut short keeps the earlier ones):
 #   env        versions, devices and nvidia-smi                    -> $OUT/env.json
+#   xla_cpu_flag  whether this jaxlib knows gfa_jax.xla_flags' CPU flag (status only)
 #   tests      the tests that matter on an accelerator (TESTS)     -> tests_gpu_DATE.json
 #   autoattack standard AutoAttack on 1,000 test images, gfa-jax against the reference
 #              (pyautoattack in torch) on the same GPU             -> autoattack_gpu_DATE.jsonl
@@ -44,7 +45,8 @@ unset JAX_COMPILATION_CACHE_DIR             # compile times are a user's first o
 DATA_DIR=${GFA_GPU_DATA_DIR:-.device/cifar10}  # gpu_prep.sh's 1,000 test images
 # The AutoAttack model: the reference's ResNet-18 where its 45 MB weights came along (they do
 # not fit the device's 64 MiB beside the tracked files), else the committed PGD-AT SmallCNN.
-if "$PYTHON" -c 'import sys; from benchmarks import reference; sys.exit(not reference.resnet18_path().is_file())' 2>/dev/null; then
+if "$PYTHON" -c 'import sys; from benchmarks import reference
+sys.exit(not reference.resnet18_path().is_file())' 2>/dev/null; then
   AA_MODEL=(--model resnet18)
 else
   AA_MODEL=(--checkpoint results/pgd_at/params.msgpack)
@@ -66,9 +68,10 @@ else
   TORCH_DEVICE=cuda
   # Fast files whose results depend on the backend's numerics: GFA's penalty and objectives,
   # the attack core, the models (conv_same's explicit VJPs), BatchNorm training, and the
-  # AutoAttack breakdown on a closed-form model.
+  # AutoAttack breakdown on a closed-form model; and JAX's compile events (gfa_jax.profiling),
+  # whose names a new JAX could change, which would zero AutoAttack's compile seconds.
   TESTS=(tests/test_penalty.py tests/test_objectives.py tests/test_attacks_core.py
-         tests/test_models.py tests/test_train_batchnorm.py
+         tests/test_models.py tests/test_train_batchnorm.py tests/test_profiling.py
          tests/test_evaluate.py::test_autoattack_matches_closed_form_with_consistent_breakdown)
   TRAIN_RUNS=("small_cnn float32" "small_cnn bfloat16" "resnet18 float32" "resnet18 bfloat16"
               "wrn28_10 float32" "wrn28_10 bfloat16")
@@ -138,6 +141,12 @@ print(json.dumps({
     "data_dir": os.environ["GPU_CHECK_DATA"], "autoattack_model": os.environ["GPU_CHECK_AA_MODEL"],
     "xla_python_client_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")}, indent=1))
 '
+
+# Does this jaxlib still know the XLA CPU flag train.py and eval.py set (gfa_jax.xla_flags)? An
+# unknown flag in $XLA_FLAGS aborts every process that starts a backend.
+section xla_cpu_flag 30 "$LOG" \
+  env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot "$PYTHON" -c \
+  "import jax.numpy as jnp; print('XLA CPU flag accepted', float(jnp.ones(3).sum()))"
 
 # --- tests --------------------------------------------------------------------------------------
 timeout_flags=()
