@@ -124,6 +124,12 @@ def version(name):
   except md.PackageNotFoundError:
     return None
 
+def read(get):  # a setting a newer JAX or PyTorch may have renamed: its absence, not a crash
+  try:
+    return str(get())
+  except Exception as error:
+    return f"unreadable: {type(error).__name__}"
+
 import jax, torch
 print(json.dumps({
     "smoke": os.environ["GPU_CHECK_SMOKE"] == "1", "python": platform.python_version(),
@@ -132,10 +138,11 @@ print(json.dumps({
         "orbax-checkpoint", "numpy", "torch", "pyautoattack", "ml_collections", "pytest")},
     "jax_backend": jax.default_backend(),
     "jax_devices": [str(d.device_kind) for d in jax.devices()],
-    "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+    "jax_default_matmul_precision": read(lambda: jax.config.jax_default_matmul_precision),
     "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-    "torch_tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
-                   "cudnn": torch.backends.cudnn.allow_tf32},
+    "torch_tf32": {"matmul": read(lambda: torch.backends.cuda.matmul.allow_tf32),
+                   "cudnn": read(lambda: torch.backends.cudnn.allow_tf32),
+                   "float32_matmul_precision": read(torch.get_float32_matmul_precision)},
     "nvidia_smi": os.environ["SMI"].strip(),
     # gpu_prep.sh: the first 1,000 test images of the JPEG-75 CIFAR-10 copy, binary layout
     "data_dir": os.environ["GPU_CHECK_DATA"], "autoattack_model": os.environ["GPU_CHECK_AA_MODEL"],
