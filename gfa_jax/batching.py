@@ -6,9 +6,10 @@ checklist's probes, the analyses, training's periodic evaluation) goes through `
 - batches have one padded shape (the last batch repeats its last row, padded rows are
   dropped from the outputs), so a jitted function compiles once per shape, not once more for
   the remainder;
-- with `bucket=True` full batches, then the remainder padded up to a power of two, so calls on
-  varying numbers of rows (AutoAttack's shrinking robust sets) reuse at most
-  log2(batch_size) + 1 compiled shapes while padding less than half of the last batch;
+- with `bucket=True` full batches, then the remainder padded up to the next bucket size (four
+  per doubling: 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ...), so calls on varying numbers of
+  rows (AutoAttack's shrinking robust sets) reuse at most 4 log2(batch_size) compiled shapes
+  while padding at most a quarter of the last batch;
 - batch i gets the key `fold_in(key, i)`, so results are a pure function of (key, batch size);
 - with several local devices (GPUs, or `--xla_force_host_platform_device_count=N` CPUs) each
   batch is split over them along its first axis (a one-axis `Mesh`; the model's variables are
@@ -55,8 +56,9 @@ def batches(n: int, batch_size: int, bucket: bool = False) -> list[tuple[int, in
   """(start, stop, padded size) of each batch over n rows.
 
   Without `bucket` every batch is padded to the same size, min(batch_size, n) (one compile).
-  With `bucket`, full batches of batch_size, then the remainder padded up to a power of two
-  (280 points at batch 250 are 250 + 32 rows, not 2 x 250).
+  With `bucket`, full batches of batch_size, then the remainder padded up to `bucket_size`
+  (280 points at batch 250 are 250 + 32 rows, not 2 x 250; 45 are 48, not 64: an attack's
+  cost is its padded rows, and a power of two wasted up to half of them).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -69,8 +71,17 @@ def batches(n: int, batch_size: int, bucket: bool = False) -> list[tuple[int, in
          for start in range(0, n - batch_size + 1, batch_size)]
   rest = n - len(out) * batch_size
   if rest:
-    out.append((n - rest, n, min(batch_size, 1 << max(rest - 1, 0).bit_length())))
+    out.append((n - rest, n, min(batch_size, bucket_size(rest))))
   return out
+
+
+def bucket_size(n: int) -> int:
+  """n rounded up to the next of 1, ..., 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ...: the
+  sizes m * 2**k with m in 4..7, at most 25 % padding for four compiled shapes a doubling."""
+  if n <= 8:
+    return n
+  step = 1 << ((n - 1).bit_length() - 3)
+  return -(-n // step) * step
 
 
 def data_parallel_sharding() -> NamedSharding | None:

@@ -155,10 +155,17 @@ def test_fab_targeted_reaches_its_target_class(norm):
   # FAB-T's first target is the runner-up logit, class 1 (0.2 away), although class 2 is nearer.
   # At a fixed eps (here per example) only perturbations within eps come back, else x.
   eps = jnp.asarray([0.15] * (BATCH // 2) + [0.25] * (BATCH // 2))
-  runner_up = attack(num_targets=1, eps=eps)
+  runner_up = attack(num_targets=1, eps=eps, compact=False)
   np.testing.assert_array_equal(runner_up[:BATCH // 2], x[:BATCH // 2])
   np.testing.assert_array_equal(predict(runner_up[BATCH // 2:]), 1)
   np.testing.assert_allclose(norms(runner_up, x, norm)[BATCH // 2:], 0.2, rtol=0.02)
+  # compact (the default) stops a point at its first success within eps: same points fooled,
+  # the example within eps but not shrunk further.
+  first = attack(num_targets=1, eps=eps)
+  np.testing.assert_array_equal(first[:BATCH // 2], x[:BATCH // 2])
+  np.testing.assert_array_equal(predict(first[BATCH // 2:]), 1)
+  assert np.all((norms(first, x, norm)[BATCH // 2:] >= 0.2 * 0.98)
+                & (norms(first, x, norm)[BATCH // 2:] <= 0.25 + 1e-6))
   # With two targets the per-example best is the nearer class 2.
   best = attack(num_targets=2)
   np.testing.assert_array_equal(predict(best), 2)

@@ -11,11 +11,16 @@ import pytest
 from gfa_jax import batching
 
 
-def test_bucketed_batches_pad_only_the_remainder_to_a_power_of_two():
+def test_bucketed_batches_pad_only_the_remainder_to_a_bucket_size():
   assert batching.batches(280, 250, bucket=True) == [(0, 250, 250), (250, 280, 32)]
   assert batching.batches(500, 250, bucket=True) == [(0, 250, 250), (250, 500, 250)]
-  assert batching.batches(3, 250, bucket=True) == [(0, 3, 4)]
-  assert batching.batches(200, 250, bucket=True) == [(0, 200, 250)]  # capped at batch_size
+  assert batching.batches(3, 250, bucket=True) == [(0, 3, 3)]
+  assert batching.batches(45, 250, bucket=True) == [(0, 45, 48)]
+  assert batching.batches(240, 250, bucket=True) == [(0, 240, 250)]  # capped at batch_size
+  sizes = [batching.bucket_size(n) for n in range(1, 1025)]
+  assert sorted(set(sizes))[:16] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32]
+  assert all(n <= s <= 1.25 * n for n, s in zip(range(1, 1025), sizes))
+  assert len(set(sizes)) == 8 + 4 * 7  # four sizes a doubling from 8 to 1024
   assert batching.batches(280, 250) == [(0, 250, 250), (250, 280, 250)]
   covered = [i for a, b, _ in batching.batches(1001, 64, bucket=True) for i in range(a, b)]
   assert covered == list(range(1001))

@@ -434,7 +434,6 @@ def test_no_attack_runs_on_a_model_whose_logits_do_not_depend_on_the_input(monke
 
   with monkeypatch.context() as patch:
     patch.setattr(attack_core, "run_in_batches", refuse)
-    patch.setattr(attack_core, "run_per_target", refuse)
     report = evaluate.evaluate(constant, x, y, attack="all", eps=[0.05], norm="linf",
                                batch_size=8, progress=False)
   assert {c["check"]: c["status"] for c in report["model_checks"]} == {

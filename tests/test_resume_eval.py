@@ -123,7 +123,7 @@ def test_a_killed_autoattack_resumes_to_the_uninterrupted_result(tmp_path, monke
   after = units(folder)
   # Finished units were loaded, not computed (and stored) again.
   assert all(after[name] == mtime for name, mtime in before.items())
-  assert any(".1-apgd-t.target" in name for name in after), sorted(after)[:5]
+  assert any(".1-apgd-t.call" in name for name in after), sorted(after)[:5]
   assert without_timings(json.loads(out.read_text())["autoattack"]) == without_timings(
       json.loads(json.dumps(reference)))
 

@@ -13,9 +13,10 @@ before each attack, and a point's adversarial example is replaced only by one th
 model, so the result is the per-point worst case over the sequence. The first step removes the
 points the model misclassifies without any attack.
 
-Each attack runs through `core.run_in_batches` (one compile per attack, model and batch shape);
-APGD-T and FAB-T through `core.run_per_target`, one target at a time on the points no earlier
-target fooled, as the reference's `perturb` does.
+Each attack runs through `core.run_in_batches` (one compile per attack, model and batch shape).
+Inside it, APGD-CE, APGD-T and FAB-T step only the points not yet fooled (`compact`): a point
+stops once it fools, and each target of APGD-T and FAB-T attacks only the points no earlier
+target fooled, as the reference's `perturb` loops over targets on the points still robust.
 
 Versions (the reference's `version=`): `standard` (above); `rand`, for randomised defences,
 APGD-CE then APGD-DLR, 1 restart, EOT over 20 draws; `custom`, any sequence of the attacks in
@@ -34,7 +35,6 @@ whichever transformations built it, so it is reported as not run.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -284,12 +284,11 @@ def autoattack(logits_fn: LogitsFn, x, y, *, key: jax.Array, eps: float, norm: s
       if dict(hparams).get("eot_iter", 1) > 1:
         fn = jax.tree_util.Partial(_ignore_key, batching.as_pytree(logits_fn))
       call_hparams = (("norm", norm),) + hparams
-      # APGD-T and FAB-T: one target at a time on the points still robust, as the reference.
-      run = (core.run_per_target if core.splits_per_target(attack, call_hparams)
-             else functools.partial(core.run_in_batches, bucket=True))
       with bar, eval_units.scope(f"{index}-{name}"):  # units of each stage (eval_units)
-        candidates = run(attack, fn, x[todo], y[todo], key=jax.random.fold_in(key, index),
-                         batch_size=batch_size, eps=eps, hparams=call_hparams, progress=bar)
+        candidates = core.run_in_batches(attack, fn, x[todo], y[todo],
+                                         key=jax.random.fold_in(key, index),
+                                         batch_size=batch_size, eps=eps, hparams=call_hparams,
+                                         progress=bar, bucket=True)
       fooled = batching.predict(logits_fn, candidates, batch_size) != y[todo]
       x_adv[todo[fooled]] = candidates[fooled]
       robust[todo[fooled]] = False

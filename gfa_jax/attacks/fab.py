@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gfa_jax.attacks import core
+from gfa_jax.attacks.apgd import compact_chunk
 from gfa_jax.attacks.deepfool import DUAL_NORM, class_difference_grads, per_class_norm
 
 # Radius of the random restarts when no eps is given (fab_pt.py's DEFAULT_EPS_DICT_BY_NORM).
@@ -87,7 +88,7 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
         key: jax.Array, norm: str = "linf", eps: core.Eps | None = None, steps: int = 100,
         n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
         targeted: bool = False, num_targets: int = 9,
-        first_target: int | jax.Array = 0) -> jax.Array:
+        first_target: int | jax.Array = 0, compact: bool = True) -> jax.Array:
   """FAB in linf or l2; returns adversarial images [B, H, W, C] in [0, 1].
 
   Args:
@@ -111,8 +112,12 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
       (one backward pass a step). Success is misclassification in both, as in the reference.
     num_targets: target classes for FAB-T (reference: 9); all other classes if the model has
       fewer than num_targets + 1.
-    first_target: FAB-T starts at the (2 + first_target)-th largest clean logit (may be traced):
-      `core.run_per_target` runs one target a call, each on the points still robust.
+    first_target: FAB-T starts at the (2 + first_target)-th largest clean logit (may be traced).
+    compact: with eps, stop stepping a point once it is fooled within eps, and pass only the
+      points still in play to the model (`core.on_active_rows`); later targets then attack only
+      the points no earlier one fooled, as the reference's loop over targets does. Which points
+      end up fooled within eps is unchanged (a success is never undone); their returned
+      example is the first one within eps, not the smallest.
 
   Returns, per example, the fooling iterate of smallest norm over all runs; x itself where none
   was found (or none within eps) and where x is already misclassified.
@@ -144,6 +149,9 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
     all_classes = jnp.broadcast_to(jnp.arange(num_classes), (batch, num_classes))
     num_runs = n_restarts
   restart_eps = DEFAULT_RESTART_EPS[norm] if eps is None else eps
+  # The minimum-norm attack (no eps) never stops a row: each keeps shrinking its perturbation.
+  eps_rows = jnp.broadcast_to(jnp.asarray(-1.0 if eps is None else eps, x.dtype), (batch,))
+  compact = compact and eps is not None
 
   def random_start(run_key, best_norm):
     radius = 0.5 * jnp.minimum(best_norm, restart_eps)[:, None]
@@ -153,34 +161,41 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
       u = jax.random.normal(run_key, x0.shape, x0.dtype)
     return jnp.clip(x0 + radius * u / jnp.maximum(core.lp_norm(u, norm), 1e-12)[:, None], 0., 1.)
 
-  def fab_step(classes, carry):
-    x1, best_norm, best_adv = carry
-    _, diffs, grads = class_difference_grads(logits_fn, x1.reshape(x.shape), y, classes)
+  def fab_step(rows, consts):
+    """One FAB step of the rows given (all of them, or a compacted slice)."""
+    x1, best_norm, best_adv = rows
+    x0, y, classes, eps_rows = consts
+    n = x1.shape[0]
+    shape = (n,) + x.shape[1:]
+    _, diffs, grads = class_difference_grads(logits_fn, x1.reshape(shape), y, classes)
     # Linearised distance to each class's boundary; the true class is not a boundary.
     distances = jnp.abs(diffs) / (per_class_norm(grads, DUAL_NORM[norm]) + 1e-12)
     distances = jnp.where(classes == y[:, None], jnp.inf, distances)
     nearest = jnp.argmin(distances, axis=1)
-    w = jnp.take_along_axis(flat(grads).reshape(batch, classes.shape[1], -1),
-                            nearest[:, None, None], axis=1)[:, 0]
+    w = jnp.take_along_axis(grads.reshape(n, classes.shape[1], -1), nearest[:, None, None],
+                            axis=1)[:, 0]
     diff = jnp.take_along_axis(diffs, nearest[:, None], axis=1)[:, 0]
     # The hyperplane <w, z> = b is where the linearisation at x1 of z_c - z_y vanishes.
     b = jnp.sum(w * x1, axis=1) - diff
     steps_both = project_onto_hyperplane_in_box(
         jnp.concatenate([x1, x0]), jnp.concatenate([w, w]), jnp.concatenate([b, b]), norm)
-    d1, d2 = steps_both[:batch], steps_both[batch:]
+    d1, d2 = steps_both[:n], steps_both[n:]
     lengths = jnp.maximum(core.lp_norm(steps_both, norm), 1e-8)
-    a1, a2 = lengths[:batch], lengths[batch:]
+    a1, a2 = lengths[:n], lengths[n:]
     alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
-    x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x0 + eta * d2) * alpha, 0.0, 1.0)
+    x1_new = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x0 + eta * d2) * alpha, 0.0, 1.0)
 
-    fooled = core.misclassified(logits_fn(x1.reshape(x.shape)), y)
-    x1_norm = core.lp_norm(x1 - x0, norm)
+    fooled = core.misclassified(logits_fn(x1_new.reshape(shape)), y)
+    x1_norm = core.lp_norm(x1_new - x0, norm)
     improved = fooled & (x1_norm < best_norm)
-    best_adv = jnp.where(improved[:, None], x1, best_adv)
-    best_norm = jnp.where(improved, x1_norm, best_norm)
+    new_adv = jnp.where(improved[:, None], x1_new, best_adv)
+    new_norm = jnp.where(improved, x1_norm, best_norm)
     # After a success, step back towards x to look for a closer boundary point.
-    x1 = jnp.where(fooled[:, None], x0 + beta * (x1 - x0), x1)
-    return x1, best_norm, best_adv
+    x1_new = jnp.where(fooled[:, None], x0 + beta * (x1_new - x0), x1_new)
+    # With compact, a row already fooled within eps is done (it may pad a compacted slice).
+    done = ((best_norm <= eps_rows) & compact)[:, None]
+    return (jnp.where(done, x1, x1_new), jnp.where(done[:, 0], best_norm, new_norm),
+            jnp.where(done, best_adv, new_adv))
 
   def run(run_index, best):
     best_norm, best_adv = best
@@ -193,8 +208,15 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
       classes = all_classes
     x1 = jnp.where(restart == 0, x0,
                    random_start(jax.random.fold_in(key, run_index), best_norm))
-    _, best_norm, best_adv = jax.lax.fori_loop(
-        0, steps, lambda _, carry: fab_step(classes, carry), (x1, best_norm, best_adv))
+    consts = (x0, y, classes, eps_rows)
+
+    def step(_, carry):
+      if not compact:
+        return fab_step(carry, consts)
+      return core.on_active_chunks(fab_step, carry[1] > eps_rows, carry, consts,
+                                   compact_chunk(batch))
+
+    _, best_norm, best_adv = jax.lax.fori_loop(0, steps, step, (x1, best_norm, best_adv))
     return best_norm, best_adv
 
   def maybe_run(run_index, best):
