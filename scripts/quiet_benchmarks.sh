@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18's benchmark set, each run twice on a quiet machine, one after another (resumable).
 #   GFA_DATA_DIR=... bash scripts/quiet_benchmarks.sh [DATE]     # from the repo root
+#   ONLY=autoattack GFA_DATA_DIR=... bash scripts/quiet_benchmarks.sh [DATE]  # names matching
 # Writes results/benchmarks/<name>_<DATE>_run<k>.jsonl (stdout) and .log (stderr); a run's file
 # appears only once it finished, so a run killed half-way is redone and a finished one kept.
 # Before each run it waits until the 1-minute load average is under 1 (up to 10 minutes) and
@@ -16,6 +17,7 @@ mkdir -p "$OUT"
 bench() {  # bench NAME ARGS...: one run of `python -m ARGS` into $OUT/NAME_$DATE_run$RUN.jsonl
   local name=$1; shift
   local file="$OUT/${name}_${DATE}_run${RUN}.jsonl"
+  [[ $name =~ ${ONLY:-.} ]] || return 0
   if [[ -f $file ]]; then echo "kept $file"; return; fi
   for _ in $(seq 60); do
     awk '{exit !($1 < 1)}' /proc/loadavg && break
@@ -33,6 +35,9 @@ for RUN in 1 2; do
   bench train_step benchmarks.train_step --batch 128 --peer
   bench conv_shifted_matmul scripts.conv_shifted_matmul --batch 128
   bench scaling benchmarks.scaling --steps 2 --rounds 2 --warmup 1
+  bench autoattack_smallcnn200 benchmarks.attacks --cases autoattack,reference_autoattack \
+      --steps 1 --rounds 1 --checkpoint results/pgd_at/params.msgpack --data-dir "$DATA" \
+      --num-images 200 --batch 200
   bench autoattack_smallcnn1000 benchmarks.attacks --cases autoattack,reference_autoattack \
       --steps 1 --rounds 1 --checkpoint results/pgd_at/params.msgpack --data-dir "$DATA" \
       --num-images 1000 --batch 250

@@ -202,11 +202,12 @@ def test_square_queries_only_the_points_still_robust():
 
   def logits_fn(x):  # class 0 whatever the input: label 0 is unbreakable, the others fooled
     return io_callback(count, jax.ShapeDtypeStruct((x.shape[0], 3), jnp.float32), x)
-  y = jnp.asarray([1, 1, 0, 1, 1, 1, 1, 1], jnp.int32)
-  x = images(8)
+  y = jnp.ones((130,), jnp.int32).at[2].set(0)
+  x = images(130)
   x_adv = square(logits_fn, x, y, key=jax.random.key(0), eps=0.1, n_queries=6)
-  # The starting point is queried for the whole batch, then only the one robust point.
-  assert calls == [8] + [1] * 5
+  # The starting point is queried for the whole batch, then only the slice of 64 rows
+  # (`core.compact_chunk`) holding the one robust point.
+  assert calls == [130] + [64] * 5
   core.check_adversarial(x_adv, x, 0.1, "linf")
 
 
@@ -225,7 +226,10 @@ def test_square_compaction_changes_no_result(norm, eps):
   compacted, whole = run(True), run(False)
   fooled = np.asarray(jnp.argmax(logits_fn(compacted), -1) != y)
   assert 0 < fooled.sum() < len(y), fooled
-  np.testing.assert_allclose(compacted, whole, atol=1e-6)
+  np.testing.assert_array_equal(fooled, np.asarray(jnp.argmax(logits_fn(whole), -1) != y))
+  # A row's place in the slice changes the model's float rounding (1e-7), which the l2
+  # proposals' renormalisation carries into the pixels: equal to 1e-4, not bit for bit.
+  np.testing.assert_allclose(compacted, whole, atol=1e-4)
 
 
 def test_square_search_of_an_example_does_not_depend_on_the_other_rows():

@@ -40,13 +40,6 @@ from gfa_jax.attacks import core
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 
-def compact_chunk(batch: int) -> int:
-  """Rows per model call of a compacted attack (`core.on_active_chunks`): 64, where the CPU's
-  time per image has levelled off (benchmarks/README.md), or a quarter of a larger batch, so
-  an accelerator still gets large calls."""
-  return min(batch, max(64, -(-batch // 4)))
-
-
 def checkpoint_iterations(steps: int) -> list[int]:
   """Iteration counts after which APGD checks its step size, e.g. [22, 41, 57, ..., 99] for 100.
 
@@ -193,7 +186,7 @@ def _single_run(logits_fn: LogitsFn, x: jax.Array, loss_fn, fooled_fn, labels, k
   def body(s, schedule):
     update = lambda rows, c: advance(rows, c, *schedule)
     if compact:
-      s = core.on_active_chunks(update, s["live"], s, consts, compact_chunk(batch))
+      s = core.on_active_rows(update, s["live"], s, consts)
     else:
       s = update(s, consts)
     return s, s["loss_best"]

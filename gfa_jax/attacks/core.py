@@ -139,49 +139,32 @@ def random_init(key: jax.Array, x: jax.Array, eps: Eps, norm: str, *,
 # ----------------------------------------------------------------------------------------------
 
 
-def on_active_rows(update: Callable, active: jax.Array, state, consts=()):
-  """``update(state_rows, const_rows) -> state_rows`` on the rows where `active` is True only.
+def compact_chunk(batch: int) -> int:
+  """Rows per model call of a compacted attack (`on_active_rows`): 64, where the CPU's time
+  per image has levelled off (benchmarks/README.md), or a quarter of a larger batch, so an
+  accelerator still gets large calls."""
+  return min(batch, max(64, -(-batch // 4)))
+
+
+def on_active_rows(update: Callable, active: jax.Array, state, consts=(),
+                   chunk: int | None = None):
+  """``update(state_rows, const_rows) -> state_rows`` on the `active` rows only, `chunk` rows
+  at a time (default `compact_chunk(B)`).
 
   Returns `state` (a pytree of [B, ...] arrays) with the updated rows written back. Why: an
-  attack that keeps searching only for the points not yet fooled (Square, as the reference)
-  would otherwise pay a whole-batch model call per step for the few points left. The active
-  rows go first (stable order), and `update` runs on the smallest slice, of size B or a power
-  of two below it, that holds them: one `lax.switch` branch per size, so the shapes stay
-  static, everything stays in one compiled loop, and the model compiles once per size. The
-  inactive rows that pad a slice are updated too and written back, so `update` must leave an
-  inactive row unchanged (as an accept-if-still-robust step does).
+  attack that keeps searching only for the points not yet fooled (Square, APGD, FAB-T, as the
+  reference attacks only the points still robust) would otherwise pay a whole-batch model call
+  per step for the few points left. The active rows go first (stable order) and `update` runs
+  on ceil(active / chunk) slices of `chunk` rows in a loop: shapes stay static, everything
+  stays in one compiled loop, and the model compiles once (a slice per size, as an earlier
+  version did, compiled a forward and backward pass five to seven times, more than a
+  200-image run saved). At most chunk - 1 rows a step are wasted. The inactive rows that fill
+  the last slice are updated too and written back, so `update` must leave an inactive row
+  unchanged (as an accept-if-still-robust step does); rows past the batch end are computed on
+  a copy and dropped.
   """
   b = active.shape[0]
-  sizes = sorted({b} | {2 ** k for k in range(b.bit_length()) if 2 ** k < b})
-  order = jnp.argsort(~active, stable=True)  # active rows first, in their batch order
-
-  def branch(size):
-    def run(state, consts):
-      rows = order[:size]
-      take = functools.partial(jax.tree.map, lambda a: a[rows])
-      new = update(take(state), take(consts))
-      return jax.tree.map(lambda full, part: full.at[rows].set(part), state, new)
-    return run
-
-  if len(sizes) == 1:
-    return branch(b)(state, consts)
-  index = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(active))  # the first size >= count
-  return jax.lax.switch(index, [branch(size) for size in sizes], state, consts)
-
-
-def on_active_chunks(update: Callable, active: jax.Array, state, consts=(), chunk: int = 64):
-  """``update(state_rows, const_rows) -> state_rows`` on the `active` rows, `chunk` at a time.
-
-  Returns `state` with the updated rows written back, like `on_active_rows`, but with one
-  compiled copy of `update` (at `chunk` rows, at most the batch) run ceil(active / chunk) times
-  in a loop, where `on_active_rows` compiles one copy per slice size. Why: a gradient attack's
-  model call is a forward and a backward pass, whose compilation for five slice sizes cost
-  more than the rows it saves on a 200-image run; the loop wastes at most chunk - 1 rows a
-  step. `update` must leave an inactive row unchanged (the rows after the active ones fill the
-  last chunk); rows past the batch end are computed on a copy and dropped.
-  """
-  b = active.shape[0]
-  chunk = min(chunk, b)
+  chunk = min(chunk or compact_chunk(b), b)
   padded = -(-b // chunk) * chunk
   # Active rows first (stable), then the rest, then indices past the end (dropped on write).
   order = jnp.concatenate([jnp.argsort(~active, stable=True),

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from gfa_jax.attacks import core
-from gfa_jax.attacks.apgd import compact_chunk
 from gfa_jax.attacks.deepfool import DUAL_NORM, class_difference_grads, per_class_norm
 
 # Radius of the random restarts when no eps is given (fab_pt.py's DEFAULT_EPS_DICT_BY_NORM).
@@ -213,8 +212,7 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
     def step(_, carry):
       if not compact:
         return fab_step(carry, consts)
-      return core.on_active_chunks(fab_step, carry[1] > eps_rows, carry, consts,
-                                   compact_chunk(batch))
+      return core.on_active_rows(fab_step, carry[1] > eps_rows, carry, consts)
 
     _, best_norm, best_adv = jax.lax.fori_loop(0, steps, step, (x1, best_norm, best_adv))
     return best_norm, best_adv
