@@ -2,14 +2,14 @@
 
 A long evaluation (AutoAttack on 10,000 CIFAR-10 images is GPU-hours) is a sequence of units,
 one per batch of every attack call: (scope, call, batch), the scope naming the attack, the eps
-and, inside AutoAttack, the stage and the target. While `recording(store)` is active,
+and, inside AutoAttack, the stage. While `recording(store)` is active,
 `core.run_in_batches` stores each finished batch's adversarial examples in the store's progress
 folder (one small .npz per unit, written atomically), and loads the units it finds there
 instead of computing them. Every batch's result is a pure function of its inputs and its key
 (``fold_in(key, batch index)``, see `batching`), and the inputs of later units (AutoAttack's
-robust set after each stage, APGD-T's points after each target) are computed from the restored
-units exactly as from computed ones, so a resumed evaluation returns what an uninterrupted one
-returns (tests/test_resume_eval.py).
+robust set after each stage) are computed from the restored units exactly as from computed
+ones, so a resumed evaluation returns what an uninterrupted one returns
+(tests/test_resume_eval.py).
 
 With several processes (`jax.process_count() > 1`) on one shared progress folder, process p
 computes the batches i with i % P == p of every call and reads the others' units from the
@@ -143,7 +143,7 @@ def recording(store: UnitStore | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def scope(name: str) -> Iterator[None]:
-  """Names the units of the calls within the block (attack, eps, stage, target); a no-op
+  """Names the units of the calls within the block (attack, eps, stage); a no-op
   outside `recording`."""
   active = _ACTIVE.get()
   if active is None:

@@ -202,12 +202,11 @@ def test_square_queries_only_the_points_still_robust():
 
   def logits_fn(x):  # class 0 whatever the input: label 0 is unbreakable, the others fooled
     return io_callback(count, jax.ShapeDtypeStruct((x.shape[0], 3), jnp.float32), x)
-  y = jnp.ones((130,), jnp.int32).at[2].set(0)
-  x = images(130)
+  y = jnp.asarray([1, 1, 0, 1, 1, 1, 1, 1], jnp.int32)
+  x = images(8)
   x_adv = square(logits_fn, x, y, key=jax.random.key(0), eps=0.1, n_queries=6)
-  # The starting point is queried for the whole batch, then only the slice of 64 rows
-  # (`core.compact_chunk`) holding the one robust point.
-  assert calls == [130] + [64] * 5
+  # The starting point is queried for the whole batch, then only the one robust point.
+  assert calls == [8] + [1] * 5
   core.check_adversarial(x_adv, x, 0.1, "linf")
 
 

@@ -186,7 +186,8 @@ def _single_run(logits_fn: LogitsFn, x: jax.Array, loss_fn, fooled_fn, labels, k
   def body(s, schedule):
     update = lambda rows, c: advance(rows, c, *schedule)
     if compact:
-      s = core.on_active_rows(update, s["live"], s, consts)
+      s = core.on_active_rows(update, s["live"], s, consts,
+                                 chunk=core.compact_chunk(batch))
     else:
       s = update(s, consts)
     return s, s["loss_best"]

@@ -140,43 +140,54 @@ def random_init(key: jax.Array, x: jax.Array, eps: Eps, norm: str, *,
 
 
 def compact_chunk(batch: int) -> int:
-  """Rows per model call of a compacted attack (`on_active_rows`): 64, where the CPU's time
-  per image has levelled off (benchmarks/README.md), or a quarter of a larger batch, so an
-  accelerator still gets large calls."""
-  return min(batch, max(64, -(-batch // 4)))
+  """Rows per model call of a compacted gradient attack (`on_active_rows` with `chunk`): half
+  the batch, at least 64. Half, because on this CPU four calls of 64 rows cost 10-15 % more
+  than one of 250 for FAB-T, whose points rarely fool, while two of 125 cost the same; at
+  least 64, where the time per image has levelled off (benchmarks/README.md)."""
+  return min(batch, max(64, -(-batch // 2)))
 
 
 def on_active_rows(update: Callable, active: jax.Array, state, consts=(),
                    chunk: int | None = None):
-  """``update(state_rows, const_rows) -> state_rows`` on the `active` rows only, `chunk` rows
-  at a time (default `compact_chunk(B)`).
+  """``update(state_rows, const_rows) -> state_rows`` on the rows where `active` is True only.
 
   Returns `state` (a pytree of [B, ...] arrays) with the updated rows written back. Why: an
   attack that keeps searching only for the points not yet fooled (Square, APGD, FAB-T, as the
   reference attacks only the points still robust) would otherwise pay a whole-batch model call
-  per step for the few points left. The active rows go first (stable order) and `update` runs
-  on ceil(active / chunk) slices of `chunk` rows in a loop: shapes stay static, everything
-  stays in one compiled loop, and the model compiles once (a slice per size, as an earlier
-  version did, compiled a forward and backward pass five to seven times, more than a
-  200-image run saved). At most chunk - 1 rows a step are wasted. The inactive rows that fill
-  the last slice are updated too and written back, so `update` must leave an inactive row
-  unchanged (as an accept-if-still-robust step does); rows past the batch end are computed on
-  a copy and dropped.
+  per step for the few points left. The active rows go first (stable order); shapes stay
+  static and everything stays in one compiled loop, in one of two ways:
+
+  - `chunk=None`: `update` runs once, on the smallest slice, of size B or a power of two below
+    it, that holds the active rows (one `lax.switch` branch per size: the model compiles once
+    per size). For Square's forward passes, cheap to compile and inefficient in small calls.
+  - `chunk=n`: `update` runs on ceil(active / n) slices of n rows in a loop: the model
+    compiles once, and at most n - 1 rows a step are wasted. For the gradient attacks, whose
+    forward and backward pass compiled for five to seven slice sizes cost more than a
+    200-image run saved.
+
+  The inactive rows that fill a slice are updated too and written back, so `update` must leave
+  an inactive row unchanged (as an accept-if-still-robust step does); rows past the batch end
+  (chunks) are computed on a copy and dropped.
   """
   b = active.shape[0]
-  chunk = min(chunk or compact_chunk(b), b)
-  padded = -(-b // chunk) * chunk
-  # Active rows first (stable), then the rest, then indices past the end (dropped on write).
-  order = jnp.concatenate([jnp.argsort(~active, stable=True),
-                           jnp.full((padded - b,), b, jnp.int32)])
+  order = jnp.argsort(~active, stable=True)  # active rows first, in their batch order
 
-  def one_chunk(i, state):
-    rows = jax.lax.dynamic_slice_in_dim(order, i * chunk, chunk)
+  def apply(rows, state):
     take = functools.partial(jax.tree.map, lambda a: jnp.take(a, rows, axis=0, mode="clip"))
     new = update(take(state), take(consts))
     return jax.tree.map(lambda full, part: full.at[rows].set(part, mode="drop"), state, new)
 
-  return jax.lax.fori_loop(0, -(-jnp.sum(active) // chunk), one_chunk, state)
+  if chunk is not None:
+    chunk = min(chunk, b)
+    padded = -(-b // chunk) * chunk
+    order = jnp.concatenate([order, jnp.full((padded - b,), b, order.dtype)])  # dropped rows
+    one_chunk = lambda i, s: apply(jax.lax.dynamic_slice_in_dim(order, i * chunk, chunk), s)
+    return jax.lax.fori_loop(0, -(-jnp.sum(active) // chunk), one_chunk, state)
+  sizes = sorted({b} | {2 ** k for k in range(b.bit_length()) if 2 ** k < b})
+  if len(sizes) == 1:
+    return apply(order, state)
+  index = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(active))  # the first size >= count
+  return jax.lax.switch(index, [functools.partial(apply, order[:size]) for size in sizes], state)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -212,7 +212,8 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
     def step(_, carry):
       if not compact:
         return fab_step(carry, consts)
-      return core.on_active_rows(fab_step, carry[1] > eps_rows, carry, consts)
+      return core.on_active_rows(fab_step, carry[1] > eps_rows, carry, consts,
+                                 chunk=core.compact_chunk(batch))
 
     _, best_norm, best_adv = jax.lax.fori_loop(0, steps, step, (x1, best_norm, best_adv))
     return best_norm, best_adv

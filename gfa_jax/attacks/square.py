@@ -265,8 +265,8 @@ def square(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Arr
       reference's default (AutoAttack's standard run sets it False with 5,000 queries).
     n_restarts: independent searches; a restart searches only the points every earlier one
       left robust (as the reference); per example the lowest margin is kept.
-    compact: query only the points still robust, in slices of up to 64 rows (a quarter of a
-      larger batch; `core.on_active_rows`). The result is the same as without (each example draws
+    compact: query only the points still robust, in the smallest power-of-two slice that holds
+      them (`core.on_active_rows`). The result is the same as without (each example draws
       from its own key); False queries the whole batch at every step, for a model whose
       outputs depend on the batch's composition.
 
