@@ -183,3 +183,32 @@ for m in standard_mse gfa_deep_edge pgd_at trades gradalign standard_ce gfa_firs
   [ -f results/rerun_minnorm/$m/ead_l1.json ] || python eval.py --workdir results/$m/params.msgpack \
     --attack ead --norm l1 --num_examples 100 --batch_size 100 --output results/rerun_minnorm/$m/ead_l1.json
 done
+
+# --- Issue 34 part 5: AutoAttack with compaction (APGD-CE, APGD-T, FAB-T stop a point once it
+# fools; every target in one compiled call). benchmarks/README.md, "AutoAttack against the
+# reference after compaction": the three paired runs, twice, quiet machine, resumable.
+ONLY=autoattack bash scripts/quiet_benchmarks.sh 2026-12-07-compact
+# docs/validation.md: our side of every SmallCNN cross-check row rerun with that code (the
+# reference's runs are kept; runs by code older than b23d6ff are redone), two cores in parallel.
+xc() { python scripts/crosscheck_reference.py --impls gfa-jax --ours-since b23d6ff --data-dir "$DATA" "$@"; }
+xc --model results/gfa_deep_ce/params.msgpack --norm linf --eps 8/255 --num-examples 1000 --attacks apgd-ce --seeds 0
+xc --model results/gfa_deep_ce/params.msgpack --norm linf --eps 8/255 --num-examples 200 --attacks autoattack --seeds 0
+xc --model results/gfa_deep_edge/params.msgpack --norm linf --eps 8/255 --num-examples 1000 --attacks apgd-ce --seeds 0
+xc --model results/gfa_deep_edge/params.msgpack --norm linf --eps 8/255 --num-examples 200 --attacks autoattack --seeds 0
+xc --model results/gfa_deep/params.msgpack --norm linf --eps 8/255 --num-examples 1000 --attacks apgd-ce --seeds 0
+xc --model results/gfa_deep/params.msgpack --norm linf --eps 8/255 --num-examples 200 --attacks autoattack --seeds 0
+xc --model results/gfa_first/params.msgpack --norm linf --eps 8/255 --num-examples 1000 --attacks apgd-ce --seeds 0
+xc --model results/gfa_first/params.msgpack --norm linf --eps 8/255 --num-examples 200 --attacks autoattack --seeds 0
+xc --model results/gradalign/params.msgpack --norm linf --eps 8/255 --num-examples 1000 --attacks apgd-ce --seeds 0
+xc --model results/gradalign/params.msgpack --norm linf --eps 8/255 --num-examples 200 --attacks autoattack --seeds 0
+xc --model results/pgd_at/params.msgpack --norm l2 --eps 0.5 --num-examples 1000 --attacks apgd-ce,apgd-t --seeds 0
+xc --model results/pgd_at/params.msgpack --norm l2 --eps 0.5 --num-examples 200 --attacks autoattack --seeds 0
+xc --model results/pgd_at/params.msgpack --norm linf --eps 8/255 --num-examples 1000 --attacks apgd-ce,apgd-t --seeds 0,1
+xc --model results/pgd_at/params.msgpack --norm linf --eps 8/255 --num-examples 200 --attacks autoattack,fab-t,square --seeds 0,1
+xc --model results/standard_ce/params.msgpack --norm linf --eps 8/255 --num-examples 1000 --attacks apgd-ce --seeds 0
+xc --model results/standard_ce/params.msgpack --norm linf --eps 8/255 --num-examples 200 --attacks autoattack --seeds 0
+xc --model results/standard_mse/params.msgpack --norm linf --eps 8/255 --num-examples 1000 --attacks apgd-ce --seeds 0
+xc --model results/standard_mse/params.msgpack --norm linf --eps 8/255 --num-examples 200 --attacks autoattack --seeds 0
+xc --model results/trades/params.msgpack --norm linf --eps 8/255 --num-examples 1000 --attacks apgd-ce --seeds 0
+xc --model results/trades/params.msgpack --norm linf --eps 8/255 --num-examples 200 --attacks autoattack --seeds 0
+python scripts/crosscheck_reference.py --tables
