@@ -300,8 +300,8 @@ def parse_eps_list(text: str) -> list[float]:
 
 
 @functools.partial(jax.jit, static_argnames=("attack", "hparams"))
-def _attack_batch(x, y, key, eps, traced, logits_fn, *, attack, hparams):
-  kwargs = {**dict(hparams), **traced}
+def _attack_batch(x, y, key, eps, logits_fn, *, attack, hparams):
+  kwargs = dict(hparams)
   if eps is not None:
     kwargs["eps"] = eps
   return attack(logits_fn, x, y, key=key, **kwargs)
@@ -310,22 +310,20 @@ def _attack_batch(x, y, key, eps, traced, logits_fn, *, attack, hparams):
 def run_in_batches(attack: Callable, logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
                    key: jax.Array, batch_size: int, eps: float | None = None,
                    hparams: Sequence[tuple] = (), progress: tqdm.tqdm | None = None,
-                   bucket: bool = False, traced: dict | None = None) -> np.ndarray:
+                   bucket: bool = False) -> np.ndarray:
   """Runs `attack(logits_fn, x, y, key=..., [eps=...], **hparams)` over batches; numpy [N, ...].
 
   Batch i gets the key fold_in(key, i). `hparams` is a tuple of (name, value) pairs (hashable:
-  it keys the compilation cache together with the attack and logits_fn); `traced` holds int
-  keyword arguments passed as traced scalars, so changing them compiles nothing new. `progress`,
-  a tqdm bar, advances by one per batch; `bucket` pads fewer than batch_size rows to a power of
-  two. Within `eval_units.recording` each batch is a unit: loaded if stored, else computed (by
+  it keys the compilation cache together with the attack and logits_fn). `progress`, a tqdm
+  bar, advances by one per batch; `bucket` pads fewer than batch_size rows to the next
+  `batching.bucket_size`. Within `eval_units.recording` each batch is a unit: loaded if stored, else computed (by
   this process, or read from the one that owns it) and stored.
   """
   eps = None if eps is None else jnp.asarray(eps, jnp.float32)
-  traced = {k: jnp.asarray(v, jnp.int32) for k, v in (traced or {}).items()}
   model, hparams = batching.as_pytree(logits_fn), tuple(hparams)
 
   def run(xb, yb, key_b):
-    return _attack_batch(xb, yb, key_b, eps, traced, model, attack=attack, hparams=hparams)
+    return _attack_batch(xb, yb, key_b, eps, model, attack=attack, hparams=hparams)
 
   units = eval_units.batch_units(len(x), batch_size, bucket)
   out = batching.map_batches(run if units is None else units.wrap(run),

@@ -135,8 +135,7 @@ def fab(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
   x = jax.lax.stop_gradient(x)
   y = y.astype(jnp.int32)
   batch = x.shape[0]
-  flat = lambda v: v.reshape(batch, -1)
-  x0 = flat(x)
+  x0 = x.reshape(batch, -1)
 
   clean_logits = logits_fn(x)
   num_classes = clean_logits.shape[-1]
